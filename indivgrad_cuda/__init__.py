@@ -1,0 +1,24 @@
+"""indivgrad_cuda: fast per-sample gradients for PyTorch feedforward networks.
+
+See ``indivgrad_cuda.ops`` for the fused kernels and ``build_info()`` for how this copy
+was built.
+"""
+
+from indivgrad_cuda._version import __version__
+from indivgrad_cuda._loader import load_extension as _load_extension
+
+_C, _BUILD_INFO = _load_extension()
+
+from indivgrad_cuda import ops  # noqa: E402
+from indivgrad_cuda.ops import act_outer, outer  # noqa: E402
+
+
+def build_info() -> dict:
+    """How this copy was built: package version, the torch and CUDA it was compiled
+    against, the GPU architectures, and whether CUDA kernels were compiled in."""
+    info = dict(_BUILD_INFO)
+    info["cuda_kernels"] = bool(_C.compiled_with_cuda())  # ask the binary, not only the record
+    return info
+
+
+__all__ = ["__version__", "build_info", "ops", "outer", "act_outer"]

@@ -1,0 +1,96 @@
+"""The fused per-sample-gradient ops.
+
+For a linear layer ``C = X W`` with ``G = dL/dC``, sample n's weight gradient is the outer
+product ``X[n] ⊗ G[n]``. :func:`outer` writes those outer products; :func:`act_outer` first
+forms ``G = upstream * act'(pre)`` (the gradient through the layer's activation) and writes
+both G (the per-sample bias gradient) and the outer products, in one pass on CUDA.
+
+Both ops are registered with the PyTorch dispatcher as ``torch.ops.indivgrad_cuda.*`` (CPU
+and CUDA kernels, fake implementations for ``torch.compile``); these wrappers add keyword
+arguments and ``out=`` buffers.
+
+Layouts: ``"in_out"`` gives ``[N, D_in, D_out]`` (the W of ``C = X W``); ``"out_in"`` gives
+``[N, D_out, D_in]``, ``nn.Linear.weight``'s layout (what torch.func and Opacus return).
+Each layout is written directly, never as a transposed copy.
+
+dtypes: float32, float64, float16, bfloat16; half types compute in float32 and are rounded
+once when written. NaN and inf propagate exactly as in torch's own autograd formulas for
+each activation (e.g. relu passes the upstream gradient wherever ``not pre <= 0``).
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from indivgrad_cuda._loader import load_extension
+
+load_extension()
+from indivgrad_cuda._fake import _outer_shape  # noqa: E402  (importing registers the fake implementations)
+
+ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "softplus")
+LAYOUTS = ("in_out", "out_in")
+
+_ops = torch.ops.indivgrad_cuda
+
+
+def outer(x: torch.Tensor, g: torch.Tensor, *, layout: str = "in_out", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample outer products: ``out[n] = x[n] ⊗ g[n]``.
+
+    Args:
+        x: ``[N, D_in]`` layer inputs.
+        g: ``[N, D_out]`` gradients with respect to the layer's outputs.
+        layout: ``"in_out"`` → ``[N, D_in, D_out]``; ``"out_in"`` → ``[N, D_out, D_in]``.
+        out: optional buffer of exactly that shape, x's dtype and device, contiguous, not
+            overlapping ``x`` or ``g``; written in place and returned.
+    """
+    if out is None:
+        return _ops.outer(x, g, layout)
+    _ops.outer_out(x, g, layout, out)
+    return out
+
+
+def act_outer(
+    x: torch.Tensor,
+    upstream: torch.Tensor,
+    pre: torch.Tensor,
+    activation: str = "relu",
+    *,
+    layout: str = "in_out",
+    out: Optional[torch.Tensor] = None,
+    bias_out: Optional[torch.Tensor] = None,
+    negative_slope: float = 0.01,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    threshold: float = 20.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradient through an activation, then per-sample outer products, fused.
+
+    With ``y = act(pre)`` and ``upstream = dL/dy``: ``grad_bias = upstream * act'(pre)``
+    (``[N, D_out]``; this is G, the per-sample bias gradient) and
+    ``grad_weight[n] = x[n] ⊗ grad_bias[n]`` in the chosen ``layout``.
+
+    Args:
+        x: ``[N, D_in]`` layer inputs.
+        upstream: ``[N, D_out]`` gradient reaching the activation's output.
+        pre: ``[N, D_out]`` pre-activations (the layer's linear output).
+        activation: one of :data:`ACTIVATIONS`. Derivatives follow torch's autograd,
+            conventions included (relu'(0) = 0; elu at 0 takes the ``alpha`` branch;
+            softplus is linear where ``beta * pre > threshold``).
+        layout: ``"in_out"`` or ``"out_in"`` (see module docs).
+        out, bias_out: optional buffers for grad_weight and grad_bias (exact shape, x's
+            dtype and device, contiguous, not overlapping any input or each other).
+        negative_slope: leaky_relu's slope. alpha: elu's alpha. beta, threshold: softplus's.
+
+    Returns:
+        ``(grad_weight, grad_bias)``.
+    """
+    args = (x, upstream, pre, activation, layout, negative_slope, alpha, beta, threshold)
+    if out is None and bias_out is None:
+        return _ops.act_outer(*args)
+    well_formed = x.dim() == upstream.dim() == 2  # else the op raises the error naming the argument
+    if out is None:
+        out = x.new_empty(_outer_shape(x, upstream, layout) if well_formed else (0,))
+    if bias_out is None:
+        bias_out = x.new_empty(upstream.shape)
+    _ops.act_outer_out(*args, out, bias_out)
+    return out, bias_out
