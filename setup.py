@@ -137,12 +137,13 @@ def build_extension():
     return ext, BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
 
 
-ext, build_ext_cls = build_extension()
-setup(
-    name="indivgrad_cuda",
-    version=VERSION,
-    packages=find_packages(include=["indivgrad_cuda", "indivgrad_cuda.*"]),
-    ext_modules=[ext],
-    cmdclass={"build_ext": build_ext_cls},
-    package_data={"indivgrad_cuda": ["_build_info.json"]},
-)
+if __name__ == "__main__":  # pip / setuptools run this file as __main__; tests import it
+    ext, build_ext_cls = build_extension()
+    setup(
+        name="indivgrad_cuda",
+        version=VERSION,
+        packages=find_packages(include=["indivgrad_cuda", "indivgrad_cuda.*"]),
+        ext_modules=[ext],
+        cmdclass={"build_ext": build_ext_cls},
+        package_data={"indivgrad_cuda": ["_build_info.json"]},
+    )

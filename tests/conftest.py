@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+import indivgrad_cuda
+
+CUDA_OK = torch.cuda.is_available() and indivgrad_cuda.build_info()["cuda_kernels"]
+CUDA_SKIP_REASON = (
+    "no GPU visible" if not torch.cuda.is_available() else "indivgrad_cuda was built without CUDA kernels"
+)
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON))]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# Tolerances against a float64 reference computed from the same (rounded) inputs: the
+# result is computed in at least float32 and rounded once to its dtype.
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-5),
+    torch.bfloat16: dict(rtol=8e-3, atol=1e-5),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a GPU")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

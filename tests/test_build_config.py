@@ -1,0 +1,62 @@
+"""setup.py's toolchain decisions: forced modes, toolkit discovery, version checks."""
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def setup_module(monkeypatch):
+    spec = importlib.util.spec_from_file_location("indivgrad_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # not __main__, so nothing is built
+    for var in ("INDIVGRAD_CUDA", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    return module
+
+
+def test_forced_cpu_build(setup_module, monkeypatch):
+    monkeypatch.setenv("INDIVGRAD_CUDA", "0")
+    assert setup_module.decide_cuda()[:2] == (False, None)
+
+
+def test_bad_force_value(setup_module, monkeypatch):
+    monkeypatch.setenv("INDIVGRAD_CUDA", "yes")
+    with pytest.raises(SystemExit, match="INDIVGRAD_CUDA must be 0 or 1, got 'yes'"):
+        setup_module.decide_cuda()
+
+
+def test_forced_cuda_without_toolkit_says_what_is_missing(setup_module, monkeypatch):
+    monkeypatch.setenv("INDIVGRAD_CUDA", "1")
+    monkeypatch.setattr(setup_module, "find_cuda_home", lambda: None)
+    with pytest.raises(SystemExit, match="INDIVGRAD_CUDA=1 but CUDA kernels cannot be built: .*no CUDA toolkit found"):
+        setup_module.decide_cuda()
+
+
+def test_without_toolkit_falls_back_to_cpu(setup_module, monkeypatch):
+    monkeypatch.setattr(setup_module, "find_cuda_home", lambda: None)
+    build_cuda, home, reason = setup_module.decide_cuda()
+    assert not build_cuda and home is None and "no CUDA toolkit found" in reason
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or torch.version.cuda is None, reason="needs nvcc and a CUDA torch")
+def test_toolkit_found_through_nvcc_and_version_checked(setup_module, monkeypatch):
+    home = setup_module.find_cuda_home()
+    assert home and (Path(home) / "include" / "cuda_runtime.h").exists()
+    monkeypatch.setattr(setup_module, "nvcc_version", lambda _: "1.0")
+    with pytest.raises(SystemExit, match=r"nvcc in .* is CUDA 1\.0, but torch .* was built with CUDA .*major versions"):
+        setup_module.decide_cuda()
+
+
+def test_cuda_home_env_wins_when_valid(setup_module, monkeypatch, tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "include").mkdir()
+    (tmp_path / "bin" / "nvcc").write_text("")
+    (tmp_path / "include" / "cuda_runtime.h").write_text("")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert setup_module.find_cuda_home() == str(tmp_path.resolve())
