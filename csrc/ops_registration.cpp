@@ -1,8 +1,10 @@
 // The operator schemas (namespace indivgrad_cuda) and the Python module that loads them.
-// Implementations: outer_cpu.cpp (CPU), outer_cuda.cu (CUDA), mlp.cpp (device-generic);
+// Implementations: outer_cpu.cpp (CPU), outer_cuda.cu (CUDA); whole-MLP passes: mlp.cpp;
 // fake (meta) implementations: indivgrad_cuda/_fake.py.
 #include <torch/extension.h>
 #include <torch/library.h>
+
+#include "mlp.h"
 
 TORCH_LIBRARY(indivgrad_cuda, m) {
   m.def("outer(Tensor x, Tensor g, str layout=\"in_out\") -> Tensor");
@@ -24,4 +26,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  indivgrad::bind_mlp(m);
 }

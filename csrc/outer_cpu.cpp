@@ -1,9 +1,11 @@
 // CPU implementation: ATen ops writing straight into the output buffer. The activation
-// derivative uses torch's own backward functions, so its conventions are torch's.
+// derivative uses torch's own backward functions (activation_aten.cpp), so its
+// conventions are torch's.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "activation.h"
+#include "activation_aten.h"
 #include "checks.h"
 #include "functional.h"
 
@@ -19,22 +21,6 @@ void write_outer(const at::Tensor& x, const at::Tensor& g, Layout layout, const 
   } else {
     at::mul_out(dst, g.unsqueeze(2), x.unsqueeze(1));
   }
-}
-
-at::Tensor activation_backward(const ActParams& p, const at::Tensor& up, const at::Tensor& pre) {
-  switch (p.act) {
-    case Activation::Identity: return up;
-    case Activation::Relu: return at::threshold_backward(up, pre, 0);
-    case Activation::LeakyRelu: return at::leaky_relu_backward(up, pre, p.negative_slope, false);
-    case Activation::Elu: return at::elu_backward(up, p.alpha, 1, 1, false, pre);
-    case Activation::Tanh: return at::tanh_backward(up, at::tanh(pre));
-    case Activation::Sigmoid: return at::sigmoid_backward(up, at::sigmoid(pre));
-    case Activation::Gelu: return at::gelu_backward(up, pre, "none");
-    case Activation::GeluTanh: return at::gelu_backward(up, pre, "tanh");
-    case Activation::Silu: return at::silu_backward(up, pre);
-    case Activation::Softplus: return at::softplus_backward(up, pre, p.beta, p.threshold);
-  }
-  TORCH_CHECK(false, "unreachable activation");
 }
 
 // float16/bfloat16 compute in float32 and round once, when written.

@@ -11,6 +11,13 @@ _C, _BUILD_INFO = _load_extension()
 
 from indivgrad_cuda import ops  # noqa: E402
 from indivgrad_cuda.ops import act_outer, outer  # noqa: E402
+from indivgrad_cuda.plan import UnsupportedModuleError  # noqa: E402
+from indivgrad_cuda.engine import (  # noqa: E402
+    PerSampleGrads,
+    clipped_grad_sum,
+    per_sample_grad_norms,
+    per_sample_grads,
+)
 
 
 def build_info() -> dict:
@@ -21,4 +28,15 @@ def build_info() -> dict:
     return info
 
 
-__all__ = ["__version__", "build_info", "ops", "outer", "act_outer"]
+__all__ = [
+    "__version__",
+    "build_info",
+    "ops",
+    "outer",
+    "act_outer",
+    "PerSampleGrads",
+    "UnsupportedModuleError",
+    "per_sample_grads",
+    "per_sample_grad_norms",
+    "clipped_grad_sum",
+]

@@ -1,0 +1,308 @@
+"""Per-sample gradients, norms and clipped sums of whole MLPs.
+
+Data flow: the plan (validated once) → one compiled forward call that keeps each layer's
+input and pre-activation → dL/d(output) by autograd on the output alone (any loss) → one
+compiled backward call that, per layer, fuses act' with the per-sample outer products (or
+forms only norms / one GEMM for clipped sums).
+"""
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+from indivgrad_cuda.ops import LAYOUTS
+from indivgrad_cuda.plan import build_plan
+
+REDUCTIONS = ("mean", "sum")
+_CPU_CHUNK_BUDGET = 1 << 30  # bytes of intermediate state per chunk on CPU
+
+
+class PerSampleGrads:
+    """Per-sample gradient engine for an ``nn.Sequential`` MLP.
+
+    The model is validated once (see :data:`indivgrad_cuda.plan.SUPPORTED`; anything else
+    raises :class:`UnsupportedModuleError`). Parameters are read at every call, so
+    optimiser updates, ``requires_grad`` changes and ``model.train()/eval()`` are seen;
+    replacing a module or a Parameter object needs a new engine.
+
+    Loss functions: ``loss_fn(output, target)`` (``loss_fn(output)`` when ``target`` is
+    None) may return per-sample losses ``[N]`` (gradients of each entry) or a scalar; for a
+    scalar, ``reduction="mean"`` (the loss averaged over the batch: sample n's loss is N
+    times its share, as Opacus's ``loss_reduction="mean"``) or ``"sum"`` says how the
+    per-sample losses were reduced. The loss must not mix samples (as any per-sample
+    gradient requires), which is also what lets a batch be processed in chunks.
+
+    Dropout in train mode draws its masks in the engine's forward with
+    ``bernoulli_(1 - p, generator=generator)`` in layer order, and the backward applies them.
+
+    Args:
+        model: the ``nn.Sequential``.
+        max_chunk: the most samples processed at once; None picks it from the
+            intermediate state per sample (a quarter of free GPU memory, 1 GiB on CPU).
+            Results are the same for any chunk size.
+    """
+
+    def __init__(self, model: nn.Module, *, max_chunk: Optional[int] = None):
+        if max_chunk is not None and (not isinstance(max_chunk, int) or max_chunk < 1):
+            raise ValueError(f"max_chunk: expected a positive int or None, got {max_chunk!r}")
+        self.model = model
+        self.max_chunk = max_chunk
+        self._plan = build_plan(model)
+        self._cached_key = None
+        self._cached_results = None  # (dict name -> buffer, weight buffers, bias buffers)
+
+    # ---------------------------------------------------------------- public API
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        target,
+        loss_fn: Callable,
+        *,
+        reduction: str = "mean",
+        layout: str = "out_in",
+        into: Optional[str] = None,
+        out: Optional[Dict[str, torch.Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """Per-sample gradients ``{name: [N, *param.shape]}`` of every parameter that
+        requires grad, keyed like ``model.named_parameters()``.
+
+        ``layout="in_out"`` gives weights as ``[N, in_features, out_features]`` instead.
+        ``into="grad_sample"`` also stores each as ``param.grad_sample`` (as Opacus does).
+        ``out``: a dict of your own buffers, written in place (any subset of the names).
+        Buffers the engine allocates are reused by the next call with the same N, dtype,
+        device and layout, so a training loop allocates them once: the returned tensors
+        are overwritten then (``.clone()`` what you keep). An empty batch gives ``[0, ...]``.
+        """
+        self._check_common(x, reduction)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
+        if into not in (None, "grad_sample"):
+            raise ValueError(f"into: expected None or 'grad_sample', got {into!r}")
+        plan = self._plan
+        results, out_w, out_b = self._result_buffers(x, layout, out)
+        n = x.shape[0]
+        for n0, n1, xc, tc in self._chunks(x, target):
+            grad_out, saved = self._forward_and_loss(xc, tc, loss_fn, reduction, generator)
+            sl = (lambda t: t) if (n0, n1) == (0, n) else (lambda t: t[n0:n1])
+            plan.program.grads(grad_out, saved, plan.weights(), [t if t is None else sl(t) for t in out_w],
+                               [t if t is None else sl(t) for t in out_b], layout)
+        if into == "grad_sample":
+            params = dict(self.model.named_parameters())
+            for name, t in results.items():
+                params[name].grad_sample = t
+        return results
+
+    def norms(self, x: torch.Tensor, target, loss_fn: Callable, *, reduction: str = "mean", per_param: bool = False,
+              generator: Optional[torch.Generator] = None):
+        """Per-sample gradient norms ``[N]`` over all parameters that require grad, from
+        ``||x_n ⊗ g_n|| = ||x_n|| ||g_n||``, never forming ``[N, D_in, D_out]``.
+
+        With ``per_param=True`` returns ``(norms, {name: [N]})``. float16/bfloat16 models
+        get float32 norms."""
+        self._check_common(x, reduction)
+        sq, names = self._squared_norms(x, target, loss_fn, reduction, generator, clip=None)
+        total = sq.sum(0).sqrt()
+        if per_param:
+            return total, dict(zip(names, sq.sqrt().unbind(0)))
+        return total
+
+    def clipped_grad_sum(self, x: torch.Tensor, target, loss_fn: Callable, max_norm: float, *,
+                         reduction: str = "mean", noise_multiplier: float = 0.0,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """DP-SGD's step: sets each trainable ``p.grad`` to
+        ``sum_n min(1, max_norm / (||g_n|| + 1e-6)) * g_n`` (``g_n``: sample n's full
+        per-sample gradient), plus Gaussian noise of std ``noise_multiplier * max_norm``
+        when ``noise_multiplier > 0`` (drawn from ``generator`` if given). Uses one GEMM
+        per layer; returns the per-sample norms ``[N]`` before clipping. Existing
+        ``p.grad`` tensors are overwritten, not accumulated into. An empty batch gives
+        zero gradients (plus the noise)."""
+        self._check_common(x, reduction)
+        if not (isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)):
+            raise ValueError(f"max_norm: expected a positive finite number, got {max_norm!r}")
+        if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0):
+            raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
+        plan = self._plan
+        grads_w, grads_b = [], []
+        for m in plan.linears:
+            grads_w.append(_grad_tensor(m.weight))
+            grads_b.append(_grad_tensor(m.bias))
+        clip = (grads_w, grads_b, float(max_norm), float(noise_multiplier) * float(max_norm))
+        sq, _ = self._squared_norms(x, target, loss_fn, reduction, generator, clip=clip)
+        return sq.sum(0).sqrt()
+
+    # ---------------------------------------------------------------- internals
+
+    def _check_common(self, x, reduction):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a Tensor, got {type(x).__name__}")
+        plan = self._plan
+        width = math.prod(x.shape[1:]) if (plan.flattens_input and x.dim() >= 2) else (x.shape[1] if x.dim() == 2 else None)
+        if width != plan.in_features:
+            expected = f"[N, {plan.in_features}]" + (" (after nn.Flatten)" if plan.flattens_input else "")
+            raise ValueError(f"x: expected shape {expected} for the model's first Linear, got {list(x.shape)}")
+
+    def _wanted(self):
+        plan = self._plan
+        want_w = [m.weight.requires_grad for m in plan.linears]
+        want_b = [m.bias is not None and m.bias.requires_grad for m in plan.linears]
+        return want_w, want_b
+
+    def _training(self):
+        states = {d.training for d in self._plan.dropouts}
+        if len(states) > 1:
+            raise ValueError("the model's Dropout layers are in mixed train/eval modes; put them all in one")
+        return bool(states) and states.pop()
+
+    def _chunk_size(self, x):
+        n = x.shape[0]
+        if self.max_chunk is not None:
+            return max(1, min(n, self.max_chunk))
+        widths = sum(m.in_features + 3 * m.out_features for m in self._plan.linears)
+        per_sample = max(1, widths * x.element_size())
+        budget = torch.cuda.mem_get_info(x.device)[0] // 4 if x.is_cuda else _CPU_CHUNK_BUDGET
+        return max(1, min(n, budget // per_sample))
+
+    def _chunks(self, x, target):
+        n = x.shape[0]
+        size = self._chunk_size(x) if n else 1
+        if size < n and target is not None and not (isinstance(target, torch.Tensor) and target.shape[:1] == (n,)):
+            raise ValueError(f"target: to split the batch into chunks it must be a Tensor with {n} rows; "
+                             f"got {type(target).__name__}")
+        for n0 in range(0, n, size):
+            n1 = min(n, n0 + size)
+            yield n0, n1, x[n0:n1], (target if target is None or (n0, n1) == (0, n) else target[n0:n1])
+
+    def _forward_and_loss(self, x, target, loss_fn, reduction, generator):
+        plan = self._plan
+        output, saved = plan.program.forward(x, plan.weights(), plan.biases(), self._training(), generator)
+        return _grad_of_loss(output, target, loss_fn, reduction), saved
+
+    def _squared_norms(self, x, target, loss_fn, reduction, generator, clip):
+        plan = self._plan
+        want_w, want_b = self._wanted()
+        names = [name for l in range(len(plan.linears)) for name, want in
+                 ((plan.weight_names[l], want_w[l]), (plan.bias_names[l], want_b[l])) if want]
+        n = x.shape[0]
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        sq = torch.empty(len(names), n, dtype=acc, device=x.device)
+        if n == 0 and clip is not None:
+            grads_w, grads_b, _, noise_std = clip
+            for g in grads_w + grads_b:
+                if g is not None:
+                    g.zero_()
+                    if noise_std > 0:
+                        g.add_(torch.normal(0.0, noise_std, g.shape, generator=generator, dtype=g.dtype, device=g.device))
+        for n0, n1, xc, tc in self._chunks(x, target):
+            grad_out, saved = self._forward_and_loss(xc, tc, loss_fn, reduction, generator)
+            if clip is None:
+                sq[:, n0:n1] = plan.program.norms(grad_out, saved, plan.weights(), want_w, want_b)
+            else:
+                grads_w, grads_b, max_norm, noise_std = clip
+                sq[:, n0:n1] = plan.program.clipped_sum(grad_out, saved, plan.weights(), grads_w, grads_b, max_norm,
+                                                        n0 > 0, noise_std if n1 == n else 0.0, generator)
+        return sq, names
+
+    def _result_buffers(self, x, layout, out):
+        plan = self._plan
+        want_w, want_b = self._wanted()
+        n = x.shape[0]
+        shapes = {}
+        for l, m in enumerate(plan.linears):
+            if want_w[l]:
+                w_shape = (m.out_features, m.in_features) if layout == "out_in" else (m.in_features, m.out_features)
+                shapes[plan.weight_names[l]] = (n, *w_shape)
+            if want_b[l]:
+                shapes[plan.bias_names[l]] = (n, m.out_features)
+        out = dict(out or {})
+        _check_out_buffers(out, shapes, x)
+        key = (n, x.dtype, x.device, layout, tuple(want_w), tuple(want_b))
+        if self._cached_key != key:
+            self._cached_key, self._cached_results = None, None  # free the old buffers first
+            self._cached_results = _allocate(shapes, x)
+            self._cached_key = key
+        results = dict(self._cached_results)
+        results.update(out)
+        out_w = [results.get(name) if want_w[l] else None for l, name in enumerate(plan.weight_names)]
+        out_b = [results.get(name) if want_b[l] else None for l, name in enumerate(plan.bias_names)]
+        return results, out_w, out_b
+
+
+def _grad_tensor(p):
+    if p is None or not p.requires_grad:
+        return None
+    if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+        p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+    return p.grad
+
+
+def _grad_of_loss(output, target, loss_fn, reduction):
+    """dL/d(output), scaled so that row n is the gradient of sample n's own loss."""
+    out = output.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(out) if target is None else loss_fn(out, target)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn: expected it to return a Tensor, got {type(loss).__name__}")
+    n = out.shape[0]
+    if loss.dim() == 0:
+        (grad,) = torch.autograd.grad(loss, out)
+        return grad * n if reduction == "mean" else grad
+    if loss.shape == (n,):
+        (grad,) = torch.autograd.grad(loss, out, grad_outputs=torch.ones_like(loss))
+        return grad
+    raise ValueError(f"loss_fn: expected a scalar or per-sample losses of shape [{n}], got shape {list(loss.shape)}")
+
+
+def _check_out_buffers(out: Dict[str, torch.Tensor], shapes, x):
+    for name, t in out.items():
+        if name not in shapes:
+            raise ValueError(f"out: '{name}' is not a parameter that requires grad; expected names among {list(shapes)}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"out['{name}']: expected a Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shapes[name]:
+            raise ValueError(f"out['{name}']: expected shape {list(shapes[name])}, got {list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise TypeError(f"out['{name}']: expected dtype {x.dtype} (x's dtype), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"out['{name}']: expected device {x.device} (x's device), got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"out['{name}']: expected a contiguous tensor, got strides {list(t.stride())}")
+    spans = sorted((t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), t.numel() * t.element_size(), name)
+                   for name, t in out.items() if t.numel())
+    for (start_a, len_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < start_a + len_a:
+            raise ValueError(f"out['{a}'] and out['{b}'] share memory; each needs its own buffer")
+
+
+def _allocate(shapes, x) -> Dict[str, torch.Tensor]:
+    total = sum(math.prod(s) for s in shapes.values()) * x.element_size()
+    try:
+        return {name: torch.empty(s, dtype=x.dtype, device=x.device) for name, s in shapes.items()}
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or "memory" in str(e).lower():
+            raise MemoryError(
+                f"per-sample gradients for N={x.shape[0]} need {total} bytes ({total / 2**30:.2f} GiB) of "
+                f"{x.dtype} on {x.device}, which could not be allocated; use norms() or clipped_grad_sum(), "
+                f"which form none, or a smaller batch"
+            ) from e
+        raise
+
+
+def per_sample_grads(model: nn.Module, x, target, loss_fn, **kwargs) -> Dict[str, torch.Tensor]:
+    """One-shot :class:`PerSampleGrads` ``(model)(x, target, loss_fn, **kwargs)``."""
+    return PerSampleGrads(model)(x, target, loss_fn, **kwargs)
+
+
+def per_sample_grad_norms(model: nn.Module, x, target, loss_fn, **kwargs):
+    """One-shot :meth:`PerSampleGrads.norms`."""
+    return PerSampleGrads(model).norms(x, target, loss_fn, **kwargs)
+
+
+def clipped_grad_sum(model: nn.Module, x, target, loss_fn, max_norm, **kwargs) -> torch.Tensor:
+    """One-shot :meth:`PerSampleGrads.clipped_grad_sum`."""
+    return PerSampleGrads(model).clipped_grad_sum(x, target, loss_fn, max_norm, **kwargs)

@@ -1,0 +1,116 @@
+"""Validate a model once and describe it to the compiled MLP program."""
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from indivgrad_cuda import _C
+
+SUPPORTED = (
+    "nn.Sequential (nested ones are flattened), nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, "
+    "nn.GELU, nn.SiLU, nn.Softplus, nn.Identity, nn.Flatten (start_dim=1, end_dim=-1), nn.Dropout"
+)
+
+
+class UnsupportedModuleError(TypeError):
+    """The model contains a module the per-sample gradient engine cannot handle."""
+
+
+def _unsupported(path, module, why=""):
+    why = f" ({why})" if why else ""
+    return UnsupportedModuleError(
+        f"module '{path}' of type {type(module).__name__} is not supported{why}. Supported: {SUPPORTED}"
+    )
+
+
+def _activation(module):
+    """(name, act_outer keyword arguments) for an elementwise activation module, or None."""
+    if type(module) is nn.ReLU:
+        return "relu", {}
+    if type(module) is nn.LeakyReLU:
+        return "leaky_relu", {"negative_slope": module.negative_slope}
+    if type(module) is nn.ELU:
+        return "elu", {"alpha": module.alpha}
+    if type(module) is nn.Tanh:
+        return "tanh", {}
+    if type(module) is nn.Sigmoid:
+        return "sigmoid", {}
+    if type(module) is nn.GELU:
+        return ("gelu_tanh" if module.approximate == "tanh" else "gelu"), {}
+    if type(module) is nn.SiLU:
+        return "silu", {}
+    if type(module) is nn.Softplus:
+        return "softplus", {"beta": module.beta, "threshold": module.threshold}
+    return None
+
+
+def _leaves(module, path):
+    if type(module) is nn.Sequential:
+        for name, child in module.named_children():
+            yield from _leaves(child, f"{path}.{name}" if path else name)
+    else:
+        yield path, module
+
+
+@dataclass
+class Plan:
+    program: "_C.MlpProgram"
+    linears: List[nn.Linear]  # in order
+    weight_names: List[str]
+    bias_names: List[Optional[str]]  # None where the layer has no bias
+    dropouts: List[nn.Dropout]
+    in_features: int
+    flattens_input: bool  # an nn.Flatten comes before the first Linear
+
+    def weights(self):
+        return [m.weight for m in self.linears]
+
+    def biases(self):
+        return [m.bias for m in self.linears]
+
+
+def build_plan(model: nn.Module) -> Plan:
+    if type(model) is not nn.Sequential:
+        raise _unsupported("(the model)", model, "the engine takes an nn.Sequential")
+    names = {id(p): n for n, p in model.named_parameters()}
+    program = _C.MlpProgram()
+    linears, dropouts, seen = [], [], set()
+    flattens_input = False
+    for path, m in _leaves(model, ""):
+        if id(m) in seen and type(m) is nn.Linear:
+            raise _unsupported(path, m, "the same module object appears twice; its per-sample gradient would be a sum")
+        seen.add(id(m))
+        act = _activation(m)
+        if type(m) is nn.Linear:
+            program.add_linear()
+            linears.append(m)
+        elif act is not None:
+            name, kw = act
+            params = dict(negative_slope=0.01, alpha=1.0, beta=1.0, threshold=20.0)
+            params.update(kw)
+            program.add_activation(name, params["negative_slope"], params["alpha"], params["beta"], params["threshold"])
+        elif type(m) is nn.Identity:
+            pass
+        elif type(m) is nn.Flatten:
+            if m.start_dim != 1 or m.end_dim != -1:
+                raise _unsupported(path, m, f"start_dim={m.start_dim}, end_dim={m.end_dim}; only 1 and -1")
+            program.add_flatten()
+            flattens_input = flattens_input or not linears
+        elif type(m) is nn.Dropout:
+            program.add_dropout(float(m.p))
+            dropouts.append(m)
+        else:
+            raise _unsupported(path, m)
+    if not linears:
+        raise UnsupportedModuleError("the model has no nn.Linear layer, so there are no per-sample gradients to compute")
+    return Plan(
+        program=program,
+        linears=linears,
+        weight_names=[names[id(m.weight)] for m in linears],
+        bias_names=[names[id(m.bias)] if m.bias is not None else None for m in linears],
+        dropouts=dropouts,
+        in_features=linears[0].in_features,
+        flattens_input=flattens_input,
+    )
