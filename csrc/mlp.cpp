@@ -73,12 +73,12 @@ class MlpProgram {
   int64_t num_linear() const { return static_cast<int64_t>(linear_steps_.size()); }
 
   // Returns the network output and what backward needs (an opaque list).
-  std::tuple<Tensor, std::vector<Tensor>> forward(const Tensor& x, const std::vector<Tensor>& weights,
+  std::tuple<Tensor, std::vector<OptTensor>> forward(const Tensor& x, const std::vector<Tensor>& weights,
                                                   const std::vector<OptTensor>& biases, bool training,
                                                   std::optional<at::Generator> generator) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
     check_params(weights, biases);
-    std::vector<Tensor> saved(num_slots_);
+    std::vector<OptTensor> saved(num_slots_);  // Dropout in eval mode saves no mask
     Tensor h = x;
     for (const Step& s : steps_) {
       switch (s.kind) {
@@ -113,7 +113,7 @@ class MlpProgram {
 
   // Per-sample gradients written into out_weights[l] / out_biases[l] (undefined: not
   // wanted) for every linear layer l, in `layout`.
-  void grads(const Tensor& grad_output, const std::vector<Tensor>& saved, const std::vector<Tensor>& weights,
+  void grads(const Tensor& grad_output, const std::vector<OptTensor>& saved, const std::vector<Tensor>& weights,
              const std::vector<OptTensor>& out_weights, const std::vector<OptTensor>& out_biases,
              const std::string& layout) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
@@ -138,7 +138,7 @@ class MlpProgram {
 
   // Squared per-sample gradient norms [P, N], one row per wanted parameter (weights and
   // biases in layer order), from ||x_n ⊗ g_n|| = ||x_n|| ||g_n||: nothing [N, D, D'] is formed.
-  Tensor norms(const Tensor& grad_output, const std::vector<Tensor>& saved, const std::vector<Tensor>& weights,
+  Tensor norms(const Tensor& grad_output, const std::vector<OptTensor>& saved, const std::vector<Tensor>& weights,
                const std::vector<bool>& want_w, const std::vector<bool>& want_b) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
     std::vector<Tensor> rows(num_linear() * 2);
@@ -156,7 +156,7 @@ class MlpProgram {
   // DP-SGD: grad_w[l] (+)= sum_n c_n g_n x_n^T (one GEMM per layer), with
   // c_n = min(1, max_norm / (||per-sample gradient n|| + 1e-6)); then, if noise_std > 0,
   // Gaussian noise of that std is added to every gradient. Returns the squared norms [P, N].
-  Tensor clipped_sum(const Tensor& grad_output, const std::vector<Tensor>& saved, const std::vector<Tensor>& weights,
+  Tensor clipped_sum(const Tensor& grad_output, const std::vector<OptTensor>& saved, const std::vector<Tensor>& weights,
                      const std::vector<OptTensor>& grad_weights, const std::vector<OptTensor>& grad_biases,
                      double max_norm, bool accumulate, double noise_std, std::optional<at::Generator> generator) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
@@ -238,7 +238,7 @@ class MlpProgram {
   // activation `act` applied right after the layer (act null: at the layer's output C_l);
   // visit returns G_l = dL/dC_l, from which the walk continues with G_l W_l.
   template <typename Visit>
-  void walk_backward(const Tensor& grad_output, const std::vector<Tensor>& saved, const std::vector<Tensor>& weights,
+  void walk_backward(const Tensor& grad_output, const std::vector<OptTensor>& saved, const std::vector<Tensor>& weights,
                      const std::vector<bool>& want_w, const std::vector<bool>& want_b, Visit visit) const {
     TORCH_CHECK_VALUE(static_cast<int64_t>(saved.size()) == num_slots_, "saved: expected ", num_slots_,
                       " tensors from forward, got ", saved.size());
@@ -259,16 +259,16 @@ class MlpProgram {
         }
       }
       const Step& linear = steps_[lin];
-      const Tensor g = visit(l, saved[linear.slot], up, saved[linear.slot + 1], act);
+      const Tensor g = visit(l, *saved[linear.slot], up, *saved[linear.slot + 1], act);
       if (l > first) up = at::mm(g, weights[l]);
       end = lin;
     }
   }
 
-  static Tensor step_backward(const Step& s, const Tensor& up, const std::vector<Tensor>& saved) {
+  static Tensor step_backward(const Step& s, const Tensor& up, const std::vector<OptTensor>& saved) {
     switch (s.kind) {
-      case Step::Kind::Activation: return activation_backward(s.act, up, saved[s.slot]);
-      case Step::Kind::Dropout: return saved[s.slot].defined() ? up * saved[s.slot] : up;
+      case Step::Kind::Activation: return activation_backward(s.act, up, *saved[s.slot]);
+      case Step::Kind::Dropout: return saved[s.slot] ? up * *saved[s.slot] : up;
       default: return up;  // Flatten of a 2-D tensor
     }
   }

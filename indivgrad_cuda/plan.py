@@ -48,7 +48,7 @@ def _activation(module):
 
 def _leaves(module, path):
     if type(module) is nn.Sequential:
-        for name, child in module.named_children():
+        for name, child in module._modules.items():  # named_children() would hide a repeated module
             yield from _leaves(child, f"{path}.{name}" if path else name)
     else:
         yield path, module

@@ -48,3 +48,66 @@ def bmm_outer(x, g, layout="in_out"):
 def broadcast_outer(x, g, layout="in_out"):
     """Per-sample outer products by a broadcast multiply, in the inputs' dtype."""
     return x[:, :, None] * g[:, None, :] if layout == "in_out" else g[:, :, None] * x[:, None, :]
+
+
+def _leaves(module):
+    if isinstance(module, torch.nn.Sequential):
+        for child in module.children():
+            yield from _leaves(child)
+    else:
+        yield module
+
+
+def functional_mlp(model, params, x, masks=()):
+    """The model's forward from its leaf modules, with Linear weights taken from `params`
+    (a dict keyed like named_parameters) and Dropout replaced by the given masks."""
+    ids = {id(p): name for name, p in model.named_parameters()}
+    masks = iter(masks)
+    h = x
+    for m in _leaves(model):
+        if isinstance(m, torch.nn.Linear):
+            bias = params[ids[id(m.bias)]] if m.bias is not None else None
+            h = F.linear(h, params[ids[id(m.weight)]], bias)
+        elif isinstance(m, torch.nn.Dropout):
+            h = h * next(masks) if m.training else h
+        else:
+            h = m(h)
+    return h
+
+
+def func_per_sample_grads(model, x, target, loss_fn, masks=()):
+    """Per-sample gradients by torch.func.vmap(grad(...)) over single-sample batches, in
+    the model's dtype: sample n's loss is loss_fn on the batch of sample n alone."""
+    from torch.func import grad, vmap
+
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def sample_loss(p, xi, ti, mi):
+        out = functional_mlp(model, p, xi[None], [m[None] for m in mi])
+        loss = loss_fn(out) if ti is None else loss_fn(out, ti[None])
+        return loss.sum()
+
+    in_dims = (None, 0, None if target is None else 0, 0)
+    return vmap(grad(sample_loss), in_dims=in_dims)(params, x, target, tuple(masks))
+
+
+def dropout_masks(model, x, generator):
+    """The masks the engine's forward draws: bernoulli_(1 - p, generator) per Dropout in
+    train mode, in layer order, each scaled by 1 / (1 - p)."""
+    masks, h = [], x
+    with torch.no_grad():
+        for m in _leaves(model):
+            if isinstance(m, torch.nn.Dropout) and m.training:
+                mask = torch.empty_like(h).bernoulli_(1 - m.p, generator=generator) * (1 / (1 - m.p))
+                masks.append(mask)
+                h = h * mask
+            else:
+                h = m(h)
+    return masks
+
+
+def clipped_sum_ref(grads, max_norm):
+    """DP-SGD clipping of materialised per-sample gradients: (sum_n c_n g_n, norms)."""
+    norms = torch.stack([g.flatten(1).double().norm(dim=1) for g in grads.values()]).norm(dim=0)
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {k: (g.double() * coef.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}, norms

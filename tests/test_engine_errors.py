@@ -1,0 +1,102 @@
+"""Bad models and bad calls to the engine get clear errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import indivgrad_cuda as ig
+
+
+def small():
+    return nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+
+
+@pytest.mark.parametrize(
+    "model,pattern",
+    [
+        (nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Conv1d(1, 1, 1))),
+         r"module '1\.1' of type Conv1d is not supported\. Supported: nn\.Sequential"),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), r"module '1' of type BatchNorm1d"),
+        (nn.Sequential(nn.Linear(4, 4), nn.Flatten(0)), r"module '1' of type Flatten .*start_dim=0"),
+        (nn.Linear(4, 4), r"of type Linear is not supported \(the engine takes an nn\.Sequential\)"),
+        (nn.Sequential(nn.ReLU()), r"no nn\.Linear layer"),
+    ],
+)
+def test_unsupported_models(model, pattern):
+    with pytest.raises(ig.UnsupportedModuleError, match=pattern):
+        ig.PerSampleGrads(model)
+
+
+def test_shared_linear_is_refused():
+    lin = nn.Linear(3, 3)
+    with pytest.raises(ig.UnsupportedModuleError, match=r"module '2' .*appears twice"):
+        ig.PerSampleGrads(nn.Sequential(lin, nn.Tanh(), lin))
+
+
+def test_bad_calls():
+    model = small()
+    engine = ig.PerSampleGrads(model)
+    x, t = torch.randn(3, 4), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"x: expected shape \[N, 4\] for the model's first Linear, got \[3, 5\]"):
+        engine(torch.randn(3, 5), t, F.mse_loss)
+    with pytest.raises(ValueError, match=r"x: expected shape \[N, 4\]"):
+        engine(torch.randn(3, 2, 2), t, F.mse_loss)
+    with pytest.raises(TypeError, match=r"x: expected dtype Float \(the model's parameters\), got Double"):
+        engine(x.double(), t, F.mse_loss)
+    with pytest.raises(ValueError, match=r"reduction: expected one of \('mean', 'sum'\), got 'none'"):
+        engine(x, t, F.mse_loss, reduction="none")
+    with pytest.raises(ValueError, match=r"layout: expected one of"):
+        engine(x, t, F.mse_loss, layout="oi")
+    with pytest.raises(ValueError, match=r"into: expected None or 'grad_sample'"):
+        engine(x, t, F.mse_loss, into="grad")
+    with pytest.raises(ValueError, match=r"loss_fn: expected a scalar or per-sample losses of shape \[3\], got shape \[3, 2\]"):
+        engine(x, t, lambda o, t: (o - t) ** 2)
+    with pytest.raises(TypeError, match=r"loss_fn: expected it to return a Tensor, got float"):
+        engine(x, t, lambda o, t: 1.0)
+    with pytest.raises(ValueError, match=r"max_norm: expected a positive finite number, got 0"):
+        engine.clipped_grad_sum(x, t, F.mse_loss, 0)
+    with pytest.raises(ValueError, match=r"noise_multiplier: expected a number >= 0, got -1"):
+        engine.clipped_grad_sum(x, t, F.mse_loss, 1.0, noise_multiplier=-1)
+    with pytest.raises(ValueError, match=r"max_chunk: expected a positive int or None, got 0"):
+        ig.PerSampleGrads(model, max_chunk=0)
+
+
+def test_bad_out_buffers():
+    engine = ig.PerSampleGrads(small())
+    x, t = torch.randn(3, 4), torch.randn(3, 2)
+    with pytest.raises(ValueError, match=r"out: 'nope' is not a parameter that requires grad"):
+        engine(x, t, F.mse_loss, out={"nope": torch.empty(1)})
+    with pytest.raises(ValueError, match=r"out\['0.weight'\]: expected shape \[3, 5, 4\], got \[3, 4, 5\]"):
+        engine(x, t, F.mse_loss, out={"0.weight": torch.empty(3, 4, 5)})
+    with pytest.raises(TypeError, match=r"out\['0.bias'\]: expected dtype torch.float32 \(x's dtype\), got torch.float64"):
+        engine(x, t, F.mse_loss, out={"0.bias": torch.empty(3, 5, dtype=torch.float64)})
+    with pytest.raises(ValueError, match=r"out\['0.weight'\]: expected a contiguous tensor"):
+        engine(x, t, F.mse_loss, out={"0.weight": torch.empty(3, 4, 5).transpose(1, 2)})
+    shared = torch.empty(3 * 5 * 4)
+    with pytest.raises(ValueError, match=r"out\['0.weight'\] and out\['0.bias'\] share memory"):
+        engine(x, t, F.mse_loss, out={"0.weight": shared.view(3, 5, 4), "0.bias": shared[10:25].view(3, 5)})
+
+
+def test_mixed_dropout_modes_are_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Linear(4, 2), nn.Dropout(0.1))
+    model[1].eval()
+    with pytest.raises(ValueError, match="Dropout layers are in mixed train/eval modes"):
+        ig.per_sample_grads(model, torch.randn(2, 4), torch.randn(2, 2), F.mse_loss)
+
+
+def test_chunking_needs_a_sliceable_target():
+    engine = ig.PerSampleGrads(small(), max_chunk=2)
+    with pytest.raises(ValueError, match=r"target: to split the batch into chunks it must be a Tensor with 3 rows"):
+        engine(torch.randn(3, 4), [1, 2, 3], lambda o, t: o.sum())
+
+
+def test_out_of_memory_says_how_many_bytes(monkeypatch):
+    engine = ig.PerSampleGrads(small())
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(MemoryError, match=r"per-sample gradients for N=3 need 444 bytes \(0\.00 GiB\) of torch.float32"):
+        engine(torch.randn(3, 4), torch.randn(3, 2), F.mse_loss)
