@@ -1,0 +1,115 @@
+"""The ops alone: indivgrad's outer / act_outer against torch.bmm, a broadcast multiply and
+torch.compile of the broadcast multiply, beside the write roofline of the same buffer
+(a fill, and a device-to-device copy), over a sweep of shapes in float32 and bfloat16.
+
+    python bench/kernels.py [--quick] [--device cuda|cpu] [--dtypes float32 bfloat16]
+
+Every method writes an [N, D_out, D_in] buffer ("out_in", nn.Linear's layout); µs are
+medians, GB/s count the bytes of that buffer, % is of the fill's bandwidth. Results are
+checked against the float64 reference first and appended to bench/results/results.csv.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402  (puts the repository root on sys.path)
+
+import torch  # noqa: E402
+
+import indivgrad_cuda as ig  # noqa: E402
+from tests.reference import act_outer_ref, bmm_outer, broadcast_outer, outer_ref  # noqa: E402
+
+CPU_SHAPES = [(1000, 100, 100), (256, 300, 300), (64, 1024, 1024), (128, 1023, 257), (32, 300, 1)]
+GPU_SHAPES = [(256, 1024, 1024), (64, 4096, 4096), (512, 300, 300), (1000, 100, 100), (128, 1023, 257),
+              (4096, 256, 256), (32, 300, 1)]
+QUICK_SHAPES = [(16, 33, 17)]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
+
+
+def methods(x, g, pre, out, bias_out, compile_broadcast):
+    """name -> (fn, expected result or None). Each writes (or returns) an [N, D_out, D_in]."""
+    src = torch.empty_like(out)
+    compiled = torch.compile(lambda a, b: broadcast_outer(a, b, "out_in")) if compile_broadcast else None
+    w_ref, _ = act_outer_ref(x, g, pre, "relu", "out_in")
+    plain_ref = outer_ref(x, g, "out_in")
+    table = {
+        "roofline_fill": (lambda: out.fill_(1.0), None),
+        "roofline_copy": (lambda: out.copy_(src), None),
+        "indivgrad_outer": (lambda: ig.outer(x, g, layout="out_in", out=out), plain_ref),
+        "indivgrad_act_outer": (lambda: ig.act_outer(x, g, pre, "relu", layout="out_in", out=out,
+                                                     bias_out=bias_out)[0], w_ref),
+        "bmm": (lambda: torch.bmm(g.unsqueeze(2), x.unsqueeze(1), out=out), plain_ref),
+        "broadcast_mul": (lambda: torch.mul(g[:, :, None], x[:, None, :], out=out), plain_ref),
+    }
+    if compiled is not None:
+        table["compiled_broadcast_mul"] = (lambda: compiled(x, g), plain_ref)
+    assert torch.equal(bmm_outer(x[:1], g[:1], "out_in"), torch.bmm(g[:1].unsqueeze(2), x[:1].unsqueeze(1)))
+    return table
+
+
+def bench_shape(shape, dtype, device, compile_broadcast):
+    n, d_in, d_out = shape
+    x = torch.randn(n, d_in, device=device, dtype=dtype)
+    g = torch.randn(n, d_out, device=device, dtype=dtype)
+    pre = torch.randn(n, d_out, device=device, dtype=dtype)
+    out = torch.empty(n, d_out, d_in, device=device, dtype=dtype)
+    bias_out = torch.empty(n, d_out, device=device, dtype=dtype)
+    nbytes = out.numel() * out.element_size()
+    rows, fill_gbps = [], None
+    for name, (fn, ref) in methods(x, g, pre, out, bias_out, compile_broadcast).items():
+        row = {"setup": f"{n}x{d_in}x{d_out}/{str(dtype).replace('torch.', '')}", "method": name}
+        if ref is not None:
+            got = fn()
+            err = ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+            row["max_rel_err"] = err
+            if not err <= TOL[dtype]:
+                row["note"] = f"WRONG: relative error {err:.2e}"
+                rows.append(row)
+                continue
+        ms = common.time_ms(fn, device, warmup=3)
+        gbps = nbytes / ms / 1e6
+        fill_gbps = fill_gbps or gbps  # the fill is first
+        row.update(median_ms=ms, gbps=gbps, roofline_pct=100 * gbps / fill_gbps)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16",
+                                                                                          "float16", "float64"])
+    parser.add_argument("--quick", action="store_true", help="one small shape, for smoke tests")
+    parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to warm up)")
+    parser.add_argument("--results-dir", default=str(common.RESULTS_DIR))
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    context = common.run_context(device)
+    print(f"bench/kernels.py on {context['device']}, torch {context['torch']}, commit {context['commit']}")
+    print(f"  {'shape/dtype':<24} {'method':<24} {'µs':>10} {'GB/s':>8} {'% fill':>7}  note")
+    all_rows = []
+    for dtype in [getattr(torch, d) for d in args.dtypes]:
+        for shape in shapes:
+            print(f"\r  running {shape} {dtype}", end="", file=sys.stderr, flush=True)
+            rows = bench_shape(shape, dtype, device, not args.no_compile)
+            print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+            for r in rows:
+                us = r["median_ms"] * 1e3 if "median_ms" in r else None
+                print(f"  {r['setup']:<24} {r['method']:<24} {common.fmt(us):>10} {common.fmt(r.get('gbps')):>8} "
+                      f"{common.fmt(r.get('roofline_pct')):>7}  {r.get('note', '')}")
+            all_rows += [{**context, "bench": "kernels", **r} for r in rows]
+    path = common.append_rows(all_rows, args.results_dir)
+    print(f"\n{len(all_rows)} rows appended to {path}")
+    if not args.no_plot:
+        import plot
+        for png in plot.plot_latest(path, "kernels"):
+            print(f"plot: {png}")
+    return 1 if any(r.get("note", "").startswith("WRONG") for r in all_rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The benches run (quick mode, CPU), check every method and write their CSV and plots,
+so they cannot rot."""
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = {"date", "commit", "device", "torch", "cuda", "bench", "setup", "method", "median_ms", "ratio_vs_summed",
+            "peak_mem_mb", "gbps", "roofline_pct", "max_rel_err"}
+
+
+def run_bench(script, tmp_path, *extra):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--device", "cpu",
+                           "--results-dir", str(tmp_path), *extra], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with (tmp_path / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert REQUIRED <= set(rows[0])
+    return proc.stdout, rows
+
+
+def test_run_quick(tmp_path):
+    out, rows = run_bench("run.py", tmp_path)
+    timed = {r["method"] for r in rows if r["median_ms"]}
+    assert {"summed", "indivgrad", "indivgrad_norms", "indivgrad_clipped", "seed_bmm", "torch_func"} <= timed
+    assert not [r for r in rows if "WRONG" in r["note"]]
+    for r in rows:
+        if r["median_ms"]:
+            assert float(r["max_rel_err"]) < 1e-3 and float(r["ratio_vs_summed"]) > 0 and float(r["peak_mem_mb"]) >= 0
+    assert (tmp_path / f"run_{_slug(rows[0]['device'])}.png").exists()
+    assert "[N, D, L] = [16, 20, 3]" in out
+
+
+def test_kernels_quick(tmp_path):
+    _, rows = run_bench("kernels.py", tmp_path, "--no-compile")
+    methods = {r["method"] for r in rows}
+    assert {"roofline_fill", "roofline_copy", "indivgrad_outer", "indivgrad_act_outer", "bmm", "broadcast_mul"} <= methods
+    assert all(float(r["gbps"]) > 0 for r in rows)
+    assert not [r for r in rows if "WRONG" in r["note"]]
+    assert list(tmp_path.glob("kernels_*.png"))
+
+
+def _slug(device):
+    return re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
