@@ -1,0 +1,146 @@
+"""The Opacus backend: the same per-sample gradients and ghost norms as Opacus's own
+samplers, in float64, with our sampler really in use."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+opacus = pytest.importorskip("opacus", reason="Opacus is not installed (pip install -e .[opacus])")
+from opacus import GradSampleModule  # noqa: E402
+from opacus.grad_sample import GradSampleHooks, GradSampleModuleFastGradientClipping  # noqa: E402
+from opacus.grad_sample.linear import compute_linear_grad_sample  # noqa: E402
+
+import indivgrad_cuda.opacus as ig_opacus  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore():
+    yield
+    ig_opacus.uninstall()
+
+
+def grad_samples(model, x, y, loss_reduction, backend, batch_first=True):
+    ctx = ig_opacus.installed() if backend else _nothing()
+    with ctx:
+        gsm = GradSampleModule(copy.deepcopy(model), loss_reduction=loss_reduction, batch_first=batch_first)
+        loss = nn.functional.mse_loss(gsm(x), y, reduction=loss_reduction)
+        loss.backward()
+        out = {k: p.grad_sample.clone() for k, p in gsm._module.named_parameters() if p.requires_grad}
+        gsm._close()
+    return out
+
+
+class _nothing:
+    def __enter__(self):
+        ig_opacus.uninstall()
+
+    def __exit__(self, *exc):
+        pass
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of our outer product, so a test can tell that our path ran."""
+    count = {"n": 0}
+    real = ig_opacus.outer
+
+    def spy(*args, **kwargs):
+        count["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ig_opacus, "outer", spy)
+    return count
+
+
+def assert_same(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_grad_samples_agree(loss_reduction, bias, calls):
+    model = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 3, bias=bias)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    ours = grad_samples(model, x, y, loss_reduction, backend=True)
+    assert calls["n"] == 2
+    assert_same(ours, grad_samples(model, x, y, loss_reduction, backend=False))
+
+
+def test_mixed_model_keeps_opacus_samplers_for_other_layers(calls):
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4)).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    ours = grad_samples(model, x, y, "mean", backend=True)
+    assert calls["n"] == 2 and {"1.weight", "1.bias"} <= set(ours)
+    assert_same(ours, grad_samples(model, x, y, "mean", backend=False))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_sequence_inputs_fall_back_to_opacus(batch_first, calls):
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+    shape = (4, 3, 6) if batch_first else (3, 4, 6)  # [N, T, D] or [T, N, D]
+    x = torch.randn(*shape, dtype=torch.float64)
+    y = torch.randn(*shape[:2], 2, dtype=torch.float64)
+    ours = grad_samples(model, x, y, "sum", backend=True, batch_first=batch_first)
+    assert calls["n"] == 0  # 3-D activations: Opacus's own sampler
+    assert_same(ours, grad_samples(model, x, y, "sum", backend=False, batch_first=batch_first))
+    assert ours["0.weight"].shape == (4, 5, 6)
+
+
+def ghost_norms(model, x, y, backend):
+    with (ig_opacus.installed() if backend else _nothing()):
+        gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(model), loss_reduction="mean", max_grad_norm=1.0,
+                                                   use_ghost_clipping=True)
+        nn.functional.mse_loss(gsm(x), y).backward()
+        norms = gsm.get_norm_sample().clone()
+        gsm._close()
+    return norms
+
+
+def test_ghost_clipping_norms_agree():
+    model = nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 2)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    ours = ghost_norms(model, x, y, backend=True)
+    torch.testing.assert_close(ours, ghost_norms(model, x, y, backend=False), rtol=1e-12, atol=1e-12)
+    per_sample = grad_samples(model, x, y, "mean", backend=False)
+    torch.testing.assert_close(ours, torch.stack([g.flatten(1).norm(dim=1) for g in per_sample.values()]).norm(dim=0))
+
+
+def test_install_uninstall_and_context_manager():
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.Linear] is compute_linear_grad_sample
+    ig_opacus.install()
+    ig_opacus.install()  # idempotent
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.Linear] is ig_opacus.linear_grad_sample
+    assert GradSampleModuleFastGradientClipping.NORM_SAMPLERS[nn.Linear] is ig_opacus.linear_norm_sample
+    ig_opacus.uninstall()
+    assert GradSampleHooks.GRAD_SAMPLERS[nn.Linear] is compute_linear_grad_sample
+    assert GradSampleModuleFastGradientClipping.NORM_SAMPLERS[nn.Linear] is not ig_opacus.linear_norm_sample
+    with ig_opacus.installed():
+        assert ig_opacus.is_installed()
+    assert not ig_opacus.is_installed()
+
+
+def test_missing_opacus_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(ig_opacus, "_IMPORT_ERROR", ImportError("No module named 'opacus'"))
+    with pytest.raises(ImportError, match=r"needs Opacus: pip install 'opacus>=1\.5'"):
+        ig_opacus.install()
+
+
+def test_the_package_does_not_import_opacus():
+    code = "import sys, indivgrad_cuda; assert 'opacus' not in sys.modules, 'opacus was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_dp_sgd_example_runs():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "bench" / "dp_sgd_digits.py"), "--epochs", "1", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "max relative difference" in proc.stdout and "opacus + indivgrad" in proc.stdout
