@@ -72,7 +72,7 @@ __global__ void __launch_bounds__(kThreads)
     act_outer_kernel(const T* __restrict__ x, const T* __restrict__ up, const T* __restrict__ pre,
                      T* __restrict__ out, T* __restrict__ bias_out, Tiling t, ActParams act) {
   using acc_t = at::opmath_type<T>;
-  extern __shared__ unsigned char smem[];
+  extern __shared__ __align__(16) unsigned char smem[];
   acc_t* row_vals = reinterpret_cast<acc_t*>(smem);
   acc_t* col_vals = row_vals + t.tile_rows;
 
