@@ -4,6 +4,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "activation.h"
 #include "activation_aten.h"
 #include "checks.h"
@@ -28,6 +30,32 @@ at::Tensor compute_dtype(const at::Tensor& t) {
   return at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
 }
 
+// write_outer from float32 x and g into a float16/bfloat16 `out`. ATen's mixed-dtype
+// multiply is 5-10x slower than a float32 multiply plus a conversion copy (bench/kernels.py),
+// so the products go through a float32 scratch of about 256 KiB, block by block: several
+// whole samples at a time, or row blocks of one sample when a sample is larger.
+void write_outer_rounded(const at::Tensor& x, const at::Tensor& g, Layout layout, const at::Tensor& out) {
+  const int64_t n = out.size(0), rows = out.size(1), cols = out.size(2);
+  if (out.numel() == 0) return;
+  constexpr int64_t kScratchElems = 1 << 16;
+  const int64_t samples = std::max<int64_t>(1, kScratchElems / (rows * cols));
+  const int64_t row_block = samples > 1 ? rows : std::max<int64_t>(1, kScratchElems / cols);
+  at::Tensor scratch = at::empty({samples, row_block, cols}, x.options());
+  for (int64_t n0 = 0; n0 < n; n0 += samples) {
+    const int64_t ns = std::min(samples, n - n0);
+    for (int64_t r0 = 0; r0 < rows; r0 += row_block) {
+      const int64_t nr = std::min(row_block, rows - r0);
+      const at::Tensor xs = x.narrow(0, n0, ns), gs = g.narrow(0, n0, ns);
+      // rows index x in layout in_out, g in out_in
+      const at::Tensor xr = layout == Layout::InOut ? xs.narrow(1, r0, nr) : xs;
+      const at::Tensor gr = layout == Layout::OutIn ? gs.narrow(1, r0, nr) : gs;
+      at::Tensor block = scratch.narrow(0, 0, ns).narrow(1, 0, nr);
+      write_outer(xr, gr, layout, block);
+      out.narrow(0, n0, ns).narrow(1, r0, nr).copy_(block);
+    }
+  }
+}
+
 void outer_out_cpu(const at::Tensor& x, const at::Tensor& g, c10::string_view layout, const at::Tensor& out) {
   write_outer(x, g, check_outer_out(x, g, layout, out), out);
 }
@@ -39,7 +67,11 @@ void act_outer_out_cpu(const at::Tensor& x, const at::Tensor& upstream, const at
                                                  threshold, out, bias_out);
   const at::Tensor g = activation_backward(cfg.act, compute_dtype(upstream), compute_dtype(pre));
   at::Tensor(bias_out).copy_(g);
-  write_outer(compute_dtype(x), g, cfg.layout, out);
+  if (g.scalar_type() == out.scalar_type()) {
+    write_outer(x, g, cfg.layout, out);
+  } else {
+    write_outer_rounded(compute_dtype(x), g, cfg.layout, out);
+  }
 }
 
 }  // namespace

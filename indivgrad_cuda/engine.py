@@ -221,10 +221,10 @@ class PerSampleGrads:
                 shapes[plan.bias_names[l]] = (n, m.out_features)
         out = dict(out or {})
         _check_out_buffers(out, shapes, x)
-        key = (n, x.dtype, x.device, layout, tuple(want_w), tuple(want_b))
+        key = (n, x.dtype, x.device, layout, tuple(want_w), tuple(want_b), frozenset(out))
         if self._cached_key != key:
             self._cached_key, self._cached_results = None, None  # free the old buffers first
-            self._cached_results = _allocate(shapes, x)
+            self._cached_results = _allocate({k: s for k, s in shapes.items() if k not in out}, x)
             self._cached_key = key
         results = dict(self._cached_results)
         results.update(out)

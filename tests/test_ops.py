@@ -64,7 +64,8 @@ def test_nan_and_inf_propagate_like_autograd(device, activation):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     "n,d_in,d_out",
-    [(0, 5, 3), (1, 1, 1), (1, 7, 1), (3, 1, 5), (5, 3, 2), (2, 3001, 7), (2, 7, 3001), (3, 4099, 5), (1, 129, 4097)],
+    [(0, 5, 3), (1, 1, 1), (1, 7, 1), (3, 1, 5), (5, 3, 2), (9, 97, 101), (2, 3001, 7), (2, 7, 3001), (3, 4099, 5),
+     (1, 129, 4097)],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_odd_shapes(device, n, d_in, d_out, layout, dtype):
