@@ -117,12 +117,7 @@ class MlpProgram {
              const std::vector<OptTensor>& out_weights, const std::vector<OptTensor>& out_biases,
              const std::string& layout) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
-    std::vector<bool> want_w, want_b;
-    for (int64_t l = 0; l < num_linear(); ++l) {
-      want_w.push_back(out_weights[l].has_value());
-      want_b.push_back(out_biases[l].has_value());
-    }
-    walk_backward(grad_output, saved, weights, want_w, want_b,
+    walk_backward(grad_output, saved, weights, present(out_weights), present(out_biases),
                   [&](int64_t l, const Tensor& x, const Tensor& up, const Tensor& pre, const Step* act) {
                     const ActParams a = act ? act->act : kIdentity;
                     if (out_weights[l]) {
@@ -141,16 +136,7 @@ class MlpProgram {
   Tensor norms(const Tensor& grad_output, const std::vector<OptTensor>& saved, const std::vector<Tensor>& weights,
                const std::vector<bool>& want_w, const std::vector<bool>& want_b) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
-    std::vector<Tensor> rows(num_linear() * 2);
-    walk_backward(grad_output, saved, weights, want_w, want_b,
-                  [&](int64_t l, const Tensor& x, const Tensor& up, const Tensor& pre, const Step* act) {
-                    Tensor g = activation_backward(act ? act->act : kIdentity, up, pre);
-                    const Tensor g_sq = squared_row_norms(g);
-                    if (want_w[l]) rows[2 * l] = squared_row_norms(x) * g_sq;
-                    if (want_b[l]) rows[2 * l + 1] = g_sq;
-                    return g;
-                  });
-    return stack_defined(rows, grad_output);
+    return walk_norms(grad_output, saved, weights, want_w, want_b, nullptr, nullptr);
   }
 
   // DP-SGD: grad_w[l] (+)= sum_n c_n g_n x_n^T (one GEMM per layer), with
@@ -160,23 +146,8 @@ class MlpProgram {
                      const std::vector<OptTensor>& grad_weights, const std::vector<OptTensor>& grad_biases,
                      double max_norm, bool accumulate, double noise_std, std::optional<at::Generator> generator) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
-    std::vector<bool> want_w, want_b;
-    for (int64_t l = 0; l < num_linear(); ++l) {
-      want_w.push_back(grad_weights[l].has_value());
-      want_b.push_back(grad_biases[l].has_value());
-    }
-    std::vector<Tensor> xs(num_linear()), gs(num_linear()), rows(num_linear() * 2);
-    walk_backward(grad_output, saved, weights, want_w, want_b,
-                  [&](int64_t l, const Tensor& x, const Tensor& up, const Tensor& pre, const Step* act) {
-                    Tensor g = activation_backward(act ? act->act : kIdentity, up, pre);
-                    const Tensor g_sq = squared_row_norms(g);
-                    if (want_w[l]) rows[2 * l] = squared_row_norms(x) * g_sq;
-                    if (want_b[l]) rows[2 * l + 1] = g_sq;
-                    xs[l] = x;
-                    gs[l] = g;
-                    return g;
-                  });
-    const Tensor sq = stack_defined(rows, grad_output);
+    std::vector<Tensor> xs(num_linear()), gs(num_linear());
+    const Tensor sq = walk_norms(grad_output, saved, weights, present(grad_weights), present(grad_biases), &xs, &gs);
     const Tensor coef = (max_norm / (sq.sum(0).sqrt() + 1e-6)).clamp_max(1.0).unsqueeze(1);
     for (int64_t l = 0; l < num_linear(); ++l) {
       if (!gs[l].defined()) continue;
@@ -200,6 +171,31 @@ class MlpProgram {
 
  private:
   static constexpr ActParams kIdentity{Activation::Identity, 0, 0, 0, 0};
+
+  static std::vector<bool> present(const std::vector<OptTensor>& buffers) {
+    std::vector<bool> out;
+    for (const OptTensor& t : buffers) out.push_back(t.has_value());
+    return out;
+  }
+
+  // The backward with G_l formed by ATen (no outer products): squared per-sample norms
+  // [P, N]; xs/gs (when given) receive each visited layer's X_l and G_l.
+  Tensor walk_norms(const Tensor& grad_output, const std::vector<OptTensor>& saved, const std::vector<Tensor>& weights,
+                    const std::vector<bool>& want_w, const std::vector<bool>& want_b, std::vector<Tensor>* xs,
+                    std::vector<Tensor>* gs) const {
+    std::vector<Tensor> rows(num_linear() * 2);
+    walk_backward(grad_output, saved, weights, want_w, want_b,
+                  [&](int64_t l, const Tensor& x, const Tensor& up, const Tensor& pre, const Step* act) {
+                    Tensor g = activation_backward(act ? act->act : kIdentity, up, pre);
+                    const Tensor g_sq = squared_row_norms(g);
+                    if (want_w[l]) rows[2 * l] = squared_row_norms(x) * g_sq;
+                    if (want_b[l]) rows[2 * l + 1] = g_sq;
+                    if (xs) (*xs)[l] = x;
+                    if (gs) (*gs)[l] = g;
+                    return g;
+                  });
+    return stack_defined(rows, grad_output);
+  }
 
   bool follows_linear() const { return !steps_.empty() && steps_.back().kind == Step::Kind::Linear; }
   int64_t take_slots(int64_t n) {
