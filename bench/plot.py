@@ -19,11 +19,14 @@ def _latest(rows, bench):
 
 
 def _bars(ax, groups, series, values, ylabel, log=False):
+    from matplotlib import colormaps
+
+    colors = colormaps["tab20"]
     width = 0.8 / max(1, len(series))
     for i, s in enumerate(series):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
         ys = [values.get((grp, s), 0) or 0 for grp in groups]
-        ax.bar(xs, ys, width, label=s)
+        ax.bar(xs, ys, width, label=s, color=colors(i % 20))
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups, rotation=20, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
