@@ -145,43 +145,31 @@ def opacus_ghost_clipping(model, x, y, max_norm, **_):
     return run
 
 
-def _backpack(model):
+def _backpack(model, x, y, extension_name, result):
+    """A BackPACK extension run on an extended copy of the model; result(params) reads its
+    per-parameter outputs. BackPACK's are those of the mean loss's terms: 1/N-scaled."""
     _require("backpack", "backpack-for-pytorch")
-    from backpack import extend
+    from backpack import backpack, extend, extensions
 
-    return extend(copy.deepcopy(model)), extend(nn.BCEWithLogitsLoss())
+    bp_model, bp_loss = extend(copy.deepcopy(model)), extend(nn.BCEWithLogitsLoss())
+    params = dict(bp_model.named_parameters())
+    extension = getattr(extensions, extension_name)
+
+    def run():
+        bp_model.zero_grad(set_to_none=True)
+        with backpack(extension()):
+            bp_loss(bp_model(x), y).backward()
+        return result(params)
+    return run
 
 
 def backpack_batch_grad(model, x, y, **_):
-    bp_model, bp_loss = _backpack(model)
-    from backpack import backpack
-    from backpack.extensions import BatchGrad
-
-    params = dict(bp_model.named_parameters())
-    n = len(x)
-
-    def run():
-        bp_model.zero_grad(set_to_none=True)
-        with backpack(BatchGrad()):
-            bp_loss(bp_model(x), y).backward()
-        return {k: p.grad_batch * n for k, p in params.items()}  # BackPACK's are 1/N-scaled for a mean loss
-    return run
+    return _backpack(model, x, y, "BatchGrad", lambda ps: {k: p.grad_batch * len(x) for k, p in ps.items()})
 
 
 def backpack_batch_l2(model, x, y, **_):
-    bp_model, bp_loss = _backpack(model)
-    from backpack import backpack
-    from backpack.extensions import BatchL2Grad
-
-    params = list(bp_model.parameters())
-    n = len(x)
-
-    def run():
-        bp_model.zero_grad(set_to_none=True)
-        with backpack(BatchL2Grad()):
-            bp_loss(bp_model(x), y).backward()
-        return torch.stack([p.batch_l2 for p in params]).sum(0).sqrt() * n
-    return run
+    return _backpack(model, x, y, "BatchL2Grad",
+                     lambda ps: torch.stack([p.batch_l2 for p in ps.values()]).sum(0).sqrt() * len(x))
 
 
 # name -> (factory, what it returns: "mean_grad" | "grads" | "norms" | "clipped")

@@ -165,6 +165,8 @@ class PerSampleGrads:
             return max(1, min(n, self.max_chunk))
         widths = sum(m.in_features + 3 * m.out_features for m in self._plan.linears)
         per_sample = max(1, widths * x.element_size())
+        if n * per_sample <= _CPU_CHUNK_BUDGET // 4:
+            return n  # small enough anywhere: no need to ask the GPU for its free memory every step
         budget = torch.cuda.mem_get_info(x.device)[0] // 4 if x.is_cuda else _CPU_CHUNK_BUDGET
         return max(1, min(n, budget // per_sample))
 
