@@ -25,7 +25,8 @@ class PerSampleGrads:
     The model is validated once (see :data:`indivgrad_cuda.plan.SUPPORTED`; anything else
     raises :class:`UnsupportedModuleError`). Parameters are read at every call, so
     optimiser updates, ``requires_grad`` changes and ``model.train()/eval()`` are seen;
-    replacing a module or a Parameter object needs a new engine.
+    replacing a module or a Parameter object, or changing a module's settings (a
+    Dropout's p, a LeakyReLU's slope), needs a new engine.
 
     Loss functions: ``loss_fn(output, target)`` (``loss_fn(output)`` when ``target`` is
     None) may return per-sample losses ``[N]`` (gradients of each entry) or a scalar; for a
