@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -38,7 +39,7 @@ struct Step {
   Kind kind;
   ActParams act{};         // Activation
   std::string act_name;    // Activation
-  double p = 0;            // Dropout
+  int64_t dropout = -1;    // Dropout: its index among the Dropout layers (its mask's index)
   int64_t layer = -1;      // Linear: its index among the linear layers
   int64_t slot = -1;       // where forward saves what backward needs of this step (-1: nothing)
 };
@@ -61,23 +62,28 @@ class MlpProgram {
     if (!linear_steps_.empty() && !follows_linear()) s.slot = take_slots(1);
     steps_.push_back(s);
   }
-  void add_dropout(double p) {
-    TORCH_CHECK_VALUE(p >= 0 && p <= 1, "Dropout: expected 0 <= p <= 1, got ", p);
+  void add_dropout() {
     Step s{Step::Kind::Dropout};
-    s.p = p;
+    s.dropout = num_dropout_++;
     if (!linear_steps_.empty()) s.slot = take_slots(1);  // the scaled mask
     steps_.push_back(s);
   }
   void add_flatten() { steps_.push_back(Step{Step::Kind::Flatten}); }
 
   int64_t num_linear() const { return static_cast<int64_t>(linear_steps_.size()); }
+  int64_t num_dropout() const { return num_dropout_; }
 
-  // Returns the network output and what backward needs (an opaque list).
+  // Returns the network output and what backward needs (an opaque list). masks[k] is the
+  // k-th Dropout's scaled mask, [N, features per sample] (None: identity, eval mode). The
+  // caller draws them for the whole batch and passes each chunk its rows, so the masks,
+  // hence the results, do not depend on how the batch is chunked.
   std::tuple<Tensor, std::vector<OptTensor>> forward(const Tensor& x, const std::vector<Tensor>& weights,
-                                                  const std::vector<OptTensor>& biases, bool training,
-                                                  std::optional<at::Generator> generator) const {
+                                                  const std::vector<OptTensor>& biases,
+                                                  const std::vector<OptTensor>& masks) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
     check_params(weights, biases);
+    TORCH_CHECK_VALUE(static_cast<int64_t>(masks.size()) == num_dropout_, "masks: expected ", num_dropout_,
+                      " (one per Dropout layer), got ", masks.size());
     std::vector<OptTensor> saved(num_slots_);  // Dropout in eval mode saves no mask
     Tensor h = x;
     for (const Step& s : steps_) {
@@ -98,10 +104,9 @@ class MlpProgram {
           h = activation_forward(s.act, h);
           break;
         case Step::Kind::Dropout:
-          if (training && s.p > 0) {
-            // As nn.Dropout: keep with probability 1 - p, scale kept values by 1 / (1 - p).
-            Tensor mask = at::empty_like(h).bernoulli_(1 - s.p, generator);
-            mask.mul_(s.p < 1 ? 1 / (1 - s.p) : 0.0);
+          if (const OptTensor& m = masks[s.dropout]) {
+            check_mask(*m, h, s.dropout);
+            const Tensor mask = h.dim() == 2 ? *m : m->view(h.sizes());  // before a Flatten h may be [N, C, ...]
             h = h * mask;
             if (s.slot >= 0) saved[s.slot] = mask;
           }
@@ -140,11 +145,11 @@ class MlpProgram {
   }
 
   // DP-SGD: grad_w[l] (+)= sum_n c_n g_n x_n^T (one GEMM per layer), with
-  // c_n = min(1, max_norm / (||per-sample gradient n|| + 1e-6)); then, if noise_std > 0,
-  // Gaussian noise of that std is added to every gradient. Returns the squared norms [P, N].
+  // c_n = min(1, max_norm / (||per-sample gradient n|| + 1e-6)). Returns the squared norms
+  // [P, N]. The noise is the caller's: it is drawn once per batch, after all chunks.
   Tensor clipped_sum(const Tensor& grad_output, const std::vector<OptTensor>& saved, const std::vector<Tensor>& weights,
                      const std::vector<OptTensor>& grad_weights, const std::vector<OptTensor>& grad_biases,
-                     double max_norm, bool accumulate, double noise_std, std::optional<at::Generator> generator) const {
+                     double max_norm, bool accumulate) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
     std::vector<Tensor> xs(num_linear()), gs(num_linear());
     const Tensor sq = walk_norms(grad_output, saved, weights, present(grad_weights), present(grad_biases), &xs, &gs);
@@ -160,11 +165,6 @@ class MlpProgram {
         Tensor gb = *grad_biases[l];
         accumulate ? gb.add_(gc.sum(0)) : at::sum_out(gb, gc, {0});
       }
-    }
-    if (noise_std > 0) {
-      for (const auto* list : {&grad_weights, &grad_biases})
-        for (const OptTensor& t : *list)
-          if (t) t->add_(at::normal(0.0, noise_std, t->sizes(), generator, t->options()));
     }
     return sq;
   }
@@ -217,6 +217,14 @@ class MlpProgram {
                      " (the model's parameters), got ", h.scalar_type());
     TORCH_CHECK_VALUE(h.device() == w.device(), "x: expected device ", w.device(),
                       " (the model's parameters), got ", h.device());
+  }
+
+  static void check_mask(const Tensor& m, const Tensor& h, int64_t k) {
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == h.size(0) && m.numel() == h.numel() && m.is_contiguous(), "masks[", k,
+                      "]: expected a contiguous [", h.size(0), ", ", h.numel() / std::max<int64_t>(h.size(0), 1),
+                      "] tensor, got shape ", m.sizes(), " and strides ", m.strides());
+    TORCH_CHECK_TYPE(m.scalar_type() == h.scalar_type() && m.device() == h.device(), "masks[", k, "]: expected ",
+                     h.scalar_type(), " on ", h.device(), ", got ", m.scalar_type(), " on ", m.device());
   }
 
   // Rows that are defined, stacked into [P, N]; [0, N] when none are.
@@ -272,6 +280,7 @@ class MlpProgram {
   std::vector<Step> steps_;
   std::vector<int64_t> linear_steps_;  // index in steps_ of each linear layer
   int64_t num_slots_ = 0;
+  int64_t num_dropout_ = 0;
 };
 
 }  // namespace
@@ -284,6 +293,7 @@ void bind_mlp(pybind11::module& m) {
       .def("add_dropout", &MlpProgram::add_dropout)
       .def("add_flatten", &MlpProgram::add_flatten)
       .def_property_readonly("num_linear", &MlpProgram::num_linear)
+      .def_property_readonly("num_dropout", &MlpProgram::num_dropout)
       .def("forward", &MlpProgram::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("grads", &MlpProgram::grads, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("norms", &MlpProgram::norms, pybind11::call_guard<pybind11::gil_scoped_release>())

@@ -61,6 +61,8 @@ class Plan:
     weight_names: List[str]
     bias_names: List[Optional[str]]  # None where the layer has no bias
     dropouts: List[nn.Dropout]
+    dropout_ps: List[float]  # each Dropout's p, read once like every module setting
+    dropout_widths: List[int]  # features per sample at each Dropout (its mask is [N, width])
     in_features: int
     flattens_input: bool  # an nn.Flatten comes before the first Linear
 
@@ -76,7 +78,7 @@ def build_plan(model: nn.Module) -> Plan:
         raise _unsupported("(the model)", model, "the engine takes an nn.Sequential")
     names = {id(p): n for n, p in model.named_parameters()}
     program = _C.MlpProgram()
-    linears, dropouts, seen = [], [], set()
+    linears, dropouts, dropout_widths, seen = [], [], [], set()
     flattens_input = False
     for path, m in _leaves(model, ""):
         if id(m) in seen and type(m) is nn.Linear:
@@ -99,8 +101,11 @@ def build_plan(model: nn.Module) -> Plan:
             program.add_flatten()
             flattens_input = flattens_input or not linears
         elif type(m) is nn.Dropout:
-            program.add_dropout(float(m.p))
+            if not 0 <= m.p <= 1:
+                raise _unsupported(path, m, f"p={m.p}; expected 0 <= p <= 1")
+            program.add_dropout()
             dropouts.append(m)
+            dropout_widths.append(linears[-1].out_features if linears else None)  # None: the input's width
         else:
             raise _unsupported(path, m)
     if not linears:
@@ -111,6 +116,8 @@ def build_plan(model: nn.Module) -> Plan:
         weight_names=[names[id(m.weight)] for m in linears],
         bias_names=[names[id(m.bias)] if m.bias is not None else None for m in linears],
         dropouts=dropouts,
+        dropout_ps=[float(m.p) for m in dropouts],
+        dropout_widths=[linears[0].in_features if w is None else w for w in dropout_widths],
         in_features=linears[0].in_features,
         flattens_input=flattens_input,
     )

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import indivgrad_cuda as ig
+from tests.conftest import CUDA_OK, CUDA_SKIP_REASON
 
 
 def small():
@@ -100,3 +101,57 @@ def test_out_of_memory_says_how_many_bytes(monkeypatch):
     monkeypatch.setattr(torch, "empty", refuse)
     with pytest.raises(MemoryError, match=r"per-sample gradients for N=3 need 444 bytes \(0\.00 GiB\) of torch.float32"):
         engine(torch.randn(3, 4), torch.randn(3, 2), F.mse_loss)
+
+
+class _GeneratorOnCuda(torch.Generator):
+    """What a CUDA generator reports as its device, constructible without a GPU."""
+    device = torch.device("cuda", 0)
+
+
+def _refuses_generator(model, x, t, generator, error, pattern):
+    """Every method refuses the generator before any work: no loss call, p.grad untouched."""
+    engine = ig.PerSampleGrads(model)
+    calls = []
+
+    def loss(out, target):
+        calls.append(1)
+        return F.mse_loss(out, target)
+
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    for method in (engine, engine.norms, lambda *a, **kw: engine.clipped_grad_sum(*a, 1.0, noise_multiplier=1.0, **kw)):
+        with pytest.raises(error, match=pattern):
+            method(x, t, loss, generator=generator)
+    assert not calls
+    assert all((p.grad == 3.0).all() for p in model.parameters())
+
+
+def test_generator_of_the_wrong_kind_or_device():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 2)).train()
+    x, t = torch.randn(3, 4), torch.randn(3, 2)
+    _refuses_generator(model, x, t, object(), TypeError, r"generator: expected a torch\.Generator or None, got object")
+    _refuses_generator(model, x, t, _GeneratorOnCuda(), ValueError,
+                       r"generator: expected a torch\.Generator on cpu \(the model's device\), got one on cuda:0")
+    ig.PerSampleGrads(model)(x, t, F.mse_loss, generator=torch.Generator().manual_seed(0))  # the right one is accepted
+
+
+@pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON)
+def test_generator_on_cpu_for_a_cuda_model():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 2)).cuda().train()
+    x, t = torch.randn(3, 4, device="cuda"), torch.randn(3, 2, device="cuda")
+    _refuses_generator(model, x, t, torch.Generator("cpu"), ValueError,
+                       r"generator: expected a torch\.Generator on cuda:0 \(the model's device\), got one on cpu")
+    _refuses_generator(model.cpu(), x.cpu(), t.cpu(), torch.Generator("cuda"), ValueError,
+                       r"generator: expected a torch\.Generator on cpu \(the model's device\), got one on cuda:0")
+
+
+def test_bad_cuda_graphs_option():
+    with pytest.raises(TypeError, match=r"cuda_graphs: expected True or False, got 'yes'"):
+        ig.PerSampleGrads(small(), cuda_graphs="yes")
+
+
+def test_dropout_p_out_of_range_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
+    model[1].p = 1.5
+    with pytest.raises(ig.UnsupportedModuleError, match=r"module '1' of type Dropout is not supported \(p=1\.5; expected 0 <= p <= 1\)"):
+        ig.PerSampleGrads(model)
