@@ -56,7 +56,7 @@ class PerSampleGrads:
     no new capture. Each graph keeps its batch's intermediate state allocated (at most 4
     pairs are kept). The output tensor ``loss_fn`` receives is then a static buffer,
     overwritten by the next call. If a capture fails the engine warns once and runs
-    eagerly from then on.
+    eagerly from then on. The one-shot functions (``per_sample_grads`` ...) do not capture.
 
     Args:
         model: the ``nn.Sequential``.
@@ -368,16 +368,19 @@ def _allocate(shapes, x) -> Dict[str, torch.Tensor]:
         raise
 
 
+# The one-shot functions build an engine per call: a CUDA graph captured for one replay
+# would cost more than it saves.
+
 def per_sample_grads(model: nn.Module, x, target, loss_fn, **kwargs) -> Dict[str, torch.Tensor]:
     """One-shot :class:`PerSampleGrads` ``(model)(x, target, loss_fn, **kwargs)``."""
-    return PerSampleGrads(model)(x, target, loss_fn, **kwargs)
+    return PerSampleGrads(model, cuda_graphs=False)(x, target, loss_fn, **kwargs)
 
 
 def per_sample_grad_norms(model: nn.Module, x, target, loss_fn, **kwargs):
     """One-shot :meth:`PerSampleGrads.norms`."""
-    return PerSampleGrads(model).norms(x, target, loss_fn, **kwargs)
+    return PerSampleGrads(model, cuda_graphs=False).norms(x, target, loss_fn, **kwargs)
 
 
 def clipped_grad_sum(model: nn.Module, x, target, loss_fn, max_norm, **kwargs) -> torch.Tensor:
     """One-shot :meth:`PerSampleGrads.clipped_grad_sum`."""
-    return PerSampleGrads(model).clipped_grad_sum(x, target, loss_fn, max_norm, **kwargs)
+    return PerSampleGrads(model, cuda_graphs=False).clipped_grad_sum(x, target, loss_fn, max_norm, **kwargs)
