@@ -1,5 +1,5 @@
-"""The benches run (quick mode, CPU), check every method and write their CSV and plots,
-so they cannot rot."""
+"""The benches run (quick mode, on CPU and, where a GPU is usable, on CUDA), check every
+method and write their CSV and plots, so they cannot rot."""
 
 import csv
 import re
@@ -12,18 +12,19 @@ REQUIRED = {"date", "commit", "device", "torch", "cuda", "bench", "setup", "meth
             "peak_mem_mb", "gbps", "roofline_pct", "max_rel_err"}
 
 
-def run_bench(script, tmp_path, *extra):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--device", "cpu",
+def run_bench(script, tmp_path, device, *extra):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--device", device,
                            "--results-dir", str(tmp_path), *extra], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with (tmp_path / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert REQUIRED <= set(rows[0])
+    assert all(r["device"].startswith("CPU ") == (device == "cpu") for r in rows), "rows name the wrong device"
     return proc.stdout, rows
 
 
-def test_run_quick(tmp_path):
-    out, rows = run_bench("run.py", tmp_path)
+def test_run_quick(tmp_path, device):
+    out, rows = run_bench("run.py", tmp_path, device)
     timed = {r["method"] for r in rows if r["median_ms"]}
     assert {"summed", "indivgrad", "indivgrad_norms", "indivgrad_clipped", "seed_bmm", "torch_func"} <= timed
     assert not [r for r in rows if "WRONG" in r["note"]]
@@ -34,8 +35,8 @@ def test_run_quick(tmp_path):
     assert "[N, D, L] = [16, 20, 3]" in out
 
 
-def test_kernels_quick(tmp_path):
-    _, rows = run_bench("kernels.py", tmp_path, "--no-compile")
+def test_kernels_quick(tmp_path, device):
+    _, rows = run_bench("kernels.py", tmp_path, device, "--no-compile")
     methods = {r["method"] for r in rows}
     assert {"roofline_fill", "roofline_copy", "indivgrad_outer", "indivgrad_act_outer", "bmm", "broadcast_mul"} <= methods
     assert all(float(r["gbps"]) > 0 for r in rows)

@@ -1,5 +1,6 @@
 """The Opacus backend: the same per-sample gradients and ghost norms as Opacus's own
-samplers, in float64, with our sampler really in use."""
+samplers, in float64, with our sampler really in use; on CPU and, where a GPU is usable,
+with the model and data on CUDA."""
 
 import copy
 import subprocess
@@ -64,28 +65,29 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_linear_grad_samples_agree(loss_reduction, bias, calls):
-    model = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 3, bias=bias)).double()
-    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+def test_linear_grad_samples_agree(loss_reduction, bias, calls, device):
+    model = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 3, bias=bias)).double().to(device)
+    x, y = torch.randn(7, 6, dtype=torch.float64, device=device), torch.randn(7, 3, dtype=torch.float64, device=device)
     ours = grad_samples(model, x, y, loss_reduction, backend=True)
     assert calls["n"] == 2
+    assert all(g.device == x.device for g in ours.values())
     assert_same(ours, grad_samples(model, x, y, loss_reduction, backend=False))
 
 
-def test_mixed_model_keeps_opacus_samplers_for_other_layers(calls):
-    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4)).double()
-    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+def test_mixed_model_keeps_opacus_samplers_for_other_layers(calls, device):
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.ReLU(), nn.Linear(8, 4)).double().to(device)
+    x, y = torch.randn(5, 6, dtype=torch.float64, device=device), torch.randn(5, 4, dtype=torch.float64, device=device)
     ours = grad_samples(model, x, y, "mean", backend=True)
     assert calls["n"] == 2 and {"1.weight", "1.bias"} <= set(ours)
     assert_same(ours, grad_samples(model, x, y, "mean", backend=False))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_sequence_inputs_fall_back_to_opacus(batch_first, calls):
-    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+def test_sequence_inputs_fall_back_to_opacus(batch_first, calls, device):
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double().to(device)
     shape = (4, 3, 6) if batch_first else (3, 4, 6)  # [N, T, D] or [T, N, D]
-    x = torch.randn(*shape, dtype=torch.float64)
-    y = torch.randn(*shape[:2], 2, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64, device=device)
+    y = torch.randn(*shape[:2], 2, dtype=torch.float64, device=device)
     ours = grad_samples(model, x, y, "sum", backend=True, batch_first=batch_first)
     assert calls["n"] == 0  # 3-D activations: Opacus's own sampler
     assert_same(ours, grad_samples(model, x, y, "sum", backend=False, batch_first=batch_first))
@@ -102,9 +104,9 @@ def ghost_norms(model, x, y, backend):
     return norms
 
 
-def test_ghost_clipping_norms_agree():
-    model = nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 2)).double()
-    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+def test_ghost_clipping_norms_agree(device):
+    model = nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 2)).double().to(device)
+    x, y = torch.randn(8, 6, dtype=torch.float64, device=device), torch.randn(8, 2, dtype=torch.float64, device=device)
     ours = ghost_norms(model, x, y, backend=True)
     torch.testing.assert_close(ours, ghost_norms(model, x, y, backend=False), rtol=1e-12, atol=1e-12)
     per_sample = grad_samples(model, x, y, "mean", backend=False)
@@ -136,11 +138,11 @@ def test_the_package_does_not_import_opacus():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_dp_sgd_example_runs():
+def test_dp_sgd_example_runs(device):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "bench" / "dp_sgd_digits.py"), "--epochs", "1", "--device", "cpu"],
+    proc = subprocess.run([sys.executable, str(root / "bench" / "dp_sgd_digits.py"), "--epochs", "1", "--device", device],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "max relative difference" in proc.stdout and "opacus + indivgrad" in proc.stdout
