@@ -124,6 +124,21 @@ def test_every_element_written_on_every_path(device, dtype, layout, shape):
     assert_matches(out, outer_ref(x, up, layout), dtype, "outer")
 
 
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid", "silu"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_grad_bias_when_grad_weight_is_empty(device, dtype, layout, activation):
+    """D_in = 0: no block runs, grad_bias is still written, and computed as on every other path
+    (float16/bfloat16 in float32, rounded once: rounding tanh(pre) or sigmoid(pre) to the half
+    type first loses the derivative where they saturate)."""
+    x, up, pre = make_inputs(5, 0, 300, dtype, device)
+    bias_out = poisoned(up.shape, dtype, device)
+    w, _ = ig.act_outer(x, up, pre, activation, layout=layout, bias_out=bias_out, **PARAMS)
+    assert w.numel() == 0
+    _, (b_ref, b_slack) = act_refs(x, up, pre, activation, layout, **PARAMS)
+    assert_matches(bias_out, b_ref, dtype, "grad_bias", b_slack)
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. Nothing written outside the outputs, at every misalignment.
 
