@@ -1,0 +1,234 @@
+"""bench/gpu_check.sh, the one command for a GPU session, tested without a GPU: its plan
+(--dry-run), its argument errors, and its bookkeeping (statuses, budgets, logs, summary,
+archive) with stand-ins for python and compute-sanitizer that only print and exit."""
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "gpu_check.sh"
+STEPS = ["build", "env", "wheels", "tests", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-initcheck",
+         "sanitizer-synccheck", "kernels", "run"]
+TOOLS = ["memcheck", "racecheck", "initcheck", "synccheck"]
+NINE_MINUTES = 540
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                                reason="needs bash and GNU timeout")
+
+
+def gpu_check(*args, **env):
+    """Runs the script; the environment is this one less the script's own variables, plus env."""
+    full_env = {k: v for k, v in os.environ.items()
+                if not k.startswith(("GPU_CHECK_", "FAKE_")) and k != "COMPUTE_SANITIZER"}
+    full_env["PYTHON"] = sys.executable
+    full_env.update({k: str(v) for k, v in env.items()})
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=full_env,
+                          timeout=120)
+
+
+def worst_case(stdout):
+    return int(re.search(r"worst case (\d+) s", stdout).group(1))
+
+
+def fake_wheels(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "fake-1.0-py3-none-any.whl").write_bytes(b"")
+    return wheels
+
+
+def test_bash_syntax():
+    proc = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck():
+    proc = subprocess.run(["shellcheck", "--severity=warning", str(SCRIPT)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dry_run_plans_every_step_and_creates_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = gpu_check(out, "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    plan = proc.stdout
+    for step in STEPS:
+        if step != "wheels":
+            assert re.search(rf"\] {step}: budget \d+ s", plan), step
+    assert "] wheels: skipped (no --wheels DIR)" in plan
+    assert "pip install --no-index --no-build-isolation --no-deps -v -e ." in plan
+    assert "INDIVGRAD_CUDA=1" in plan and "bench/gpu_check.py verify-build" in plan
+    assert f"-m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml {out}/tests-junit.xml tests" in plan
+    for tool in TOOLS:
+        line = next(ln for ln in plan.splitlines() if f"--tool {tool} " in ln)
+        assert "--error-exitcode 1" in line and "--target-processes all" in line
+        assert "tests/test_ops.py" in line and "not 2_31" in line and "-m 'not big'" in line
+        assert ("PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line) == (tool in ("memcheck", "initcheck"))
+    assert f"bench/kernels.py --device cuda --results-dir {out}/results\n" in plan
+    assert f"bench/run.py --device cuda --results-dir {out}/results\n" in plan
+    assert "--quick" not in plan
+    assert worst_case(plan) <= NINE_MINUTES
+    assert not out.exists()
+
+
+def test_dry_run_quick_with_wheels(tmp_path):
+    wheels = fake_wheels(tmp_path)
+    full = gpu_check(tmp_path / "out", "--dry-run", "--wheels", wheels)
+    proc = gpu_check(tmp_path / "out", "--dry-run", "--quick", "--wheels", wheels)
+    assert full.returncode == 0 and proc.returncode == 0, full.stderr + proc.stderr
+    plan = proc.stdout
+    assert re.search(r"\] wheels: budget \d+ s", plan)
+    assert f"pip install --no-index --no-deps --no-compile --no-cache-dir {wheels}/fake-1.0-py3-none-any.whl" in plan
+    assert "bench/kernels.py --device cuda --results-dir" in plan and "--quick --no-compile\n" in plan
+    assert re.search(r"bench/run\.py --device cuda --results-dir \S+ --quick\n", plan)
+    selections = {tool: re.search(rf"--tool {tool} .* -k ('[^']*')", plan).group(1) for tool in TOOLS}
+    assert selections["memcheck"] != selections["racecheck"] == selections["initcheck"] == selections["synccheck"]
+    assert all("not 2_31" in k for k in selections.values())
+    assert worst_case(plan) < worst_case(full.stdout) <= NINE_MINUTES  # the wheels included
+
+
+def test_only_budget_and_serial(tmp_path):
+    proc = gpu_check(tmp_path / "out", "--dry-run", "--only", "build,sanitizer-memcheck,sanitizer-racecheck",
+                     "--budget", "sanitizer-racecheck=7", "--budget=build=11", "--serial")
+    assert proc.returncode == 0, proc.stderr
+    assert "] tests: skipped (not in --only)" in proc.stdout
+    assert "] sanitizer-racecheck: budget 7 s" in proc.stdout and "] build: budget 11 s" in proc.stdout
+    memcheck = int(re.search(r"\] sanitizer-memcheck: budget (\d+) s", proc.stdout).group(1))
+    assert worst_case(proc.stdout) == 11 + memcheck + 7  # one after another
+
+
+def test_help():
+    proc = gpu_check("--help")
+    assert proc.returncode == 0 and "usage:" in proc.stdout and "--dry-run" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "missing OUTDIR"),
+    (["--dry-run", "--quick"], "missing OUTDIR"),
+    (["OUT", "--frobnicate"], "unknown option '--frobnicate'"),
+    (["OUT", "--wheels"], "--wheels needs a directory"),
+    (["OUT", "--wheels", "--dry-run"], "--wheels needs a directory"),
+    (["OUT", "--wheels", "MISSING"], "--wheels: no such directory"),
+    (["OUT", "--wheels", "EMPTY"], "--wheels: no .whl files"),
+    (["OUT", "OTHER"], "unexpected argument"),
+    (["OUT", "--only", "build,bogus"], "--only: unknown step 'bogus'"),
+    (["OUT", "--budget", "tests=abc"], "--budget tests: seconds must be a positive integer"),
+    (["OUT", "--budget", "nosuch=5"], "--budget wants STEP=SECONDS"),
+    (["OUT", "--archive", "OUT/inside.tar.gz"], "--archive must be outside OUTDIR"),
+])
+def test_bad_arguments_fail_with_a_message(tmp_path, args, message):
+    (tmp_path / "EMPTY").mkdir()
+    names = {"OUT": tmp_path / "out", "MISSING": tmp_path / "missing", "EMPTY": tmp_path / "EMPTY",
+             "OTHER": tmp_path / "other"}
+    args = [str(names[a]) if a in names else a.replace("OUT/", f"{tmp_path / 'out'}/") for a in args]
+    proc = gpu_check(*args, "--dry-run")
+    assert proc.returncode == 2
+    assert f"gpu_check.sh: error: {message}" in proc.stderr and "usage:" in proc.stderr
+    assert proc.stdout == ""
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ real runs with stand-ins
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "fake python $*"
+case "$*" in
+  *"pip install"*"-e ."*) exit "${FAKE_BUILD_RC:-0}" ;;
+  *"gpu_check.py verify-build"*) echo "build check ok"; exit 0 ;;
+  *bench/kernels.py*) sleep "${FAKE_KERNELS_SLEEP:-0}" ;;
+  *"-m pytest"*) echo "3 passed, 1 skipped in 0.01s"; exit "${FAKE_PYTEST_RC:-0}" ;;
+esac
+exit 0
+"""
+
+FAKE_SANITIZER = """#!/usr/bin/env bash
+echo "fake sanitizer $*"
+[[ $1 == --version ]] && exit 0
+tool=memcheck
+while [[ $1 == --* ]]; do [[ $1 == --tool ]] && tool=$2; shift 2; done
+"$@"; rc=$?
+if [[ $tool == "${FAKE_SANITIZER_FAILS:-none}" ]]; then echo "========= ERROR SUMMARY: 2 errors"; exit 1; fi
+echo "========= ERROR SUMMARY: 0 errors"
+exit $rc
+"""
+
+
+@pytest.fixture
+def fakes(tmp_path):
+    paths = {}
+    for name, text in (("python", FAKE_PYTHON), ("compute-sanitizer", FAKE_SANITIZER)):
+        path = tmp_path / "fakes" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        path.chmod(path.stat().st_mode | stat.S_IXUSR)
+        paths[name] = path
+    return dict(PYTHON=paths["python"], COMPUTE_SANITIZER=paths["compute-sanitizer"])
+
+
+def summary(out):
+    """step -> (status, seconds, budget, note) from steps.tsv."""
+    rows = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines()]
+    return {r[0]: tuple(r[1:]) for r in rows}
+
+
+def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, fakes):
+    out, archive = tmp_path / "out", tmp_path / "gpu_check.tar.gz"
+    proc = gpu_check(out, "--wheels", fake_wheels(tmp_path), "--budget", "kernels=1", "--archive", archive,
+                     FAKE_SANITIZER_FAILS="racecheck", FAKE_KERNELS_SLEEP=30, **fakes)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = summary(out)
+    assert {s: rows[s][0] for s in STEPS} == {
+        "build": "ok", "env": "ok", "wheels": "ok", "tests": "ok", "sanitizer-memcheck": "ok",
+        "sanitizer-racecheck": "FAILED", "sanitizer-initcheck": "ok", "sanitizer-synccheck": "ok",
+        "kernels": "TIMEOUT", "run": "ok"}
+    assert rows["tests"][3] == "3 passed, 1 skipped in 0.01s"
+    assert "ERROR SUMMARY: 2 errors" in rows["sanitizer-racecheck"][3]
+    assert float(rows["kernels"][1]) < 20 and rows["kernels"][2] == "1"
+    for step in STEPS:
+        assert (out / f"{step}.log").exists(), step
+    assert "fake python bench/run.py --device cuda" in (out / "run.log").read_text()
+    assert "TIMEOUT" in (out / "kernels.log").read_text()
+    assert "## nvcc --version" in (out / "env.txt").read_text()
+    # the console: the failed steps' last lines, then the table, then the verdict last
+    lines = proc.stdout.rstrip().splitlines()
+    assert "FAILED: sanitizer-racecheck kernels" in lines[-1]
+    table = max(i for i, line in enumerate(lines) if re.match(r"step +status +seconds +budget", line))
+    assert [line.split()[0] for line in lines[table + 1:] if not line.startswith(" ")][:-1] == STEPS
+    tails = [i for i, line in enumerate(lines) if line.startswith("---- ")]
+    assert [lines[i].split(":")[0] for i in tails] == ["---- sanitizer-racecheck FAILED", "---- kernels TIMEOUT"]
+    assert max(tails) < table
+    assert (out / "summary.txt").read_text().rstrip().splitlines()[-1] == lines[-1]
+    with tarfile.open(archive) as tar:
+        names = set(tar.getnames())
+    assert {"out/summary.txt", "out/steps.tsv", "out/env.txt", "out/sanitizer-racecheck.log"} <= names
+
+
+def test_a_failed_build_skips_what_needs_it(tmp_path, fakes):
+    out = tmp_path / "out"
+    proc = gpu_check(out, "--quick", FAKE_BUILD_RC=1, **fakes)
+    assert proc.returncode == 1
+    rows = summary(out)
+    assert rows["build"][0] == "FAILED" and rows["env"][0] == "ok" and rows["wheels"][0] == "skipped"
+    for step in STEPS[3:]:
+        assert rows[step][0] == "skipped" and rows[step][3] == "the build failed", step
+    assert "---- build FAILED: the last lines of" in proc.stdout
+
+
+def test_all_ok_exits_zero(tmp_path, fakes):
+    out = tmp_path / "out"
+    proc = gpu_check(out, "--quick", "--only", "tests,sanitizer-memcheck,run", **fakes)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().splitlines()[-1].endswith("every step that ran is ok")
+    rows = summary(out)
+    assert [s for s in STEPS if rows[s][0] == "ok"] == ["tests", "sanitizer-memcheck", "run"]
+    log = (out / "tests.log").read_text()
+    assert "-k cuda and not [cpu" in log  # quick: the CUDA tests only
