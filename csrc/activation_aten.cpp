@@ -36,4 +36,8 @@ at::Tensor activation_backward(const ActParams& p, const at::Tensor& up, const a
   TORCH_CHECK(false, "unreachable activation");
 }
 
+at::Tensor compute_dtype(const at::Tensor& t) {
+  return at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
+}
+
 }  // namespace indivgrad

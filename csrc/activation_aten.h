@@ -13,4 +13,7 @@ at::Tensor activation_forward(const ActParams& p, const at::Tensor& pre);
 // upstream * act'(pre), by torch's backward formulas (its conventions at 0, NaN handling).
 at::Tensor activation_backward(const ActParams& p, const at::Tensor& upstream, const at::Tensor& pre);
 
+// float16/bfloat16 compute in float32 and round once, when written: t in its compute dtype.
+at::Tensor compute_dtype(const at::Tensor& t);
+
 }  // namespace indivgrad

@@ -25,11 +25,6 @@ void write_outer(const at::Tensor& x, const at::Tensor& g, Layout layout, const 
   }
 }
 
-// float16/bfloat16 compute in float32 and round once, when written.
-at::Tensor compute_dtype(const at::Tensor& t) {
-  return at::isReducedFloatingType(t.scalar_type()) ? t.to(at::kFloat) : t;
-}
-
 // write_outer from float32 x and g into a float16/bfloat16 `out`. ATen's mixed-dtype
 // multiply is 5-10x slower than a float32 multiply plus a conversion copy (bench/kernels.py),
 // so the products go through a float32 scratch of about 256 KiB, block by block: several

@@ -59,7 +59,7 @@ void launch(const at::Tensor& x, const at::Tensor& g, const at::Tensor& pre, con
   const c10::cuda::CUDAGuard guard(x.device());
   if (out.numel() == 0) {  // D_in == 0 or D_out == 0 or N == 0: at most grad_bias to write
     if (bias_out.defined() && bias_out.numel() > 0)
-      at::Tensor(bias_out).copy_(pre.defined() ? activation_backward(act, g, pre) : g);
+      at::Tensor(bias_out).copy_(pre.defined() ? activation_backward(act, compute_dtype(g), compute_dtype(pre)) : g);
     return;
   }
   const int64_t N = x.size(0), d_in = x.size(1), d_out = g.size(1);

@@ -80,7 +80,7 @@ inline OuterPlan make_outer_plan(int64_t N, int64_t R, int64_t C, bool g_on_rows
   p.fast = out_aligned && C % vec == 0;
   // Balanced column tiles of at most kOuterMaxTileVecs vectors.
   const int64_t vecs = outer_div_up(C, vec);
-  p.col_tiles = outer_div_up(vecs, kOuterMaxTileVecs);
+  p.col_tiles = vecs > 0 ? outer_div_up(vecs, kOuterMaxTileVecs) : 1;  // C == 0: one empty tile, no division by 0
   p.tile_cols = outer_div_up(vecs, p.col_tiles) * vec;
   if (p.tile_cols > C) p.tile_cols = C;
   p.col_tiles = C > 0 ? outer_div_up(C, p.tile_cols) : 1;  // no empty last tile
