@@ -21,6 +21,10 @@ TOL = {
 }
 
 
+# The activations' parameters for the op tests: non-defaults, so each is exercised.
+PARAMS = dict(negative_slope=0.2, alpha=0.7, beta=1.5, threshold=3.0)
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a GPU")
 

@@ -23,10 +23,9 @@ import torch
 
 import indivgrad_cuda as ig
 from indivgrad_cuda.ops import ACTIVATIONS, LAYOUTS
-from tests.conftest import CUDA_OK, CUDA_SKIP_REASON, DTYPES, TOL
+from tests.conftest import CUDA_OK, CUDA_SKIP_REASON, DTYPES, PARAMS, TOL
 from tests.reference import ACTIVATION_FNS, act_outer_ref, activation_backward_ref, outer_ref
 
-PARAMS = dict(negative_slope=0.2, alpha=0.7, beta=1.5, threshold=3.0)  # non-defaults, so each is exercised
 NAN = float("nan")
 cuda_only = pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON)
 

@@ -5,10 +5,8 @@ import torch
 
 import indivgrad_cuda as ig
 from indivgrad_cuda.ops import ACTIVATIONS, LAYOUTS
-from tests.conftest import DTYPES, TOL
+from tests.conftest import DTYPES, PARAMS, TOL
 from tests.reference import ACTIVATION_FNS, act_outer_ref, outer_ref
-
-PARAMS = dict(negative_slope=0.2, alpha=0.7, beta=1.5, threshold=3.0)  # non-defaults, so each is exercised
 
 
 def make_inputs(n, d_in, d_out, dtype, device):
