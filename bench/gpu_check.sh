@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU session: build against the preinstalled torch, run the whole test
-# suite, compute-sanitizer (memcheck, racecheck, initcheck, synccheck) over the CUDA op tests,
-# then both benches; each step in its own log under OUTDIR, under a time budget. A failing
+# suite and, at the same time, compute-sanitizer (memcheck, racecheck, initcheck, synccheck)
+# over the CUDA op tests, then both benches (alone on the GPU); each step in its own log under OUTDIR, under a time budget. A failing
 # step does not stop the next ones (except that a failed build skips what needs it); the exit
 # status is non-zero if any step failed or timed out; a summary table is printed last.
 # See bench/README.md, "On a GPU machine: one command".
@@ -10,31 +10,36 @@
 #                                  [--serial] [--archive FILE.tar.gz] [--dry-run]
 #
 # Environment: PYTHON (default: the first of python3, python that imports torch);
-# COMPUTE_SANITIZER (default: on PATH, else $CUDA_HOME/bin, /usr/local/cuda/bin);
-# GPU_CHECK_SANITIZER_KERNELS (mangled-name substring of the kernels racecheck, initcheck and
-# synccheck check; default "indivgrad", our namespace; empty: every kernel; memcheck checks all);
-# GPU_CHECK_COMMIT (recorded in env.txt where the tree has no .git).
+# COMPUTE_SANITIZER and NSIGHT_COMPUTE (ncu) (default: on PATH, else $CUDA_HOME/bin, /usr/local/cuda/bin);
+# GPU_CHECK_SANITIZER_KERNELS (mangled-name substring of the kernels racecheck and synccheck
+# check; default "indivgrad", our namespace; empty: every kernel; memcheck and initcheck check
+# all); GPU_CHECK_TEST_WORKERS (pytest-xdist workers for the tests step where xdist is
+# installed, default 6); GPU_CHECK_COMMIT (recorded in env.txt where the tree has no .git).
 set -euo pipefail
 
 PROG=gpu_check.sh
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 STEPS=(build env wheels tests sanitizer-memcheck sanitizer-racecheck sanitizer-initcheck sanitizer-synccheck
-       kernels run)
+       kernels profile run)
 SANITIZER_STEPS=" sanitizer-memcheck sanitizer-racecheck sanitizer-initcheck sanitizer-synccheck "
-NEEDS_BUILD=" tests$SANITIZER_STEPS""kernels run "  # skipped when the build failed
+NEEDS_BUILD=" tests$SANITIZER_STEPS""kernels profile run "  # skipped when the build failed
 
-# Time budgets in seconds, enforced with `timeout`. The four sanitizer steps run at the same
-# time (one GPU, 16 cores; --serial: one after another), so the worst case wall time is
-#   full:  build 120 + env 20 + wheels 15 + tests 100 + sanitizers 150 + kernels 75 + run 60 = 540 s
-#   quick: build 120 + env 20 + wheels 15 + tests  60 + sanitizers  60 + kernels 25 + run 30 = 330 s
-# First guesses for an H100/H200, not yet measured there: each run records the real seconds.
-declare -A BUDGET_FULL=([build]=120 [env]=20 [wheels]=15 [tests]=100 [sanitizer-memcheck]=150
-                        [sanitizer-racecheck]=150 [sanitizer-initcheck]=150 [sanitizer-synccheck]=150
-                        [kernels]=75 [run]=60)
-declare -A BUDGET_QUICK=([build]=120 [env]=20 [wheels]=15 [tests]=60 [sanitizer-memcheck]=60
+CONCURRENT_STEPS=" tests$SANITIZER_STEPS"  # run at the same time unless --serial
+
+# Time budgets in seconds, enforced with `timeout`. The tests and the four sanitizer steps run
+# at the same time (one GPU, 16 cores; --serial: one after another), so the worst case is
+#   full:  build 90 + env 20 + wheels 15 + max(tests, sanitizers) 180 + kernels 60 + profile 60 + run 90 = 515 s
+#   quick: build 90 + env 20 + wheels 15 + max(tests, sanitizers)  60 + kernels 25 + profile 60 + run 30 = 300 s
+# Measured on the lent H200 (2026-11-28, steps run one after another, tests without xdist):
+# build 51 s, env 4, wheels 1, memcheck 77, racecheck 37, synccheck 20, kernels 20, run 50;
+# the tests passed 150 s with a third left, initcheck 150 s with its output flooded.
+declare -A BUDGET_FULL=([build]=90 [env]=20 [wheels]=15 [tests]=180 [sanitizer-memcheck]=150
+                        [sanitizer-racecheck]=150 [sanitizer-initcheck]=180 [sanitizer-synccheck]=150
+                        [kernels]=60 [profile]=60 [run]=90)
+declare -A BUDGET_QUICK=([build]=90 [env]=20 [wheels]=15 [tests]=60 [sanitizer-memcheck]=60
                          [sanitizer-racecheck]=60 [sanitizer-initcheck]=60 [sanitizer-synccheck]=60
-                         [kernels]=25 [run]=30)
+                         [kernels]=25 [profile]=60 [run]=30)
 
 # pytest -k selections. CUDA params only ("[cpu" drops the CPU params of test_cuda_ops.py, whose
 # module name matches "cuda"), never the >2^31-element tests (names containing 2_31, e.g.
@@ -55,7 +60,7 @@ $USAGE
   --wheels DIR     install DIR/*.whl (pip --no-index --no-deps), e.g. Opacus, BackPACK, unfoldNd
   --only STEPS     run only these steps (comma-separated); the others are reported as skipped
   --budget STEP=S  give STEP S seconds instead of its default (repeatable)
-  --serial         run the four sanitizer steps one after another instead of at the same time
+  --serial         run the tests and the four sanitizer steps one after another, not at the same time
   --archive FILE   keep FILE (.tar.gz, outside OUTDIR) holding OUTDIR, refreshed after every step
   --dry-run        print the plan (each step's commands and budget) and exit 0; needs no GPU
   -h, --help       this text
@@ -164,7 +169,16 @@ find_sanitizer() {
     return 1
 }
 SAN=$(find_sanitizer) || SAN=""
+find_ncu() {
+    local c
+    for c in "${NSIGHT_COMPUTE:-}" "$(command -v ncu || true)" ${CUDA_HOME:+"$CUDA_HOME/bin/ncu"} /usr/local/cuda/bin/ncu; do
+        if [[ -n $c && -x $c ]]; then printf '%s\n' "$c"; return 0; fi
+    done
+    return 1
+}
+NCU=$(find_ncu) || NCU=""
 KERNEL_FILTER=${GPU_CHECK_SANITIZER_KERNELS-indivgrad}
+TEST_WORKERS=${GPU_CHECK_TEST_WORKERS:-6}
 
 budget_of() {
     if [[ -n ${BUDGET_SET[$1]:-} ]]; then echo "${BUDGET_SET[$1]}"
@@ -172,7 +186,7 @@ budget_of() {
     else echo "${BUDGET_FULL[$1]}"; fi
 }
 runs() { [[ -n ${SELECTED[$1]:-} ]] && ! [[ $1 == wheels && -z $WHEELS ]]; }
-parallel() { ((!SERIAL)) && [[ $SANITIZER_STEPS == *" $1 "* ]]; }
+parallel() { ((!SERIAL)) && [[ $CONCURRENT_STEPS == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- the commands of each step
 q() {  # quote one argument for display: plain words as they are, the rest in single quotes
@@ -232,6 +246,8 @@ step_tests() {
         say "quick: the tests with CUDA in their name or module, CUDA params only"
         args+=(-k "$TESTS_K_QUICK")
     fi
+    # pytest-xdist where installed (the lent H200 has it): each test file in one worker
+    if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "$TEST_WORKERS" --dist loadfile); fi
     x "$PY" "${args[@]}" tests
 }
 
@@ -246,8 +262,13 @@ sanitize() {  # sanitize TOOL
         say "compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin): set COMPUTE_SANITIZER"
         ((DRY)) || return 1
     fi
-    opts=(--tool "$tool" --error-exitcode 1 --target-processes all --print-limit 100)
-    if [[ $tool != memcheck && -n $KERNEL_FILTER ]]; then opts+=(--kernel-name "kns=$KERNEL_FILTER"); fi
+    opts=(--tool "$tool" --error-exitcode 1 --target-processes all --print-limit 20)
+    # Racecheck and synccheck look inside one kernel, so they may skip torch's. Initcheck may
+    # not: it learns which bytes are written from the kernels it instruments, and a filter
+    # turns every tensor that torch's kernels wrote (randn, copies) into "uninitialized" reads.
+    if [[ $tool == racecheck || $tool == synccheck ]] && [[ -n $KERNEL_FILTER ]]; then
+        opts+=(--kernel-name "kns=$KERNEL_FILTER")
+    fi
     # PyTorch's caching allocator would hide out-of-bounds and uninitialised accesses inside its blocks
     if [[ $tool == memcheck || $tool == initcheck ]]; then env_vars+=(PYTORCH_NO_CUDA_MEMORY_CACHING=1); fi
     x env "${env_vars[@]}" "${SAN:-compute-sanitizer}" "${opts[@]}" \
@@ -262,6 +283,20 @@ step_kernels() {
     local args=(bench/kernels.py --device cuda --results-dir "$OUTDIR/results")
     if ((QUICK)); then args+=(--quick --no-compile); fi
     x "$PY" "${args[@]}"
+}
+
+# Nsight Compute over one launch of the kernel per path (bench/ncu_outer.py): DRAM throughput,
+# shared-memory bank conflicts, issue-slot use and occupancy, as CSV, for bench/NOTES.md.
+step_profile() {
+    local args=(--csv --page details --kernel-name regex:outer_kernel --log-file "$OUTDIR/ncu.csv") sec
+    for sec in SpeedOfLight MemoryWorkloadAnalysis MemoryWorkloadAnalysis_Tables SchedulerStats Occupancy LaunchStats; do
+        args+=(--section "$sec")
+    done
+    if [[ -z $NCU ]]; then
+        say "ncu not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda/bin): set NSIGHT_COMPUTE"
+        ((DRY)) || return 1
+    fi
+    x "${NCU:-ncu}" "${args[@]}" "$PY" bench/ncu_outer.py
 }
 
 step_run() {
@@ -286,7 +321,7 @@ header() {
     echo "$PROG: $MODE mode, OUTDIR $OUTDIR"
     echo "  repository $ROOT, python $PY, compute-sanitizer ${SAN:-NOT FOUND}"
     echo -n "  worst case $worst s for the selected steps"
-    if ((SERIAL)); then echo -n " (sanitizers one after another)"; else echo -n " (sanitizers at the same time)"; fi
+    if ((SERIAL)); then echo -n " (one after another)"; else echo -n " (tests and sanitizers at the same time)"; fi
     echo "${ARCHIVE:+; archive $ARCHIVE}"
 }
 
@@ -300,7 +335,7 @@ if ((DRY)); then
         if [[ -z ${SELECTED[$s]:-} ]]; then echo "  [$i] $s: skipped (not in --only)"; continue; fi
         if [[ $s == wheels && -z $WHEELS ]]; then echo "  [$i] $s: skipped (no --wheels DIR)"; continue; fi
         extra=""
-        if parallel "$s"; then extra=", at the same time as the other sanitizer steps"; fi
+        if parallel "$s"; then extra=", at the same time as the other checks (tests, sanitizers)"; fi
         echo "  [$i] $s: budget $(budget_of "$s") s$extra, log $OUTDIR/$s.log"
         (cd "$ROOT" && "step_${s//-/_}")
     done
@@ -315,9 +350,9 @@ cd "$ROOT"
 STATE=$(mktemp -d)
 trap 'rm -rf "$STATE"' EXIT
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-export ROOT OUTDIR PY QUICK DRY WHEELS SAN KERNEL_FILTER MODE PROG SAN_K_FULL SAN_K_QUICK_MEMCHECK \
+export ROOT OUTDIR PY QUICK DRY WHEELS SAN NCU KERNEL_FILTER TEST_WORKERS MODE PROG SAN_K_FULL SAN_K_QUICK_MEMCHECK \
        SAN_K_QUICK_FEW TESTS_K_QUICK
-export -f q x say sanitize step_build step_env step_wheels step_tests step_kernels step_run \
+export -f q x say sanitize step_build step_env step_wheels step_tests step_kernels step_profile step_run \
           step_sanitizer_memcheck step_sanitizer_racecheck step_sanitizer_initcheck step_sanitizer_synccheck
 
 now() { date +%s.%N; }

@@ -16,9 +16,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
 STEPS = ["build", "env", "wheels", "tests", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-initcheck",
-         "sanitizer-synccheck", "kernels", "run"]
+         "sanitizer-synccheck", "kernels", "profile", "run"]
 TOOLS = ["memcheck", "racecheck", "initcheck", "synccheck"]
-NINE_MINUTES = 540
+NINE_MINUTES = 540  # one 10-minute device command, with a minute to spare
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and GNU timeout")
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("ti
 def gpu_check(*args, **env):
     """Runs the script; the environment is this one less the script's own variables, plus env."""
     full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("GPU_CHECK_", "FAKE_")) and k != "COMPUTE_SANITIZER"}
+                if not k.startswith(("GPU_CHECK_", "FAKE_")) and k not in ("COMPUTE_SANITIZER", "NSIGHT_COMPUTE")}
     full_env["PYTHON"] = sys.executable
     full_env.update({k: str(v) for k, v in env.items()})
     return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=full_env,
@@ -67,12 +67,17 @@ def test_dry_run_plans_every_step_and_creates_nothing(tmp_path):
     assert "] wheels: skipped (no --wheels DIR)" in plan
     assert "pip install --no-index --no-build-isolation --no-deps -v -e ." in plan
     assert "INDIVGRAD_CUDA=1" in plan and "bench/gpu_check.py verify-build" in plan
-    assert f"-m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml {out}/tests-junit.xml tests" in plan
+    tests = f"-m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml {out}/tests-junit.xml"
+    assert re.search(re.escape(tests) + r"( -n 6 --dist loadfile)? tests\n", plan)  # xdist where installed
     for tool in TOOLS:
         line = next(ln for ln in plan.splitlines() if f"--tool {tool} " in ln)
         assert "--error-exitcode 1" in line and "--target-processes all" in line
         assert "tests/test_ops.py" in line and "not 2_31" in line and "-m 'not big'" in line
         assert ("PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line) == (tool in ("memcheck", "initcheck"))
+        # initcheck must see torch's kernels write, or every tensor they wrote reads as uninitialised
+        assert ("--kernel-name kns=indivgrad" in line) == (tool in ("racecheck", "synccheck"))
+    profile = next(ln for ln in plan.splitlines() if "bench/ncu_outer.py" in ln)
+    assert "--kernel-name regex:outer_kernel" in profile and f"--log-file {out}/ncu.csv" in profile
     assert f"bench/kernels.py --device cuda --results-dir {out}/results\n" in plan
     assert f"bench/run.py --device cuda --results-dir {out}/results\n" in plan
     assert "--quick" not in plan
@@ -162,16 +167,29 @@ exit $rc
 """
 
 
+FAKE_NCU = """#!/usr/bin/env bash
+echo "fake ncu $*"
+while [[ $1 == --* ]]; do
+  case $1 in
+    --csv) shift ;;
+    --log-file) echo '"ID","Kernel Name"' >"$2"; shift 2 ;;
+    *) shift 2 ;;
+  esac
+done
+"$@"
+"""
+
+
 @pytest.fixture
 def fakes(tmp_path):
     paths = {}
-    for name, text in (("python", FAKE_PYTHON), ("compute-sanitizer", FAKE_SANITIZER)):
+    for name, text in (("python", FAKE_PYTHON), ("compute-sanitizer", FAKE_SANITIZER), ("ncu", FAKE_NCU)):
         path = tmp_path / "fakes" / name
         path.parent.mkdir(exist_ok=True)
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IXUSR)
         paths[name] = path
-    return dict(PYTHON=paths["python"], COMPUTE_SANITIZER=paths["compute-sanitizer"])
+    return dict(PYTHON=paths["python"], COMPUTE_SANITIZER=paths["compute-sanitizer"], NSIGHT_COMPUTE=paths["ncu"])
 
 
 def summary(out):
@@ -189,13 +207,15 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, 
     assert {s: rows[s][0] for s in STEPS} == {
         "build": "ok", "env": "ok", "wheels": "ok", "tests": "ok", "sanitizer-memcheck": "ok",
         "sanitizer-racecheck": "FAILED", "sanitizer-initcheck": "ok", "sanitizer-synccheck": "ok",
-        "kernels": "TIMEOUT", "run": "ok"}
+        "kernels": "TIMEOUT", "profile": "ok", "run": "ok"}
     assert rows["tests"][3] == "3 passed, 1 skipped in 0.01s"
     assert "ERROR SUMMARY: 2 errors" in rows["sanitizer-racecheck"][3]
     assert float(rows["kernels"][1]) < 20 and rows["kernels"][2] == "1"
     for step in STEPS:
         assert (out / f"{step}.log").exists(), step
     assert "fake python bench/run.py --device cuda" in (out / "run.log").read_text()
+    assert "--kernel-name regex:outer_kernel" in (out / "profile.log").read_text()
+    assert (out / "ncu.csv").exists()
     assert "TIMEOUT" in (out / "kernels.log").read_text()
     assert "## nvcc --version" in (out / "env.txt").read_text()
     # the console: the failed steps' last lines, then the table, then the verdict last
