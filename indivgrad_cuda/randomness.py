@@ -13,10 +13,16 @@ def check_generator(generator, device: torch.device) -> None:
         return
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got {type(generator).__name__}")
-    got = generator.device
-    # a CUDA generator always names its device; compare indices only where both do
-    if got.type != device.type or (got.index is not None and device.index is not None and got.index != device.index):
-        raise ValueError(f"generator: expected a torch.Generator on {device} (the model's device), got one on {got}")
+    got, want = _indexed(generator.device), _indexed(device)
+    if got != want:
+        raise ValueError(f"generator: expected a torch.Generator on {want} (the model's device), got one on {got}")
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """cuda -> cuda:<current device>, so that devices compare (and print) by their index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def dropout_masks(plan, n: int, dtype: torch.dtype, device: torch.device, training: bool,
