@@ -5,8 +5,8 @@ numbers bench/NOTES.md reasons with, reproducible without a GPU.
 
 Compiles csrc/outer_cuda.cu (of the working tree, or of GIT_REV) for one architecture with the
 flags the extension's build uses, and prints per kernel instantiation its registers and spills
-(ptxas -v) and, for each loop that issues 16-byte global stores (STG.E.128), the loop's
-instructions per store and what they are. Needs nvcc and cuobjdump (CUDA's, or the copy
+(ptxas -v) and, for each loop that issues the kernel's wide global stores (STG.E.128; STG.E.64
+for the fast path with 8-byte stores), the loop's instructions per store and what they are. Needs nvcc and cuobjdump (CUDA's, or the copy
 triton ships); a machine without them gets a clear error.
 """
 import argparse
@@ -73,15 +73,24 @@ def demangle(names):
     return dict(zip(names, out))
 
 
+# The kernel's path from its third template argument: the store width (0: the run path), or
+# in versions before 8-byte stores, whether it is the (16-byte) fast path.
+PATHS = {"0": "run", "false": "run", "16": "fast16", "true": "fast16", "8": "fast8"}
+
+
 def short(name):
-    """outer_kernel<float, float, true, false>(...) -> outer_kernel<float, fast, plain stores>"""
-    m = re.search(r"(\w+)<([^,]+), [^,]+, (true|false), (true|false)>", name)
+    """outer_kernel<float, float, 16, false>(...) -> outer_kernel<float, fast16, plain>"""
+    m = re.search(r"(\w+)<([^,]+), [^,]+, (true|false|\d+), (true|false)>", name)
     if not m:  # a kernel of another shape (earlier versions: one template argument)
         m = re.search(r"(\w+)<([^<>]+)>\(", name)
         return f"{m.group(1)}<{m.group(2).replace('c10::', '')}>" if m else name
-    path = "fast" if m.group(3) == "true" else "run"
     stores = "streaming" if m.group(4) == "true" else "plain"
-    return f"{m.group(1)}<{m.group(2).replace('c10::', '')}, {path}, {stores}>"
+    return f"{m.group(1)}<{m.group(2).replace('c10::', '')}, {PATHS[m.group(3)]}, {stores}>"
+
+
+def store_suffix(kernel):
+    """The opcode suffix of a kernel's wide stores: 8-byte (.64) for fast8, else 16-byte (.128)."""
+    return ".64" if ", fast8," in kernel else ".128"
 
 
 def registers(ptxas_log):
@@ -114,8 +123,8 @@ def functions(sass):
     return funcs
 
 
-def store_loops(instrs):
-    """Innermost loops (a backward BRA) that contain 16-byte stores: [(length, stores, opcode counts)]."""
+def store_loops(instrs, suffix=".128"):
+    """Innermost loops (a backward BRA) with stores of this width: [(length, stores, opcode counts)]."""
     loops = []
     for i, (addr, op, operands) in enumerate(instrs):
         target = re.search(r"0x([0-9a-f]+)", operands)
@@ -123,7 +132,7 @@ def store_loops(instrs):
             continue
         start = int(target.group(1), 16)
         body = [ins for ins in instrs[: i + 1] if ins[0] >= start]
-        stores = sum(ins[1].startswith("STG.E") and ins[1].endswith(".128") for ins in body)
+        stores = sum(ins[1].startswith("STG.E") and ins[1].endswith(suffix) for ins in body)
         if stores:
             loops.append((len(body), stores, Counter(ins[1].split(".")[0] for ins in body)))
     # innermost: drop a loop that contains a shorter one with the same stores
@@ -132,7 +141,7 @@ def store_loops(instrs):
 
 
 def analyse(rev=None, arch="sm_90"):
-    """[(kernel, registers, spill bytes, [(instructions per 16-byte store, opcode counts per store)])]."""
+    """[(kernel, registers, spill bytes, [(instructions per wide store, opcode counts per store)])]."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin, log = compile_cubin(source_dir(rev, tmp), arch, tmp)
         sass = subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], check=True, capture_output=True,
@@ -142,8 +151,10 @@ def analyse(rev=None, arch="sm_90"):
     rows = []
     for mangled in funcs:
         r, spill = regs.get(mangled, [None, None])
-        loops = [(n / s, {k: v / s for k, v in c.most_common()}) for n, s, c in store_loops(funcs[mangled])]
-        rows.append((short(names[mangled]), r, spill, loops))
+        kernel = short(names[mangled])
+        loops = [(n / s, {k: v / s for k, v in c.most_common()})
+                 for n, s, c in store_loops(funcs[mangled], store_suffix(kernel))]
+        rows.append((kernel, r, spill, loops))
     return sorted(rows)
 
 
@@ -154,10 +165,10 @@ def main(argv=None):
     parser.add_argument("--opcodes", type=int, default=6, help="most frequent opcodes to list per loop")
     args = parser.parse_args(argv)
     print(f"csrc/outer_cuda.cu at {args.rev or 'working tree'}, {args.arch}")
-    print(f"{'kernel':44} {'regs':>4} {'spill':>5}  per 16-byte store in each store loop")
+    print(f"{'kernel':44} {'regs':>4} {'spill':>5}  per wide store (16 bytes; fast8: 8) in each store loop")
     for kernel, r, spill, loops in analyse(args.rev, args.arch):
         desc = "; ".join(f"{n:.0f} ({', '.join(f'{k} {v:g}' for k, v in list(ops.items())[:args.opcodes])})"
-                         for n, ops in loops) or "no 16-byte store loop"
+                         for n, ops in loops) or "no wide-store loop"
         print(f"{kernel:44} {r if r is not None else '?':>4} {spill if spill is not None else '?':>5}  {desc}")
 
 

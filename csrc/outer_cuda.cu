@@ -43,14 +43,24 @@ DeviceFacts device_facts(int device) {
   return facts[device];
 }
 
-template <typename T, bool kFast, bool kStream>
+template <typename T, int kStoreBytes, bool kStream>
 void launch_kernel(const OuterPlan& p, size_t smem, cudaStream_t stream, const at::Tensor& x, const at::Tensor& g,
                    const at::Tensor& pre, const at::Tensor& out, const at::Tensor& bias_out, const ActParams& act) {
   using acc_t = at::opmath_type<T>;
-  outer_kernel<T, acc_t, kFast, kStream><<<static_cast<unsigned>(p.blocks()), kOuterThreads, smem, stream>>>(
+  outer_kernel<T, acc_t, kStoreBytes, kStream><<<static_cast<unsigned>(p.blocks()), kOuterThreads, smem, stream>>>(
       x.data_ptr<T>(), g.data_ptr<T>(), pre.defined() ? pre.data_ptr<T>() : nullptr, out.data_ptr<T>(),
       bias_out.defined() ? bias_out.data_ptr<T>() : nullptr, p, act);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The fast path (kStoreBytes 16 or 8) with plain or streaming stores; the run path (0).
+template <typename T, int kStoreBytes>
+void launch_path(const OuterPlan& p, size_t smem, cudaStream_t stream, const at::Tensor& x, const at::Tensor& g,
+                 const at::Tensor& pre, const at::Tensor& out, const at::Tensor& bias_out, const ActParams& act) {
+  if constexpr (kStoreBytes > 0) {
+    if (p.streaming) return launch_kernel<T, kStoreBytes, true>(p, smem, stream, x, g, pre, out, bias_out, act);
+  }
+  launch_kernel<T, kStoreBytes, false>(p, smem, stream, x, g, pre, out, bias_out, act);
 }
 
 // g is G itself (pre undefined) or the upstream gradient (pre defined, then act applies).
@@ -71,20 +81,21 @@ void launch(const at::Tensor& x, const at::Tensor& g, const at::Tensor& pre, con
   const at::Tensor pc = pre.defined() ? pre.contiguous() : pre;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const DeviceFacts dev = device_facts(x.get_device());
-  const bool aligned = reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+  const auto out_address = reinterpret_cast<uintptr_t>(out.data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "indivgrad_outer", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const OuterPlan p = make_outer_plan(N, g_on_rows ? d_out : d_in, g_on_rows ? d_in : d_out, g_on_rows,
-                                        sizeof(scalar_t), sizeof(acc_t), aligned, dev.num_sms, dev.l2_bytes);
+                                        sizeof(scalar_t), sizeof(acc_t), out_address, dev.num_sms, dev.l2_bytes);
     TORCH_CHECK(p.blocks() <= std::numeric_limits<int32_t>::max(), "indivgrad_cuda: output too large for one launch (",
                 p.blocks(), " blocks); split the batch into chunks");
     const size_t smem = static_cast<size_t>(outer_smem_bytes(p, sizeof(acc_t)));
-    if (!p.fast) {
-      launch_kernel<scalar_t, false, false>(p, smem, stream, xc, gc, pc, out, bias_out, act);
-    } else if (p.streaming) {
-      launch_kernel<scalar_t, true, true>(p, smem, stream, xc, gc, pc, out, bias_out, act);
+    if (p.store_bytes == 16) {
+      launch_path<scalar_t, 16>(p, smem, stream, xc, gc, pc, out, bias_out, act);
+    } else if (p.store_bytes == 8) {
+      if constexpr (sizeof(scalar_t) == 2)  // the plan picks 8-byte stores for 2-byte types only
+        launch_path<scalar_t, 8>(p, smem, stream, xc, gc, pc, out, bias_out, act);
     } else {
-      launch_kernel<scalar_t, true, false>(p, smem, stream, xc, gc, pc, out, bias_out, act);
+      launch_path<scalar_t, 0>(p, smem, stream, xc, gc, pc, out, bias_out, act);
     }
   });
 }

@@ -9,9 +9,10 @@
 // memory, the row values of its rows and the column values of every sample it touches
 // (applying act' where that side is G: each value computed once per block), then streams
 // the products out with 16-byte stores:
-//   fast path   every row starts 16-byte aligned (C % kVec == 0, out aligned): thread t
-//               walks (row, column-vector) pairs of the block's region, one 16-byte store
-//               each, with incremental indices (no division in the loop);
+//   fast path   every row starts on a 16-byte boundary (or, for 2-byte types, an 8-byte
+//               one: C * sizeof(T) a multiple of the store width, out aligned to it):
+//               thread t walks (row, column-vector) pairs of the block's region, one
+//               16- (or 8-) byte store each, with incremental indices (no division in the loop);
 //   run path    any pitch or alignment: the region is written as contiguous runs (whole
 //               rows when the tile spans C, else one run per row), scalar head and tail,
 //               16-byte stores in between.
@@ -42,13 +43,14 @@ constexpr int kOuterBlocksPerSm = 8;             // 2048 threads per SM / 256
 struct OuterPlan {
   int64_t R, C;          // out is [N, R, C]; R * N rows in all
   int64_t rows;          // N * R
-  int64_t tile_cols;     // columns per column tile (a multiple of kVec on the fast path)
+  int64_t tile_cols;     // columns per column tile (a multiple of the store's vector on the fast path)
   int64_t col_tiles;
   int64_t block_rows;    // rows per block (the last block of a column may have fewer)
   int64_t row_blocks;
   int64_t max_samples;   // most samples one block's rows can touch (column staging)
   bool g_on_rows;        // out_in: rows index D_out (G), columns D_in (x); in_out: the reverse
-  bool fast;             // every row of out starts on a 16-byte boundary
+  int store_bytes;       // fast path: every row of out starts on a boundary of this many bytes
+                         // (16, or 8 for 2-byte types); 0: the run path
   bool streaming;        // out is far larger than L2: evict-first stores
   int64_t blocks() const { return col_tiles * row_blocks; }
 };
@@ -67,17 +69,27 @@ inline int64_t outer_smem_bytes(const OuterPlan& p, int acc_size) {
   return outer_div_up(rows, 16) * 16 + p.max_samples * p.tile_cols * acc_size;
 }
 
-// elem_size: bytes of the output dtype; acc_size: of its compute type. out_aligned: the
-// output's start is 16-byte aligned. num_sms / l2_bytes: of the device.
+// The fast path's store width in bytes for rows of C elements of elem_size bytes starting at
+// an address out_address: 16, else 8 for 2-byte types, else 0 (the run path). The SASS counts
+// (bench/NOTES.md) decide: per 16 bytes written, 8-byte stores cost half and bfloat16 70
+// instructions against the run path's 108, but float32 62 against 56.
+inline int outer_store_bytes(int64_t C, int elem_size, uintptr_t out_address) {
+  if (out_address % 16 == 0 && C * elem_size % 16 == 0) return 16;
+  if (elem_size == 2 && out_address % 8 == 0 && C * elem_size % 8 == 0) return 8;
+  return 0;
+}
+
+// elem_size: bytes of the output dtype; acc_size: of its compute type. out_address: where the
+// output starts (only its alignment matters). num_sms / l2_bytes: of the device.
 inline OuterPlan make_outer_plan(int64_t N, int64_t R, int64_t C, bool g_on_rows, int elem_size, int acc_size,
-                                 bool out_aligned, int num_sms, int64_t l2_bytes) {
+                                 uintptr_t out_address, int num_sms, int64_t l2_bytes) {
   OuterPlan p{};
   p.R = R;
   p.C = C;
   p.rows = N * R;
   p.g_on_rows = g_on_rows;
-  const int64_t vec = 16 / elem_size;
-  p.fast = out_aligned && C % vec == 0;
+  p.store_bytes = outer_store_bytes(C, elem_size, out_address);
+  const int64_t vec = (p.store_bytes ? p.store_bytes : 16) / elem_size;  // tiles hold whole vectors
   // Balanced column tiles of at most kOuterMaxTileVecs vectors.
   const int64_t vecs = outer_div_up(C, vec);
   p.col_tiles = vecs > 0 ? outer_div_up(vecs, kOuterMaxTileVecs) : 1;  // C == 0: one empty tile, no division by 0
@@ -106,13 +118,15 @@ struct alignas(sizeof(T) * kVec) OuterVec {
   T val[kVec];
 };
 
-// One 16-byte store; evict-first (st.global.cs) when the output is far larger than L2,
+// One 16- or 8-byte store; evict-first (st.global.cs) when the output is far larger than L2,
 // so it does not push the inputs out of the cache.
 template <bool kStream, typename V>
 __device__ __forceinline__ void outer_store(V* dst, const V& v) {
-  static_assert(sizeof(V) == 16, "16-byte stores");
-  if constexpr (kStream) {
+  static_assert(sizeof(V) == 16 || sizeof(V) == 8, "16- or 8-byte stores");
+  if constexpr (kStream && sizeof(V) == 16) {
     __stcs(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(&v));
+  } else if constexpr (kStream) {
+    __stcs(reinterpret_cast<uint2*>(dst), *reinterpret_cast<const uint2*>(&v));
   } else {
     *dst = v;
   }
@@ -178,8 +192,9 @@ constexpr int outer_min_blocks(size_t acc_size, bool fast) {
 
 // pre == nullptr: G is `up` as given (the outer op). bias_out == nullptr: no grad_bias.
 // x is [N, D_in], up/pre/bias_out [N, D_out], all contiguous; out is [N, R, C].
-template <typename T, typename acc_t, bool kFast, bool kStream>
-__global__ void __launch_bounds__(kOuterThreads, outer_min_blocks(sizeof(acc_t), kFast))
+// kStoreBytes: the fast path's store width (p.store_bytes), 0 for the run path.
+template <typename T, typename acc_t, int kStoreBytes, bool kStream>
+__global__ void __launch_bounds__(kOuterThreads, outer_min_blocks(sizeof(acc_t), kStoreBytes > 0))
     outer_kernel(const T* __restrict__ x, const T* __restrict__ up, const T* __restrict__ pre, T* __restrict__ out,
                  T* __restrict__ bias_out, OuterPlan p, ActParams act) {
   INDIVGRAD_DYNAMIC_SMEM(smem);
@@ -227,10 +242,10 @@ __global__ void __launch_bounds__(kOuterThreads, outer_min_blocks(sizeof(acc_t),
   __syncthreads();
 
   T* region = out + b.q0 * p.C + b.c0;
-  if constexpr (kFast) {
+  if constexpr (kStoreBytes > 0) {
     // Pairs (row, vector) of the region, thread t taking pairs t, t + 256, ...
-    constexpr int kVec = 16 / sizeof(T);
-    constexpr int kAccVec = 16 / sizeof(acc_t);
+    constexpr int kVec = kStoreBytes / sizeof(T);
+    constexpr int kAccVec = static_cast<int>(16 / sizeof(acc_t)) < kVec ? static_cast<int>(16 / sizeof(acc_t)) : kVec;
     using Vec = OuterVec<T, kVec>;
     using AccVec = OuterVec<acc_t, kAccVec>;
     const int vecs = b.ncols / kVec;  // ncols is a multiple of kVec here
@@ -240,7 +255,7 @@ __global__ void __launch_bounds__(kOuterThreads, outer_min_blocks(sizeof(acc_t),
     const int64_t row_step = step_rows * p.C;
     for (; r < b.nrows; r += step_rows) {
       const acc_t rv = row_vals[r];
-      // 16-byte shared loads: a warp reads consecutive 16-byte words, free of bank conflicts.
+      // Shared loads of up to 16 bytes: a warp reads consecutive words, free of bank conflicts.
       const auto* cv = reinterpret_cast<const AccVec*>(col_vals + row_sample[r] * p.tile_cols + v * kVec);
       AccVec cols[kVec / kAccVec];
 #pragma unroll

@@ -43,6 +43,9 @@ struct dim3 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 
@@ -55,6 +58,7 @@ inline T max(T a, T b) {
   return a < b ? b : a;
 }
 inline void __stcs(uint4* p, uint4 v) { *p = v; }
+inline void __stcs(uint2* p, uint2 v) { *p = v; }
 
 namespace cuda_emulation {
 

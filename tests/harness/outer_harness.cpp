@@ -182,10 +182,15 @@ std::string run_case(const Case& c, uint64_t seed) {
   for (size_t i = 0; i < pre.size(); ++i) pre[i] = static_cast<T>(i % 4 == 0 ? 0.0 : 3 * rng.next());
   const ActParams act{kActivations[c.act].first, 0.2, 0.7, 1.5, 3.0};
 
-  const bool aligned = c.out_mis == 0;
-  const OuterPlan p = indivgrad::make_outer_plan(N, R, C, c.out_in, sizeof(T), sizeof(acc_t), aligned, c.num_sms,
+  // Buffer puts out at c.out_mis elements past a 16-byte boundary; the plan sees only that.
+  const auto out_offset = static_cast<uintptr_t>(c.out_mis * sizeof(T));
+  const OuterPlan p = indivgrad::make_outer_plan(N, R, C, c.out_in, sizeof(T), sizeof(acc_t), out_offset, c.num_sms,
                                                  kL2Bytes);
-  if (p.fast != (aligned && C % (16 / static_cast<int64_t>(sizeof(T))) == 0)) return "plan chose the wrong path";
+  const int64_t pitch = C * static_cast<int64_t>(sizeof(T));
+  const int want_store = out_offset % 16 == 0 && pitch % 16 == 0                        ? 16
+                         : sizeof(T) == 2 && out_offset % 8 == 0 && pitch % 8 == 0 ? 8
+                                                                                   : 0;
+  if (p.store_bytes != want_store) return "plan chose the wrong path";
   if (p.blocks() > INT32_MAX) return "plan needs more than 2^31 - 1 blocks";
   const int64_t first_block = c.last_row_blocks ? p.row_blocks - c.last_row_blocks : 0;
   const int64_t first_row = first_block * p.block_rows;  // rows before it are not written
@@ -195,9 +200,13 @@ std::string run_case(const Case& c, uint64_t seed) {
   Buffer out(sizeof(T), N * R * C, c.out_mis, first_row * C);
   Buffer bias(sizeof(T), N * c.d_out, c.bias_mis);
   const size_t smem = static_cast<size_t>(indivgrad::outer_smem_bytes(p, sizeof(acc_t)));
-  auto kernel = p.fast ? (p.streaming ? indivgrad::outer_kernel<T, acc_t, true, true>
-                                      : indivgrad::outer_kernel<T, acc_t, true, false>)
-                       : indivgrad::outer_kernel<T, acc_t, false, false>;
+  if (reinterpret_cast<uintptr_t>(out.as<T>()) % 16 != out_offset % 16) return "harness: out misplaced";
+  auto kernel = indivgrad::outer_kernel<T, acc_t, 0, false>;
+  if (p.store_bytes == 16)
+    kernel = p.streaming ? indivgrad::outer_kernel<T, acc_t, 16, true> : indivgrad::outer_kernel<T, acc_t, 16, false>;
+  if constexpr (sizeof(T) == 2)
+    if (p.store_bytes == 8)
+      kernel = p.streaming ? indivgrad::outer_kernel<T, acc_t, 8, true> : indivgrad::outer_kernel<T, acc_t, 8, false>;
   try {
     cuda_emulation::launch(static_cast<unsigned>(p.blocks()), indivgrad::kOuterThreads, smem, blocks, kernel,
                            x.data(), up.data(), c.with_pre ? pre.data() : nullptr, out.as<T>(),
@@ -256,7 +265,7 @@ std::vector<Case> all_cases() {
   const int64_t shapes[][3] = {{1, 1, 1},    {3, 7, 5},     {2, 257, 3},    {2, 3, 257},   {2, 2047, 2},
                                {2, 2, 2047}, {2, 2048, 3},  {2, 3, 2048},   {1, 2049, 2},  {1, 2, 2049},
                                {1, 4097, 1}, {1, 1, 4097},  {1, 40000, 1},  {1, 1, 40000}, {37, 16, 24},
-                               {300, 3, 5},  {4, 64, 96}};
+                               {300, 3, 5},  {4, 64, 96},   {5, 12, 20},    {2, 300, 100}};
   int k = 0;
   // Every dtype, layout, misalignment and shape; activations, pre/bias and SM counts rotate.
   for (DType d : dtypes) {
@@ -280,11 +289,12 @@ std::vector<Case> all_cases() {
           cases.push_back(Case{d, out_in ? 2 : 3, d_in, d_out, out_in, 0, 1, a < 0 ? 0 : a, a >= 0, with_bias, 132,
                                0, a % 3 == 0});
         }
-  // Outputs over 2^32 elements, fast path (pitch a multiple of 16 bytes) and run path: the
+  // Outputs over 2^32 elements, fast path (16- and 8-byte stores) and run path: the
   // last two row blocks, which hold the largest offsets (an int or uint32 offset wraps).
   const int64_t big[][4] = {// dtype index, d_in, d_out, out_in
                             {3, 32768, 32770, 0}, {3, 32770, 32768, 1}, {3, 32776, 32768, 1}, {3, 32768, 32776, 0},
-                            {0, 32768, 32772, 0}, {0, 32772, 32768, 1}, {0, 32768, 32769, 0}};
+                            {0, 32768, 32772, 0}, {0, 32772, 32768, 1}, {0, 32768, 32769, 0},
+                            {3, 32768, 32772, 0}, {3, 32772, 32768, 1}};  // the last two: 8-byte stores
   for (const auto& b : big)
     cases.push_back(Case{dtypes[b[0]], 5, b[1], b[2], b[3] != 0, 0, 3, 8, true, true, 132, 2, true});
   return cases;
