@@ -2,6 +2,7 @@
 
 import csv
 import datetime
+import os
 import statistics
 import subprocess
 import sys
@@ -30,13 +31,17 @@ def device_name(device):
 
 
 def run_context(device):
-    """The columns every row of one run shares."""
+    """The columns every row of one run shares. GPU_CHECK_COMMIT, where set, names the commit:
+    the device machine's copy of the tree carries a .git that may be older than the tree."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip():
-            commit += "+dirty"
+        if os.environ.get("GPU_CHECK_COMMIT"):
+            commit = os.environ["GPU_CHECK_COMMIT"][:7]
+        else:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                    text=True, check=True).stdout.strip()
+            if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                              capture_output=True, text=True).stdout.strip():
+                commit += "+dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     now = datetime.datetime.now(datetime.timezone.utc)

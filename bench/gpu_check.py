@@ -7,7 +7,10 @@
 
 import importlib.metadata
 import json
+import os
 import platform
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,7 +40,34 @@ def verify_build():
     if not err < 1e-5:
         return f"gpu_check: build check FAILED: ig.outer on cuda is off by {err:g}"
     print(f"build check ok: CUDA kernels compiled, GPU visible, ig.outer on cuda matches (max abs err {err:.1e})")
+    print(cpp_error_round_trip())
     return 0
+
+
+def cpp_error_round_trip():
+    """Whether an error the ops raise in C++ reaches Python, checked in a fresh process (an
+    extension built with another C++ ABI than libtorch's crashes there instead)."""
+    code = "import torch, indivgrad_cuda as ig\ntry:\n    ig.outer(torch.randn(12), torch.randn(3, 5))\n" \
+           "except ValueError as e:\n    print(e)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    if proc.returncode == 0 and "x: expected a 2-D tensor" in proc.stdout:
+        return "C++ errors reach Python: ok"
+    return (f"WARNING: a C++ error from the ops does not reach Python (exit {proc.returncode}; negative: a signal), "
+            f"as on the first H200 run (bench/NOTES.md). {proc.stderr.strip()[-300:]}")
+
+
+def compilers():
+    """The C++ compilers a build may use, their versions and default std::string ABI."""
+    names = dict.fromkeys(c for c in (os.environ.get("CXX"), os.environ.get("CC"), "c++", "g++") if c)
+    for name in names:
+        path = shutil.which(name)
+        if path is None:
+            continue
+        version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        macros = subprocess.run([path, "-x", "c++", "-E", "-dM", "-"], input="#include <string>\n",
+                                capture_output=True, text=True).stdout
+        abi = next((line.split()[-1] for line in macros.splitlines() if "_GLIBCXX_USE_CXX11_ABI" in line), "?")
+        print(f"compiler {name} ({path}): {version} | default _GLIBCXX_USE_CXX11_ABI {abi}")
 
 
 def env():
@@ -57,6 +87,9 @@ def env():
         print("build_info:", json.dumps(indivgrad_cuda.build_info(), sort_keys=True))
     except Exception as e:  # noqa: BLE001  (a fact to record, not to raise)
         print(f"build_info: unavailable: {type(e).__name__}: {e}")
+    print(f"torch._C._GLIBCXX_USE_CXX11_ABI {torch._C._GLIBCXX_USE_CXX11_ABI}; CC={os.environ.get('CC')!r} "
+          f"CXX={os.environ.get('CXX')!r}")
+    compilers()
     return 0
 
 

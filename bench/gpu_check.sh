@@ -14,7 +14,8 @@
 # GPU_CHECK_SANITIZER_KERNELS (mangled-name substring of the kernels racecheck and synccheck
 # check; default "indivgrad", our namespace; empty: every kernel; memcheck and initcheck check
 # all); GPU_CHECK_TEST_WORKERS (pytest-xdist workers for the tests step where xdist is
-# installed, default 6); GPU_CHECK_COMMIT (recorded in env.txt where the tree has no .git).
+# installed, default 6); GPU_CHECK_COMMIT (the commit env.txt and the benches' rows record;
+# set it: the device's copy of .git can be older than the tree).
 set -euo pipefail
 
 PROG=gpu_check.sh
@@ -222,8 +223,12 @@ step_env() {
     {
         echo "## gpu_check.sh $MODE mode, $(date -u '+%Y-%m-%dT%H:%M:%SZ'), $(uname -srm)"
         echo "## commit"
-        { git -C "$ROOT" rev-parse HEAD && git -C "$ROOT" status --short --untracked-files=no; } 2>/dev/null \
-            || echo "${GPU_CHECK_COMMIT:-unknown (no git repository here; set GPU_CHECK_COMMIT)}"
+        # GPU_CHECK_COMMIT first: the device's copy of .git can be older than the tree it came with
+        if [[ -n ${GPU_CHECK_COMMIT:-} ]]; then echo "$GPU_CHECK_COMMIT (GPU_CHECK_COMMIT)"
+        else
+            { git -C "$ROOT" rev-parse HEAD && git -C "$ROOT" status --short --untracked-files=no; } 2>/dev/null \
+                || echo "unknown (no git repository here; set GPU_CHECK_COMMIT)"
+        fi
         echo "## nvidia-smi -L"; nvidia-smi -L 2>&1 || true
         echo "## nvidia-smi --query-gpu"
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv 2>&1 || true

@@ -46,3 +46,17 @@ def test_kernels_quick(tmp_path, device):
 
 def _slug(device):
     return re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
+
+
+def test_rows_record_gpu_check_commit_where_set(monkeypatch):
+    """The device machine's .git can be older than the tree it runs, so gpu_check.sh's
+    GPU_CHECK_COMMIT names the commit in every row."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import common
+
+    import torch
+
+    monkeypatch.setenv("GPU_CHECK_COMMIT", "0123456789abcdef")
+    assert common.run_context(torch.device("cpu"))["commit"] == "0123456"
+    monkeypatch.delenv("GPU_CHECK_COMMIT")
+    assert common.run_context(torch.device("cpu"))["commit"] != "0123456"

@@ -61,6 +61,16 @@ def test_build_info_and_main():
     assert f"built with torch: {torch.__version__}" in out and "GPU:" in out
 
 
+def test_cpp_errors_reach_python_in_a_fresh_process():
+    """An error raised in C++ comes back as a Python exception. Run apart from this process, so
+    that a crash is a failure here rather than the end of the test run: on the lent H200 (its
+    /opt/gcc build, torch 2.11) this call segfaulted; bench/NOTES.md has what is known."""
+    code = "import torch, indivgrad_cuda as ig\nig.outer(torch.randn(12), torch.randn(3, 5))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 1, f"exit {proc.returncode} (a negative one is a signal):\n{proc.stderr[-2000:]}"
+    assert "ValueError: x: expected a 2-D tensor [N, D_in], got shape [12]" in proc.stderr
+
+
 def test_import_refuses_a_build_for_another_torch(tmp_path, monkeypatch):
     info = dict(ig.build_info(), torch="1.0.0")
     fake = tmp_path / "_build_info.json"
