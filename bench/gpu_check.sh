@@ -30,14 +30,14 @@ CONCURRENT_STEPS=" tests$SANITIZER_STEPS"  # run at the same time unless --seria
 
 # Time budgets in seconds, enforced with `timeout`. The tests and the four sanitizer steps run
 # at the same time (one GPU, 16 cores; --serial: one after another), so the worst case is
-#   full:  build 90 + env 20 + wheels 15 + max(tests, sanitizers) 180 + kernels 60 + profile 60 + run 90 = 515 s
+#   full:  build 90 + env 20 + wheels 15 + max(tests, sanitizers) 180 + kernels 90 + profile 60 + run 75 = 530 s
 #   quick: build 90 + env 20 + wheels 15 + max(tests, sanitizers)  60 + kernels 25 + profile 60 + run 30 = 300 s
 # Measured on the lent H200 (2026-11-28, steps run one after another, tests without xdist):
 # build 51 s, env 4, wheels 1, memcheck 77, racecheck 37, synccheck 20, kernels 20, run 50;
 # the tests passed 150 s with a third left, initcheck 150 s with its output flooded.
 declare -A BUDGET_FULL=([build]=90 [env]=20 [wheels]=15 [tests]=180 [sanitizer-memcheck]=150
                         [sanitizer-racecheck]=150 [sanitizer-initcheck]=180 [sanitizer-synccheck]=150
-                        [kernels]=60 [profile]=60 [run]=90)
+                        [kernels]=90 [profile]=60 [run]=75)
 declare -A BUDGET_QUICK=([build]=90 [env]=20 [wheels]=15 [tests]=60 [sanitizer-memcheck]=60
                          [sanitizer-racecheck]=60 [sanitizer-initcheck]=60 [sanitizer-synccheck]=60
                          [kernels]=25 [profile]=60 [run]=30)
@@ -285,7 +285,7 @@ step_sanitizer_initcheck() { sanitize initcheck; }
 step_sanitizer_synccheck() { sanitize synccheck; }
 
 step_kernels() {
-    local args=(bench/kernels.py --device cuda --results-dir "$OUTDIR/results")
+    local args=(bench/kernels.py --device cuda --layouts out_in in_out --results-dir "$OUTDIR/results")
     if ((QUICK)); then args+=(--quick --no-compile); fi
     x "$PY" "${args[@]}"
 }

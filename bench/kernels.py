@@ -4,8 +4,10 @@ torch.compile of the broadcast multiply, beside the write roofline of the same b
 of shapes in float32 and bfloat16.
 
     python bench/kernels.py [--quick] [--device cuda|cpu] [--dtypes float32 bfloat16]
+                            [--layouts out_in in_out]
 
-Every method writes an [N, D_out, D_in] buffer ("out_in", nn.Linear's layout); µs are
+Every method writes an [N, D_out, D_in] buffer ("out_in", nn.Linear's layout; the setup
+name ends in /in_out for [N, D_in, D_out], with --layouts out_in in_out); µs are
 medians, GB/s count the bytes of that buffer, % is of the faster fill's bandwidth (torch's
 fill of a 2-byte dtype writes slower than its fill of the same bytes as 32-bit words, so the
 word fill is the honest roofline for bfloat16). Results are
@@ -31,20 +33,21 @@ QUICK_SHAPES = [(16, 33, 17)]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
 
-def methods(x, g, pre, out, bias_out, compile_broadcast):
-    """name -> (fn, expected result or None). Each writes (or returns) an [N, D_out, D_in]."""
+def methods(x, g, pre, out, bias_out, compile_broadcast, layout):
+    """name -> (fn, expected result or None). Each writes (or returns) out's layout."""
     src = torch.empty_like(out)
-    compiled = torch.compile(lambda a, b: broadcast_outer(a, b, "out_in")) if compile_broadcast else None
-    w_ref, _ = act_outer_ref(x, g, pre, "relu", "out_in")
-    plain_ref = outer_ref(x, g, "out_in")
+    compiled = torch.compile(lambda a, b: broadcast_outer(a, b, layout)) if compile_broadcast else None
+    w_ref, _ = act_outer_ref(x, g, pre, "relu", layout)
+    plain_ref = outer_ref(x, g, layout)
+    rows, cols = (g, x) if layout == "out_in" else (x, g)
     table = {
         "roofline_fill": (lambda: out.fill_(1.0), None),
         "roofline_copy": (lambda: out.copy_(src), None),
-        "indivgrad_outer": (lambda: ig.outer(x, g, layout="out_in", out=out), plain_ref),
-        "indivgrad_act_outer": (lambda: ig.act_outer(x, g, pre, "relu", layout="out_in", out=out,
+        "indivgrad_outer": (lambda: ig.outer(x, g, layout=layout, out=out), plain_ref),
+        "indivgrad_act_outer": (lambda: ig.act_outer(x, g, pre, "relu", layout=layout, out=out,
                                                      bias_out=bias_out)[0], w_ref),
-        "bmm": (lambda: torch.bmm(g.unsqueeze(2), x.unsqueeze(1), out=out), plain_ref),
-        "broadcast_mul": (lambda: torch.mul(g[:, :, None], x[:, None, :], out=out), plain_ref),
+        "bmm": (lambda: torch.bmm(rows.unsqueeze(2), cols.unsqueeze(1), out=out), plain_ref),
+        "broadcast_mul": (lambda: torch.mul(rows[:, :, None], cols[:, None, :], out=out), plain_ref),
     }
     if compiled is not None:
         table["compiled_broadcast_mul"] = (lambda: compiled(x, g), plain_ref)
@@ -54,17 +57,18 @@ def methods(x, g, pre, out, bias_out, compile_broadcast):
     return table
 
 
-def bench_shape(shape, dtype, device, compile_broadcast):
+def bench_shape(shape, dtype, device, compile_broadcast, layout="out_in"):
     n, d_in, d_out = shape
     x = torch.randn(n, d_in, device=device, dtype=dtype)
     g = torch.randn(n, d_out, device=device, dtype=dtype)
     pre = torch.randn(n, d_out, device=device, dtype=dtype)
-    out = torch.empty(n, d_out, d_in, device=device, dtype=dtype)
+    out = torch.empty((n, d_out, d_in) if layout == "out_in" else (n, d_in, d_out), device=device, dtype=dtype)
     bias_out = torch.empty(n, d_out, device=device, dtype=dtype)
     nbytes = out.numel() * out.element_size()
+    setup = f"{n}x{d_in}x{d_out}/{str(dtype).replace('torch.', '')}" + ("" if layout == "out_in" else "/in_out")
     rows = []
-    for name, (fn, ref) in methods(x, g, pre, out, bias_out, compile_broadcast).items():
-        row = {"setup": f"{n}x{d_in}x{d_out}/{str(dtype).replace('torch.', '')}", "method": name}
+    for name, (fn, ref) in methods(x, g, pre, out, bias_out, compile_broadcast, layout).items():
+        row = {"setup": setup, "method": name}
         if ref is not None:
             got = fn()
             err = ((got.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
@@ -89,6 +93,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16",
                                                                                           "float16", "float64"])
+    parser.add_argument("--layouts", nargs="+", default=["out_in"], choices=["out_in", "in_out"],
+                        help="out_in: [N, D_out, D_in] (nn.Linear's); in_out: [N, D_in, D_out]")
     parser.add_argument("--quick", action="store_true", help="one small shape, for smoke tests")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to warm up)")
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR))
@@ -98,18 +104,18 @@ def main(argv=None):
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     context = common.run_context(device)
     print(f"bench/kernels.py on {context['device']}, torch {context['torch']}, commit {context['commit']}")
-    print(f"  {'shape/dtype':<24} {'method':<24} {'µs':>10} {'GB/s':>8} {'% fill':>7}  note")
+    print(f"  {'shape/dtype':<30} {'method':<24} {'µs':>10} {'GB/s':>8} {'% fill':>7}  note")
     all_rows = []
-    for dtype in [getattr(torch, d) for d in args.dtypes]:
-        for shape in shapes:
-            print(f"\r  running {shape} {dtype}", end="", file=sys.stderr, flush=True)
-            rows = bench_shape(shape, dtype, device, not args.no_compile)
-            print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
-            for r in rows:
-                us = r["median_ms"] * 1e3 if "median_ms" in r else None
-                print(f"  {r['setup']:<24} {r['method']:<24} {common.fmt(us):>10} {common.fmt(r.get('gbps')):>8} "
-                      f"{common.fmt(r.get('roofline_pct')):>7}  {r.get('note', '')}")
-            all_rows += [{**context, "bench": "kernels", **r} for r in rows]
+    for layout, dtype, shape in [(lay, getattr(torch, d), s) for lay in args.layouts for d in args.dtypes
+                                 for s in shapes]:
+        print(f"\r  running {shape} {dtype} {layout}", end="", file=sys.stderr, flush=True)
+        rows = bench_shape(shape, dtype, device, not args.no_compile, layout)
+        print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
+        for r in rows:
+            us = r["median_ms"] * 1e3 if "median_ms" in r else None
+            print(f"  {r['setup']:<30} {r['method']:<24} {common.fmt(us):>10} {common.fmt(r.get('gbps')):>8} "
+                  f"{common.fmt(r.get('roofline_pct')):>7}  {r.get('note', '')}")
+        all_rows += [{**context, "bench": "kernels", **r} for r in rows]
     path = common.append_rows(all_rows, args.results_dir)
     print(f"\n{len(all_rows)} rows appended to {path}")
     if not args.no_plot:

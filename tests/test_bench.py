@@ -36,10 +36,17 @@ def test_run_quick(tmp_path, device):
 
 
 def test_kernels_quick(tmp_path, device):
-    _, rows = run_bench("kernels.py", tmp_path, device, "--no-compile")
+    _, rows = run_bench("kernels.py", tmp_path, device, "--no-compile", "--layouts", "out_in", "in_out",
+                        "--dtypes", "float32", "bfloat16")
     methods = {r["method"] for r in rows}
-    assert {"roofline_fill", "roofline_copy", "indivgrad_outer", "indivgrad_act_outer", "bmm", "broadcast_mul"} <= methods
+    assert {"roofline_fill", "roofline_fill_words", "roofline_copy", "indivgrad_outer", "indivgrad_act_outer", "bmm",
+            "broadcast_mul"} <= methods
+    assert {r["setup"] for r in rows} == {"16x33x17/float32", "16x33x17/bfloat16", "16x33x17/float32/in_out",
+                                          "16x33x17/bfloat16/in_out"}
     assert all(float(r["gbps"]) > 0 for r in rows)
+    for setup in {r["setup"] for r in rows}:  # % of the faster fill: the best fill is 100
+        fills = [float(r["roofline_pct"]) for r in rows if r["setup"] == setup and r["method"].startswith("roofline_fill")]
+        assert abs(max(fills) - 100) < 1e-9
     assert not [r for r in rows if "WRONG" in r["note"]]
     assert list(tmp_path.glob("kernels_*.png"))
 
