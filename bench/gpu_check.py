@@ -45,8 +45,8 @@ def verify_build():
 
 
 def cpp_error_round_trip():
-    """Whether an error the ops raise in C++ reaches Python, checked in a fresh process (an
-    extension built with another C++ ABI than libtorch's crashes there instead)."""
+    """Whether an error the ops raise in C++ reaches Python, checked in a fresh process: on the
+    first H200 run it crashed the process instead (cause unknown, bench/NOTES.md)."""
     code = "import torch, indivgrad_cuda as ig\ntry:\n    ig.outer(torch.randn(12), torch.randn(3, 5))\n" \
            "except ValueError as e:\n    print(e)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])

@@ -255,7 +255,9 @@ __global__ void __launch_bounds__(kOuterThreads, outer_min_blocks(sizeof(acc_t),
     const int64_t row_step = step_rows * p.C;
     for (; r < b.nrows; r += step_rows) {
       const acc_t rv = row_vals[r];
-      // Shared loads of up to 16 bytes: a warp reads consecutive words, free of bank conflicts.
+      // Shared loads of up to 16 bytes, consecutive between threads: conflict-free for one load
+      // per store; two (2-byte types, 16-byte stores) are 32 bytes apart, a 2-way conflict
+      // that ncu measured on the H200 (bench/NOTES.md has the candidate fixes).
       const auto* cv = reinterpret_cast<const AccVec*>(col_vals + row_sample[r] * p.tile_cols + v * kVec);
       AccVec cols[kVec / kAccVec];
 #pragma unroll
