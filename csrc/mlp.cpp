@@ -12,6 +12,7 @@
 #include "activation.h"
 #include "activation_aten.h"
 #include "checks.h"
+#include "layer_ops.h"
 
 namespace indivgrad {
 namespace {
@@ -187,9 +188,8 @@ class MlpProgram {
     walk_backward(grad_output, saved, weights, want_w, want_b,
                   [&](int64_t l, const Tensor& x, const Tensor& up, const Tensor& pre, const Step* act) {
                     Tensor g = activation_backward(act ? act->act : kIdentity, up, pre);
-                    const Tensor g_sq = squared_row_norms(g);
-                    if (want_w[l]) rows[2 * l] = squared_row_norms(x) * g_sq;
-                    if (want_b[l]) rows[2 * l + 1] = g_sq;
+                    if (want_w[l]) rows[2 * l] = call_linear_sq_norms(x, g);  // the Linear rule's op
+                    if (want_b[l]) rows[2 * l + 1] = squared_row_norms(g);
                     if (xs) (*xs)[l] = x;
                     if (gs) (*gs)[l] = g;
                     return g;

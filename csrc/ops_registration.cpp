@@ -1,9 +1,11 @@
 // The operator schemas (namespace indivgrad_cuda) and the Python module that loads them.
-// Implementations: outer_cpu.cpp (CPU), outer_cuda.cu (CUDA); whole-MLP passes: mlp.cpp;
+// Implementations: outer_cpu.cpp (CPU), outer_cuda.cu (CUDA), layer_ops.cpp (any device);
+// whole-MLP passes: mlp.cpp;
 // fake (meta) implementations: indivgrad_cuda/_fake.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "layer_ops.h"
 #include "mlp.h"
 
 TORCH_LIBRARY(indivgrad_cuda, m) {
@@ -15,6 +17,14 @@ TORCH_LIBRARY(indivgrad_cuda, m) {
   m.def(
       "act_outer_out(Tensor x, Tensor upstream, Tensor pre, str activation, str layout, float negative_slope, "
       "float alpha, float beta, float threshold, Tensor(a!) out, Tensor(b!) bias_out) -> ()");
+  // The layer rules' ops (layer_ops.cpp): sequences [N, T, D], Embedding, LayerNorm.
+  m.def("seq_outer(Tensor x, Tensor g, str layout=\"in_out\") -> Tensor");
+  m.def("seq_outer_out(Tensor x, Tensor g, str layout, Tensor(a!) out) -> ()");
+  m.def("linear_sq_norms(Tensor x, Tensor g, str method=\"auto\") -> Tensor");
+  m.def("embedding_grads(Tensor ids, Tensor g, int num_embeddings, int? padding_idx=None) -> Tensor");
+  m.def("embedding_grads_out(Tensor ids, Tensor g, int? padding_idx, Tensor(a!) out) -> ()");
+  m.def("embedding_sq_norms(Tensor ids, Tensor g, int? padding_idx=None, str method=\"auto\") -> Tensor");
+  m.def("layer_norm_grads(Tensor x, Tensor g, int[] normalized_shape, float eps) -> (Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -26,5 +36,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("linear_norm_uses_ghost", &indivgrad::linear_norm_uses_ghost,
+        "Whether linear_sq_norms(method) forms the ghost norm for T positions of D_in -> D_out",
+        pybind11::arg("t"), pybind11::arg("d_in"), pybind11::arg("d_out"), pybind11::arg("method") = "auto");
+  m.def("embedding_norm_uses_ghost", &indivgrad::embedding_norm_uses_ghost,
+        "Whether embedding_sq_norms(method) forms the ghost norm for T tokens", pybind11::arg("t"),
+        pybind11::arg("method") = "auto");
   indivgrad::bind_mlp(m);
 }

@@ -1,4 +1,4 @@
-"""indivgrad_cuda: fast per-sample gradients for PyTorch feedforward networks.
+"""indivgrad_cuda: fast per-sample gradients, norms and clipped sums for PyTorch models.
 
 See ``indivgrad_cuda.ops`` for the fused kernels and ``build_info()`` for how this copy
 was built.
@@ -11,7 +11,7 @@ _C, _BUILD_INFO = _load_extension()
 
 from indivgrad_cuda import ops  # noqa: E402
 from indivgrad_cuda.ops import act_outer, outer  # noqa: E402
-from indivgrad_cuda.plan import UnsupportedModuleError  # noqa: E402
+from indivgrad_cuda.capture.layers import UnsupportedModuleError  # noqa: E402
 from indivgrad_cuda.engine import (  # noqa: E402
     PerSampleGrads,
     clipped_grad_sum,

@@ -27,3 +27,43 @@ def _act_outer_fake(x, upstream, pre, activation="relu", layout="in_out", negati
 def _act_outer_out_fake(x, upstream, pre, activation, layout, negative_slope, alpha, beta, threshold, out,
                         bias_out):
     return None
+
+
+def _acc(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake("indivgrad_cuda::seq_outer")
+def _seq_outer_fake(x, g, layout="in_out"):
+    return x.new_empty(_outer_shape(x[:, 0], g[:, 0], layout))
+
+
+@torch.library.register_fake("indivgrad_cuda::seq_outer_out")
+def _seq_outer_out_fake(x, g, layout, out):
+    return None
+
+
+@torch.library.register_fake("indivgrad_cuda::linear_sq_norms")
+def _linear_sq_norms_fake(x, g, method="auto"):
+    return x.new_empty(x.shape[:1], dtype=_acc(x.dtype))
+
+
+@torch.library.register_fake("indivgrad_cuda::embedding_grads")
+def _embedding_grads_fake(ids, g, num_embeddings, padding_idx=None):
+    return g.new_empty((g.shape[0], num_embeddings, g.shape[2]))
+
+
+@torch.library.register_fake("indivgrad_cuda::embedding_grads_out")
+def _embedding_grads_out_fake(ids, g, padding_idx, out):
+    return None
+
+
+@torch.library.register_fake("indivgrad_cuda::embedding_sq_norms")
+def _embedding_sq_norms_fake(ids, g, padding_idx=None, method="auto"):
+    return g.new_empty(g.shape[:1], dtype=_acc(g.dtype))
+
+
+@torch.library.register_fake("indivgrad_cuda::layer_norm_grads")
+def _layer_norm_grads_fake(x, g, normalized_shape, eps):
+    shape = (x.shape[0], *normalized_shape)
+    return x.new_empty(shape), x.new_empty(shape)

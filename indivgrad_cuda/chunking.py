@@ -31,10 +31,53 @@ def chunk_size(n: int, per_sample_bytes: int, device: torch.device, max_chunk: O
 
 def chunks(x: torch.Tensor, target, size: int):
     """(n0, n1, x[n0:n1], target[n0:n1]) for consecutive chunks of at most `size` samples."""
-    n = x.shape[0]
+    return split_batch(x, target, x.shape[0], size)
+
+
+def batch_size(inputs) -> int:
+    """N of a batch given as a Tensor, a tuple or a dict of them (dim 0 of every tensor)."""
+    tensors = _tensors(inputs)
+    if not tensors:
+        raise TypeError(f"inputs: expected a Tensor, or a tuple or dict holding at least one Tensor, got "
+                        f"{type(inputs).__name__}")
+    for where, t in tensors:
+        if t.dim() == 0:
+            raise ValueError(f"inputs{where}: expected dim 0 to be the batch, got a 0-dim tensor")
+    n = tensors[0][1].shape[0]
+    for where, t in tensors:
+        if t.shape[0] != n:
+            raise ValueError(f"inputs{where}: expected {n} rows (dim 0 is the batch, N from inputs"
+                             f"{tensors[0][0]}), got shape {list(t.shape)}")
+    return n
+
+
+def _tensors(inputs):
+    if isinstance(inputs, torch.Tensor):
+        return [("", inputs)]
+    if isinstance(inputs, tuple):
+        return [(f"[{i}]", v) for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
+    if isinstance(inputs, dict):
+        return [(f"[{k!r}]", v) for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+    raise TypeError(f"inputs: expected a Tensor, a tuple (model(*inputs)) or a dict (model(**inputs)), got "
+                    f"{type(inputs).__name__}")
+
+
+def split_batch(inputs, target, n: int, size: int):
+    """(n0, n1, inputs rows n0..n1, target rows n0..n1) for consecutive chunks of at most
+    `size` samples: every tensor in `inputs` is split along dim 0, other values passed as they are."""
     if size < n and target is not None and not (isinstance(target, torch.Tensor) and target.shape[:1] == (n,)):
         raise ValueError(f"target: to split the batch into chunks it must be a Tensor with {n} rows; "
                          f"got {type(target).__name__}")
+    def rows(v, n0, n1):
+        return v[n0:n1] if isinstance(v, torch.Tensor) else v
+
     for n0 in range(0, n, size):
         n1 = min(n, n0 + size)
-        yield n0, n1, x[n0:n1], (target if target is None or (n0, n1) == (0, n) else target[n0:n1])
+        if (n0, n1) == (0, n):
+            yield 0, n, inputs, target
+        elif isinstance(inputs, dict):
+            yield n0, n1, {k: rows(v, n0, n1) for k, v in inputs.items()}, rows(target, n0, n1)
+        elif isinstance(inputs, tuple):
+            yield n0, n1, tuple(rows(v, n0, n1) for v in inputs), rows(target, n0, n1)
+        else:
+            yield n0, n1, inputs[n0:n1], rows(target, n0, n1)

@@ -24,7 +24,7 @@ import torch
 
 from indivgrad_cuda._loader import load_extension
 
-load_extension()
+_C, _ = load_extension()
 from indivgrad_cuda._fake import _outer_shape  # noqa: E402  (importing registers the fake implementations)
 
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "elu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu", "softplus")
@@ -94,3 +94,66 @@ def act_outer(
         bias_out = x.new_empty(upstream.shape)
     _ops.act_outer_out(*args, out, bias_out)
     return out, bias_out
+
+
+# ---------------------------------------------------------------- the layer rules' ops
+# Device-generic (CPU and CUDA through ATen; the T = 1 case of seq_outer is the fused outer
+# kernel). Norms come back in float32 for float16/bfloat16 inputs.
+
+NORM_METHODS = ("auto", "ghost", "direct")
+
+
+def seq_outer(x: torch.Tensor, g: torch.Tensor, *, layout: str = "in_out",
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample gradients of a Linear layer over T positions: ``out[n] = sum_t x[n, t] ⊗ g[n, t]``.
+
+    Args:
+        x: ``[N, T, D_in]`` layer inputs; g: ``[N, T, D_out]`` gradients at its outputs.
+        layout: ``"in_out"`` → ``[N, D_in, D_out]``; ``"out_in"`` → ``[N, D_out, D_in]``.
+        out: optional buffer of exactly that shape (x's dtype and device, contiguous).
+    """
+    if out is None:
+        return _ops.seq_outer(x, g, layout)
+    _ops.seq_outer_out(x, g, layout, out)
+    return out
+
+
+def linear_sq_norms(x: torch.Tensor, g: torch.Tensor, *, method: str = "auto") -> torch.Tensor:
+    """Squared norms ``[N]`` of the per-sample gradients ``sum_t x[n, t] ⊗ g[n, t]`` (``x``
+    ``[N, T, D_in]`` or ``[N, D_in]``, ``g`` likewise), never forming them for all samples at
+    once. ``method``: ``"ghost"`` (``<X Xᵀ, G Gᵀ>``, ~T²(D_in+D_out) work), ``"direct"`` (the
+    gradients of a block of samples, ~T·D_in·D_out), or ``"auto"``: the cheaper
+    (:func:`linear_norm_uses_ghost`)."""
+    return _ops.linear_sq_norms(x, g, method)
+
+
+def embedding_grads(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: Optional[int] = None, *,
+                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-sample gradients ``[N, num_embeddings, D]`` of an Embedding's weight: row ``v`` of
+    sample n is the sum of ``g[n, t]`` over its tokens with ``ids[n, t] == v``; the
+    ``padding_idx`` row gets none. ids: ``[N, T]`` int64/int32; g: ``[N, T, D]``."""
+    if out is None:
+        return _ops.embedding_grads(ids, g, num_embeddings, padding_idx)
+    _ops.embedding_grads_out(ids, g, padding_idx, out)
+    return out
+
+
+def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: Optional[int] = None, *,
+                       method: str = "auto") -> torch.Tensor:
+    """Squared norms ``[N]`` of :func:`embedding_grads` without forming them. ``method``:
+    ``"ghost"`` (``g_t · g_s`` over pairs of equal tokens, ~T²·D), ``"direct"`` (gradients of
+    equal tokens added first, ~T·D + T log T), or ``"auto"``: ghost up to 16 tokens."""
+    return _ops.embedding_sq_norms(ids, g, padding_idx, method)
+
+
+def layer_norm_grads(x: torch.Tensor, g: torch.Tensor, normalized_shape, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients ``(weight, bias)``, each ``[N, *normalized_shape]``, of a
+    LayerNorm's elementwise affine parameters, from its input x ``[N, *, *normalized_shape]``
+    and the gradient g at its output (same shape): ``sum over * of x̂ ⊙ g`` and of ``g``."""
+    return _ops.layer_norm_grads(x, g, list(normalized_shape), float(eps))
+
+
+def linear_norm_uses_ghost(t: int, d_in: int, d_out: int) -> bool:
+    """The cost rule of ``method="auto"``: the ghost norm when
+    ``T²(D_in + D_out + 1) <= T·D_in·D_out + D_in·D_out`` multiply-adds per sample."""
+    return _C.linear_norm_uses_ghost(t, d_in, d_out, "auto")

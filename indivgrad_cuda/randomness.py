@@ -2,6 +2,7 @@
 batch (masks first, in layer order, then the noise), so that results never depend on how
 the batch is split into chunks."""
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -31,11 +32,51 @@ def dropout_masks(plan, n: int, dtype: torch.dtype, device: torch.device, traini
     scale kept values by 1 / (1 - p) (p = 1: all zero). None for each in eval mode."""
     if not training:
         return [None] * len(plan.dropout_ps)
-    masks = []
-    for p, width in zip(plan.dropout_ps, plan.dropout_widths):
-        mask = torch.empty(n, width, dtype=dtype, device=device).bernoulli_(1 - p, generator=generator)
-        masks.append(mask.mul_(1 / (1 - p) if p < 1 else 0.0))
-    return masks
+    return [dropout_mask((n, width), p, dtype, device, generator) for p, width in zip(plan.dropout_ps, plan.dropout_widths)]
+
+
+def dropout_mask(shape, p: float, dtype, device, generator) -> torch.Tensor:
+    mask = torch.empty(shape, dtype=dtype, device=device).bernoulli_(1 - p, generator=generator)
+    return mask.mul_(1 / (1 - p) if p < 1 else 0.0)
+
+
+class DropoutMasks:
+    """The hooks capture's Dropout: while ``rows(n0, n1)`` is active, every ``nn.Dropout`` of
+    the model in train mode multiplies by rows n0..n1 of a mask drawn for the whole batch
+    (drawn at the module's first call of the call, so in forward order, as the native
+    capture draws them). Other random modules and functional randomness draw from torch's
+    generators chunk by chunk."""
+
+    def __init__(self, model, n: int, generator: Optional[torch.Generator]):
+        self.dropouts = [m for m in model.modules() if type(m) is torch.nn.Dropout and m.training]
+        for path, m in model.named_modules():
+            if m in self.dropouts and not 0 <= m.p <= 1:
+                raise ValueError(f"module '{path}' (Dropout): p={m.p}; expected 0 <= p <= 1")
+        self.n, self.generator = n, generator
+        self.masks = {}  # (id(module), call index) -> mask of the whole batch
+
+    @contextlib.contextmanager
+    def rows(self, n0: int, n1: int):
+        calls = {}
+
+        def forward_of(module):
+            p = float(module.p)
+
+            def forward(x):
+                key = (id(module), calls.setdefault(id(module), 0))
+                calls[id(module)] += 1
+                if key not in self.masks:
+                    self.masks[key] = dropout_mask((self.n, *x.shape[1:]), p, x.dtype, x.device, self.generator)
+                return x * self.masks[key][n0:n1]
+            return forward
+
+        for m in self.dropouts:
+            m.forward = forward_of(m)  # an instance attribute, removed below
+        try:
+            yield
+        finally:
+            for m in self.dropouts:
+                del m.forward
 
 
 def add_noise(grads: Sequence[Optional[torch.Tensor]], std: float, generator: Optional[torch.Generator]) -> None:

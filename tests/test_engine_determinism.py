@@ -29,14 +29,12 @@ def generator(device):
 
 
 def noise_ref(model, x, device, std):
-    """The noise the engine adds: drawn after the masks from the same generator, every
-    weight in layer order, then every bias."""
+    """The noise the engine adds: drawn after the masks from the same generator, one draw
+    per parameter in named_parameters() order."""
     gen = generator(device)
     dropout_masks(model, x, gen)
     params = dict(model.named_parameters())
-    names = [n for n in params if n.endswith("weight")] + [n for n in params if n.endswith("bias")]
-    return {n: torch.normal(0.0, std, params[n].shape, generator=gen, dtype=params[n].dtype, device=device)
-            for n in names}
+    return {n: torch.normal(0.0, std, p.shape, generator=gen, dtype=p.dtype, device=device) for n, p in params.items()}
 
 
 @pytest.mark.parametrize("chunk", [1, 3, N])

@@ -17,11 +17,13 @@ def small():
     "model,pattern",
     [
         (nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Conv1d(1, 1, 1))),
-         r"module '1\.1' of type Conv1d is not supported\. Supported: nn\.Sequential"),
-        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), r"module '1' of type BatchNorm1d"),
-        (nn.Sequential(nn.Linear(4, 4), nn.Flatten(0)), r"module '1' of type Flatten .*start_dim=0"),
-        (nn.Linear(4, 4), r"of type Linear is not supported \(the engine takes an nn\.Sequential\)"),
-        (nn.Sequential(nn.ReLU()), r"no nn\.Linear layer"),
+         r"cannot serve:\n  - '1\.1' \(Conv1d\): no per-sample gradient rule for this type\nSupported: layers with "
+         r"trainable parameters: nn\.Linear, nn\.LayerNorm, nn\.Embedding"),
+        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), r"'1' \(BatchNorm1d\): BatchNorm normalises with statistics "
+                                                             r"of the whole batch in train mode, which mixes samples"),
+        (nn.Embedding(5, 3, max_norm=1.0), r"'\(the model\)' \(Embedding\): max_norm=1\.0 renormalises the weight"),
+        (nn.Embedding(5, 3, scale_grad_by_freq=True), r"scale_grad_by_freq=True scales by token counts"),
+        (nn.MultiheadAttention(4, 2), r"'\(the model\)' \(MultiheadAttention\): no per-sample gradient rule"),
     ],
 )
 def test_unsupported_models(model, pattern):
@@ -29,10 +31,33 @@ def test_unsupported_models(model, pattern):
         ig.PerSampleGrads(model)
 
 
-def test_shared_linear_is_refused():
+def test_every_offending_module_is_named_and_frozen_ones_are_fine():
+    model = nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten(), nn.Linear(4, 4), nn.GRU(4, 4), nn.PReLU())
+    with pytest.raises(ig.UnsupportedModuleError, match=r"'0' \(Conv1d\).*\n  - '3' \(GRU\).*\n  - '4' \(PReLU\)"):
+        ig.PerSampleGrads(model)
+    for i in (0, 3, 4):
+        model[i].requires_grad_(False)
+    ig.PerSampleGrads(model)  # frozen: fine
+    model[4].weight.requires_grad_(True)  # unfrozen after construction: refused at the call
+    with pytest.raises(ig.UnsupportedModuleError, match=r"'4' \(PReLU\)"):
+        ig.PerSampleGrads(model, capture="hooks").norms(torch.randn(2, 1, 4), torch.randn(2, 4), F.mse_loss)
+
+
+def test_native_capture_refuses_what_it_cannot_run():
+    with pytest.raises(ig.UnsupportedModuleError, match=r"module '1' of type LayerNorm is not supported"):
+        ig.PerSampleGrads(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), capture="native")
     lin = nn.Linear(3, 3)
     with pytest.raises(ig.UnsupportedModuleError, match=r"module '2' .*appears twice"):
-        ig.PerSampleGrads(nn.Sequential(lin, nn.Tanh(), lin))
+        ig.PerSampleGrads(nn.Sequential(lin, nn.Tanh(), lin), capture="native")
+    engine = ig.PerSampleGrads(nn.Sequential(nn.Linear(3, 3)), capture="native")
+    with pytest.raises(ValueError, match=r"inputs: capture='native' needs a 2-D Tensor \[N, D\] .*got shape \[2, 5, 3\]"):
+        engine(torch.randn(2, 5, 3), None, lambda o: o.sum())
+    with pytest.raises(ValueError, match=r"capture: expected one of \('auto', 'native', 'hooks'\), got 'fast'"):
+        ig.PerSampleGrads(nn.Linear(2, 2), capture="fast")
+    with pytest.raises(ValueError, match=r"norm_method: expected one of \('auto', 'ghost', 'direct'\), got 'exact'"):
+        ig.PerSampleGrads(nn.Linear(2, 2), norm_method="exact")
+    with pytest.raises(TypeError, match=r"model: expected an nn\.Module, got function"):
+        ig.PerSampleGrads(lambda x: x)
 
 
 def test_bad_calls():
@@ -41,7 +66,7 @@ def test_bad_calls():
     x, t = torch.randn(3, 4), torch.randn(3, 2)
     with pytest.raises(ValueError, match=r"x: expected shape \[N, 4\] for the model's first Linear, got \[3, 5\]"):
         engine(torch.randn(3, 5), t, F.mse_loss)
-    with pytest.raises(ValueError, match=r"x: expected shape \[N, 4\]"):
+    with pytest.raises(RuntimeError, match=r"mat1 and mat2 shapes cannot be multiplied"):  # 3-D: the hooks capture
         engine(torch.randn(3, 2, 2), t, F.mse_loss)
     with pytest.raises(TypeError, match=r"x: expected dtype Float \(the model's parameters\), got Double"):
         engine(x.double(), t, F.mse_loss)
@@ -70,7 +95,7 @@ def test_bad_out_buffers():
         engine(x, t, F.mse_loss, out={"nope": torch.empty(1)})
     with pytest.raises(ValueError, match=r"out\['0.weight'\]: expected shape \[3, 5, 4\], got \[3, 4, 5\]"):
         engine(x, t, F.mse_loss, out={"0.weight": torch.empty(3, 4, 5)})
-    with pytest.raises(TypeError, match=r"out\['0.bias'\]: expected dtype torch.float32 \(x's dtype\), got torch.float64"):
+    with pytest.raises(TypeError, match=r"out\['0.bias'\]: expected dtype torch.float32 \(the parameter's dtype\), got torch.float64"):
         engine(x, t, F.mse_loss, out={"0.bias": torch.empty(3, 5, dtype=torch.float64)})
     with pytest.raises(ValueError, match=r"out\['0.weight'\]: expected a contiguous tensor"):
         engine(x, t, F.mse_loss, out={"0.weight": torch.empty(3, 4, 5).transpose(1, 2)})
@@ -154,4 +179,6 @@ def test_dropout_p_out_of_range_is_refused():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
     model[1].p = 1.5
     with pytest.raises(ig.UnsupportedModuleError, match=r"module '1' of type Dropout is not supported \(p=1\.5; expected 0 <= p <= 1\)"):
-        ig.PerSampleGrads(model)
+        ig.PerSampleGrads(model, capture="native")
+    with pytest.raises(ValueError, match=r"module '1' \(Dropout\): p=1\.5; expected 0 <= p <= 1"):
+        ig.PerSampleGrads(model)(torch.randn(2, 4), torch.randn(2, 4), F.mse_loss)

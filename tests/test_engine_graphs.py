@@ -60,7 +60,7 @@ class Backend:
 
     def engine(self, model, **kwargs):
         engine = ig.PerSampleGrads(model, **kwargs)
-        engine._graphs = GraphRunner(capture=self.capture, device_types=(self.device,))
+        engine._native.graphs = GraphRunner(capture=self.capture, device_types=(self.device,))
         return engine
 
 
@@ -237,13 +237,13 @@ def test_no_graphs_on_cpu_with_the_default_runner():
     model = mlp("cpu")
     engine = ig.PerSampleGrads(model)  # cuda_graphs=True by default
     capture = EagerCapture()
-    engine._graphs.capture = capture
+    engine._native.graphs.capture = capture
     x, t = batch("cpu")
     assert_grads(engine(x, t, LOSS), func_per_sample_grads(model, x, t, LOSS))
     engine.norms(x, t, LOSS)
     engine.clipped_grad_sum(x, t, LOSS, 1.0)
     assert capture.captures == 0
-    assert ig.PerSampleGrads(model, cuda_graphs=False)._graphs is None
+    assert ig.PerSampleGrads(model, cuda_graphs=False)._native.graphs is None
 
 
 class FailingCapture(EagerCapture):
@@ -260,7 +260,7 @@ def test_a_failed_capture_warns_once_and_falls_back():
     model = mlp("cpu")
     engine = ig.PerSampleGrads(model)
     capture = FailingCapture()
-    engine._graphs = GraphRunner(capture=capture, device_types=("cpu",))
+    engine._native.graphs = GraphRunner(capture=capture, device_types=("cpu",))
     x, t = batch("cpu")
     with pytest.warns(RuntimeWarning, match=r"capturing a CUDA graph failed \(RuntimeError: operation not permitted"):
         got = engine(x, t, LOSS)

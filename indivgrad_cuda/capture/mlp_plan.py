@@ -1,4 +1,5 @@
-"""Validate a model once and describe it to the compiled MLP program."""
+"""The native capture's plan: validate an nn.Sequential MLP once and describe it to the
+compiled MLP program (csrc/mlp.cpp)."""
 
 from dataclasses import dataclass
 from typing import List, Optional
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from indivgrad_cuda import _C
+from indivgrad_cuda.capture.layers import UnsupportedModuleError
 
 SUPPORTED = (
     "nn.Sequential (nested ones are flattened), nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, "
@@ -14,8 +16,6 @@ SUPPORTED = (
 )
 
 
-class UnsupportedModuleError(TypeError):
-    """The model contains a module the per-sample gradient engine cannot handle."""
 
 
 def _unsupported(path, module, why=""):

@@ -1,0 +1,49 @@
+"""The engine's per-sample gradient buffers: checking the caller's ``out=`` buffers, and
+allocating the others with an error that says how many bytes they need."""
+
+import math
+from typing import Dict
+
+import torch
+
+# name -> (shape [N, ...], dtype, device)
+Specs = Dict[str, tuple]
+
+
+def check_out_buffers(out: Dict[str, torch.Tensor], specs: Specs) -> None:
+    for name, t in out.items():
+        if name not in specs:
+            raise ValueError(f"out: '{name}' is not a parameter that requires grad; expected names among {list(specs)}")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"out['{name}']: expected a Tensor, got {type(t).__name__}")
+        shape, dtype, device = specs[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"out['{name}']: expected shape {list(shape)}, got {list(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"out['{name}']: expected dtype {dtype} (the parameter's dtype), got {t.dtype}")
+        if t.device != device:
+            raise ValueError(f"out['{name}']: expected device {device} (the parameter's device), got {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"out['{name}']: expected a contiguous tensor, got strides {list(t.stride())}")
+    spans = sorted((t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), t.numel() * t.element_size(), name)
+                   for name, t in out.items() if t.numel())
+    for (start_a, len_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < start_a + len_a:
+            raise ValueError(f"out['{a}'] and out['{b}'] share memory; each needs its own buffer")
+
+
+def allocate(specs: Specs) -> Dict[str, torch.Tensor]:
+    total = sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in specs.values())
+    try:
+        return {name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype, device) in specs.items()}
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or "memory" in str(e).lower():
+            n = next(iter(specs.values()))[0][0]
+            dtypes = sorted({str(d) for _, d, _ in specs.values()})
+            devices = sorted({str(d) for _, _, d in specs.values()})
+            raise MemoryError(
+                f"per-sample gradients for N={n} need {total} bytes ({total / 2**30:.2f} GiB) of "
+                f"{', '.join(dtypes)} on {', '.join(devices)}, which could not be allocated; use norms() or "
+                f"clipped_grad_sum(), which form none, or a smaller batch"
+            ) from e
+        raise

@@ -1,0 +1,37 @@
+"""From ``loss_fn`` to the gradient that starts the per-sample backward, scaled so that
+sample n's part is the gradient of sample n's own loss (see PerSampleGrads's docs)."""
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LossSeed:
+    loss: torch.Tensor  # what loss_fn returned: a scalar or [N]
+    grad: torch.Tensor  # the grad_outputs to backpropagate it with
+
+
+def loss_grad_seed(output, target, loss_fn, reduction: str, n: int) -> LossSeed:
+    """Runs ``loss_fn`` (in the caller's autocast context) and checks what it returns."""
+    with torch.enable_grad():
+        loss = loss_fn(output) if target is None else loss_fn(output, target)
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"loss_fn: expected it to return a Tensor, got {type(loss).__name__}")
+    if loss.dim() == 0:
+        return LossSeed(loss, torch.full((), n if reduction == "mean" else 1, dtype=loss.dtype, device=loss.device))
+    if loss.shape == (n,):
+        return LossSeed(loss, torch.ones_like(loss))
+    raise ValueError(f"loss_fn: expected a scalar or per-sample losses of shape [{n}], got shape {list(loss.shape)}")
+
+
+def grad_of_output(output: torch.Tensor, target, loss_fn, reduction: str) -> torch.Tensor:
+    """dL/d(output) alone (the native capture's backward starts there)."""
+    out = output.detach().requires_grad_(True)
+    n = out.shape[0]
+    seed = loss_grad_seed(out, target, loss_fn, reduction, n)
+    if seed.loss.dim() == 0:  # scaled after, as before: the scalar's gradient times N
+        (grad,) = torch.autograd.grad(seed.loss, out)
+        return grad * n if reduction == "mean" else grad
+    (grad,) = torch.autograd.grad(seed.loss, out, grad_outputs=seed.grad)
+    return grad

@@ -1,0 +1,76 @@
+"""What a layer rule is: how one supported layer type turns its factors into per-sample
+gradients, squared norms and a clipped sum (see :mod:`indivgrad_cuda.layers`)."""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Factors:
+    """One layer's factors for a chunk of N samples: ``a``, what the layer saw (its input,
+    [N, T, ...]), and ``g``, the gradient at its output ([N, T, ...]), with the calls of a
+    module used several times in one forward concatenated along T."""
+
+    a: torch.Tensor
+    g: torch.Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norms of float16/bfloat16 gradients accumulate in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def squared_rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] -> [N]: each sample's squared norm, accumulated in acc_dtype."""
+    return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=acc_dtype(t.dtype)).square()
+
+
+class LayerRule:
+    """Per supported layer type. ``params`` names the module's parameter attributes a rule
+    knows; a module's trainable ones among them get results."""
+
+    params = ("weight", "bias")
+
+    def unsupported_setting(self, module: nn.Module) -> Optional[str]:
+        """Why this module's settings cannot be served (None: they can)."""
+        return None
+
+    def record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        """What to keep of one call's input, as [N, T, ...] (detached)."""
+        raise NotImplementedError
+
+    def output_grad(self, module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient at one call's output, as [N, T, ...]."""
+        raise NotImplementedError
+
+    def combine(self, records: List[torch.Tensor], grads: List[torch.Tensor]) -> Factors:
+        if len(records) == 1:
+            return Factors(records[0], grads[0])
+        return Factors(torch.cat(records, 1), torch.cat(grads, 1))
+
+    def grad_shape(self, module: nn.Module, attr: str, layout: str) -> tuple:
+        """Shape of one sample's gradient of ``module.<attr>`` in ``layout``."""
+        return tuple(getattr(module, attr).shape)
+
+    def grads(self, module: nn.Module, f: Factors, layout: str, out: Dict[str, torch.Tensor]) -> None:
+        """Writes per-sample gradients [N, *grad_shape] into ``out[attr]`` (the wanted attrs)."""
+        raise NotImplementedError
+
+    def sq_norms(self, module: nn.Module, f: Factors, want: List[str], method: str) -> Dict[str, torch.Tensor]:
+        """Squared per-sample gradient norms [N] (acc_dtype) of the wanted attrs."""
+        raise NotImplementedError
+
+    def clipped_sum(self, module: nn.Module, f: Factors, coef: torch.Tensor, grads: Dict[str, torch.Tensor],
+                    accumulate: bool) -> None:
+        """``grads[attr] (+)= sum_n coef[n] * (sample n's gradient)`` for the wanted attrs."""
+        raise NotImplementedError
+
+
+def write_or_add(dst: torch.Tensor, value: torch.Tensor, accumulate: bool) -> None:
+    if accumulate:
+        dst.add_(value)
+    else:
+        dst.copy_(value)

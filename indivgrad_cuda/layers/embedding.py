@@ -1,0 +1,54 @@
+"""nn.Embedding on ids [N, *]: the middle dims are the tokens T of each sample.
+
+Sample n's gradient [num_embeddings, D] adds each token's output gradient into its id's row;
+``padding_idx`` gets none, as in torch. Its squared norm: the ghost form sums ``g_t · g_s``
+over pairs of equal tokens, the direct form adds the gradients of equal tokens first
+(``indivgrad_cuda._C.embedding_norm_uses_ghost`` picks); the clipped sum is one
+``index_add`` over the N·T tokens.
+"""
+
+import torch
+from torch import nn
+
+from indivgrad_cuda import ops
+from indivgrad_cuda.layers.base import LayerRule, acc_dtype, write_or_add
+
+
+class EmbeddingRule(LayerRule):
+    params = ("weight",)
+
+    def unsupported_setting(self, module):
+        if module.max_norm is not None:
+            return f"max_norm={module.max_norm} renormalises the weight in place during the forward"
+        if module.scale_grad_by_freq:
+            return "scale_grad_by_freq=True scales by token counts over the whole batch, which mixes samples"
+        return None
+
+    def record(self, module, inputs, output):
+        ids = inputs[0]
+        return ids.reshape(ids.shape[0], -1)
+
+    def output_grad(self, module, grad):
+        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
+
+    def grads(self, module, f, layout, out):
+        if "weight" in out:
+            ops.embedding_grads(f.a, f.g, module.num_embeddings, module.padding_idx, out=out["weight"])
+
+    def sq_norms(self, module, f, want, method):
+        if "weight" not in want:
+            return {}
+        return {"weight": ops.embedding_sq_norms(f.a, f.g, module.padding_idx, method=method)}
+
+    def clipped_sum(self, module, f, coef, grads, accumulate):
+        if "weight" not in grads:
+            return
+        rows = f.g.to(acc_dtype(f.g.dtype)) * coef[:, None, None]
+        if module.padding_idx is not None:
+            rows = torch.where((f.a != module.padding_idx)[..., None], rows, 0)
+        total = torch.zeros(grads["weight"].shape, dtype=rows.dtype, device=rows.device)
+        total.index_add_(0, f.a.reshape(-1), rows.reshape(-1, rows.shape[-1]))
+        write_or_add(grads["weight"], total, accumulate)
+
+
+RULE = (nn.Embedding, EmbeddingRule())

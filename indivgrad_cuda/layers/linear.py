@@ -1,0 +1,58 @@
+"""nn.Linear on inputs [N, *, D_in]: the middle dims are the positions T of each sample.
+
+Sample n's weight gradient is ``sum_t g_t ⊗ a_t = G_nᵀ A_n``; its squared norm is the ghost
+norm ``<A_n A_nᵀ, G_n G_nᵀ>`` or the direct ``||G_nᵀ A_n||²``, whichever costs fewer
+multiply-adds (``indivgrad_cuda._C.linear_norm_uses_ghost``); the clipped sum is one GEMM
+over the N·T rows, each scaled by its sample's coefficient.
+"""
+
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from indivgrad_cuda import ops
+from indivgrad_cuda.layers.base import Factors, LayerRule, squared_rows, write_or_add
+
+
+class LinearRule(LayerRule):
+    def record(self, module, inputs, output):
+        a = inputs[0].detach()
+        return a.reshape(a.shape[0], -1, a.shape[-1])
+
+    def output_grad(self, module, grad):
+        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
+
+    def grad_shape(self, module, attr, layout):
+        if attr == "weight" and layout == "in_out":
+            return (module.in_features, module.out_features)
+        return tuple(getattr(module, attr).shape)
+
+    def grads(self, module, f: Factors, layout, out: Dict[str, torch.Tensor]):
+        if "weight" in out:
+            ops.seq_outer(f.a, f.g, layout=layout, out=out["weight"])
+        if "bias" in out:
+            torch.sum(f.g, 1, out=out["bias"])
+
+    def sq_norms(self, module, f: Factors, want: List[str], method):
+        norms = {}
+        if "weight" in want:
+            norms["weight"] = ops.linear_sq_norms(f.a, f.g, method=method)
+        if "bias" in want:
+            norms["bias"] = squared_rows(f.g.sum(1))
+        return norms
+
+    def clipped_sum(self, module, f: Factors, coef, grads, accumulate):
+        gc = f.g * coef.to(f.g.dtype)[:, None, None]
+        if "weight" in grads:
+            w = grads["weight"]
+            rows_g, rows_a = gc.reshape(-1, gc.shape[-1]), f.a.reshape(-1, f.a.shape[-1])
+            if accumulate:
+                w.addmm_(rows_g.t(), rows_a)
+            else:
+                torch.mm(rows_g.t(), rows_a, out=w)
+        if "bias" in grads:
+            write_or_add(grads["bias"], gc.sum((0, 1)), accumulate)
+
+
+RULE = (nn.Linear, LinearRule())
