@@ -111,3 +111,29 @@ def clipped_sum_ref(grads, max_norm):
     norms = torch.stack([g.flatten(1).double().norm(dim=1) for g in grads.values()]).norm(dim=0)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     return {k: (g.double() * coef.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}, norms
+
+
+def func_module_grads(model, inputs, target, loss_fn, reduction="mean"):
+    """Per-sample gradients of any module's trainable parameters by torch.func: vmap of
+    grad over single-sample batches of every tensor in `inputs` (a Tensor, tuple or dict).
+    A scalar loss of one sample is that sample's loss under either reduction."""
+    from torch.func import functional_call, grad, vmap
+
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
+
+    def one(v):
+        return v[None] if isinstance(v, torch.Tensor) else v
+
+    def sample_loss(p, xi, ti):
+        if isinstance(xi, dict):
+            args, kwargs = (), {k: one(v) for k, v in xi.items()}
+        elif isinstance(xi, tuple):
+            args, kwargs = tuple(one(v) for v in xi), {}
+        else:
+            args, kwargs = (one(xi),), {}
+        out = functional_call(model, {**p, **frozen}, args, kwargs)
+        loss = loss_fn(out) if ti is None else loss_fn(out, ti[None])
+        return loss.sum()
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, None if target is None else 0))(trainable, inputs, target)

@@ -57,7 +57,7 @@ class HooksCapture:
         signature = _signature(inputs, self.model)
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
-            with masks.rows(n0, n1), _Recorder(layers, check) as rec, no_autocast(self.device().type), \
+            with masks.rows(n0, n1), _Recorder(layers, check, n1 - n0) as rec, no_autocast(self.device().type), \
                     torch.enable_grad():
                 output = _call(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
@@ -100,9 +100,10 @@ class _Recording:
 class _Recorder:
     """Forward hooks on the layers while active; what they recorded."""
 
-    def __init__(self, layers: List[Layer], count_uses: bool):
+    def __init__(self, layers: List[Layer], count_uses: bool, n: int):
         self.recordings = [_Recording(layer) for layer in layers]
         self.count_uses = count_uses
+        self.n = n
         self.handles = []
 
     def __enter__(self):
@@ -119,6 +120,13 @@ class _Recorder:
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 raise RuntimeError(f"module '{rec.layer.path}' ({type(module).__name__}) returned no tensor that "
                                    f"requires grad; is the forward running under torch.no_grad()?")
+            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+            if x is None or x.dim() == 0 or x.shape[0] != self.n or output.shape[0] != self.n:
+                got = "no tensor" if x is None else f"shape {list(x.shape)}"
+                raise ValueError(
+                    f"module '{rec.layer.path}' ({type(module).__name__}) was called with {got}; per-sample "
+                    f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}). Expand "
+                    f"shared inputs (e.g. positions) to [N, ...] before the call")
             rec.calls.append(_Call(rec.layer.rule.record(module, inputs, output), output, output._version))
             if self.count_uses:
                 stop = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
