@@ -1,11 +1,14 @@
-"""The methods bench/run.py compares. Each factory takes (model, x, y) — a float model, a
-batch, binary targets; the loss is mean BCE-with-logits as in the seed — and returns a
-callable whose result is checked against the float64 reference before it is timed:
-per-sample gradients {name: [N, out, in]}, norms [N], or clipped sums {name: grad}.
-Competitors are optional: a factory raises MissingDependency when its package is absent."""
+"""The methods bench/run.py compares. Each factory takes a Task (a float model, its inputs,
+targets and loss) and max_norm, and returns a callable whose result is checked against the
+float64 reference before it is timed: per-sample gradients {name: [N, *param.shape]}, norms
+[N], or clipped sums {name: grad}. Competitors are optional: a factory raises Skip when its
+package is absent or it does not apply to the model (the seed's bmm and BackPACK take the
+seed's nn.Sequential MLPs, with its BCE-with-logits loss, only)."""
 
 import copy
 import importlib.util
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -13,45 +16,73 @@ from torch import nn
 import indivgrad_cuda as ig
 from tests.reference import bmm_outer
 
-LOSS = nn.BCEWithLogitsLoss()  # mean over the batch, as in the seed
 
-
-class MissingDependency(Exception):
+class Skip(Exception):
     pass
 
 
 def _require(module, pip_name):
     if importlib.util.find_spec(module) is None:
-        raise MissingDependency(f"{pip_name} not installed (pip install -e .[bench])")
+        raise Skip(f"{pip_name} not installed (pip install -e .[bench])")
 
 
-def summed(model, x, y, **_):
+@dataclass
+class Task:
+    """One problem: model(*inputs) and loss(output, target), the loss a mean over the batch;
+    per_sample_loss is the same loss with reduction="none"."""
+
+    model: nn.Module
+    inputs: tuple
+    target: torch.Tensor
+    loss: Callable
+    per_sample_loss: Callable
+    mlp: bool = False  # the seed's nn.Sequential of Linear and ReLU layers, BCE-with-logits loss
+
+    @property
+    def n(self):
+        return self.inputs[0].shape[0]
+
+    @property
+    def engine_inputs(self):
+        return self.inputs[0] if len(self.inputs) == 1 else self.inputs
+
+    def rows(self, n0, n1):
+        return tuple(t[n0:n1] for t in self.inputs), self.target[n0:n1]
+
+
+def summed(task, **_):
+    model = task.model
     params = dict(model.named_parameters())
 
     def run():
         model.zero_grad(set_to_none=True)
-        LOSS(model(x), y).backward()
+        task.loss(model(*task.inputs), task.target).backward()
         return {k: p.grad for k, p in params.items()}
     return run
 
 
-def loop(model, x, y, **_):
+def loop(task, **_):
     """One backward per sample."""
+    model = task.model
     params = dict(model.named_parameters())
 
     def run():
-        out = {k: torch.empty(len(x), *p.shape, dtype=p.dtype, device=p.device) for k, p in params.items()}
-        for n in range(len(x)):
+        out = {k: torch.empty(task.n, *p.shape, dtype=p.dtype, device=p.device) for k, p in params.items()}
+        for n in range(task.n):
             model.zero_grad(set_to_none=True)
-            LOSS(model(x[n:n + 1]), y[n:n + 1]).backward()
+            inputs, target = task.rows(n, n + 1)
+            task.loss(model(*inputs), target).backward()
             for k, p in params.items():
                 out[k][n] = p.grad
         return out
     return run
 
 
-def seed_bmm(model, x, y, **_):
+def seed_bmm(task, **_):
     """The seed's method: autograd to each layer's output, then torch.bmm per layer."""
+    if not task.mlp:
+        raise Skip("the seed's MLPs only")
+    model, (x,), y = task.model, task.inputs, task.target
     linears = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
 
     def run():
@@ -63,7 +94,7 @@ def seed_bmm(model, x, y, **_):
                 cs.append(h)
             else:
                 h = m(h)
-        gs = torch.autograd.grad(LOSS(h, y) * len(x), cs)
+        gs = torch.autograd.grad(task.loss(h, y) * len(x), cs)
         out = {}
         for (name, m), xi, g in zip(linears, xs, gs):
             out[f"{name}.weight"] = bmm_outer(xi.detach(), g, layout="out_in")
@@ -73,68 +104,68 @@ def seed_bmm(model, x, y, **_):
     return run
 
 
-def indivgrad_grads(model, x, y, **_):
-    engine = ig.PerSampleGrads(model)
-    return lambda: engine(x, y, LOSS)
+def indivgrad_grads(task, **_):
+    engine = ig.PerSampleGrads(task.model)
+    return lambda: engine(task.engine_inputs, task.target, task.loss)
 
 
-def indivgrad_norms(model, x, y, **_):
-    engine = ig.PerSampleGrads(model)
-    return lambda: engine.norms(x, y, LOSS)
+def indivgrad_norms(task, **_):
+    engine = ig.PerSampleGrads(task.model)
+    return lambda: engine.norms(task.engine_inputs, task.target, task.loss)
 
 
-def indivgrad_clipped(model, x, y, max_norm, **_):
-    engine = ig.PerSampleGrads(model)
-    params = dict(model.named_parameters())
+def indivgrad_clipped(task, max_norm, **_):
+    engine = ig.PerSampleGrads(task.model)
+    params = dict(task.model.named_parameters())
 
     def run():
-        engine.clipped_grad_sum(x, y, LOSS, max_norm)
+        engine.clipped_grad_sum(task.engine_inputs, task.target, task.loss, max_norm)
         return {k: p.grad for k, p in params.items()}
     return run
 
 
-def torch_func(model, x, y, **_):
+def torch_func(task, **_):
     from torch.func import functional_call, grad, vmap
 
+    model = task.model
     params = {k: p.detach() for k, p in model.named_parameters()}
 
     def sample_loss(p, xi, yi):
-        return LOSS(functional_call(model, p, (xi[None],)), yi[None])
+        return task.loss(functional_call(model, p, tuple(t[None] for t in xi)), yi[None])
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    return lambda: per_sample(params, x, y)
+    return lambda: per_sample(params, task.inputs, task.target)
 
 
-def opacus_hooks(model, x, y, **_):
+def opacus_hooks(task, **_):
     _require("opacus", "opacus")
     from opacus import GradSampleModule
 
-    gsm = GradSampleModule(copy.deepcopy(model), loss_reduction="mean")
+    gsm = GradSampleModule(copy.deepcopy(task.model), loss_reduction="mean")
     params = dict(gsm._module.named_parameters())
 
     def run():
         gsm.zero_grad(set_to_none=True)
         for p in params.values():
             p.grad_sample = None
-        LOSS(gsm(x), y).backward()
+        task.loss(gsm(*task.inputs), task.target).backward()
         return {k: p.grad_sample for k, p in params.items()}
     return run
 
 
-def opacus_ghost_clipping(model, x, y, max_norm, **_):
+def opacus_ghost_clipping(task, max_norm, **_):
     """Opacus's fast gradient clipping with ghost norms: two backward passes, as its
     DPTensorFastGradientClipping.backward does."""
     _require("opacus", "opacus")
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(model), loss_reduction="mean", max_grad_norm=max_norm,
-                                               use_ghost_clipping=True)
+    gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(task.model), loss_reduction="mean",
+                                               max_grad_norm=max_norm, use_ghost_clipping=True)
     params = dict(gsm._module.named_parameters())
-    per_sample_loss = nn.BCEWithLogitsLoss(reduction="none")
 
     def run():
         gsm.zero_grad(set_to_none=True)
-        losses = per_sample_loss(gsm(x), y).flatten()
+        losses = task.per_sample_loss(gsm(*task.inputs), task.target).flatten()
         losses.mean().backward(retain_graph=True)
         coef = gsm.get_clipping_coef()
         gsm.zero_grad(set_to_none=True)
@@ -145,13 +176,16 @@ def opacus_ghost_clipping(model, x, y, max_norm, **_):
     return run
 
 
-def _backpack(model, x, y, extension_name, result):
+def _backpack(task, extension_name, result):
     """A BackPACK extension run on an extended copy of the model; result(params) reads its
     per-parameter outputs. BackPACK's are those of the mean loss's terms: 1/N-scaled."""
+    if not task.mlp:
+        raise Skip("the seed's MLPs only")
     _require("backpack", "backpack-for-pytorch")
     from backpack import backpack, extend, extensions
 
-    bp_model, bp_loss = extend(copy.deepcopy(model)), extend(nn.BCEWithLogitsLoss())
+    (x,), y = task.inputs, task.target
+    bp_model, bp_loss = extend(copy.deepcopy(task.model)), extend(nn.BCEWithLogitsLoss())
     params = dict(bp_model.named_parameters())
     extension = getattr(extensions, extension_name)
 
@@ -163,13 +197,13 @@ def _backpack(model, x, y, extension_name, result):
     return run
 
 
-def backpack_batch_grad(model, x, y, **_):
-    return _backpack(model, x, y, "BatchGrad", lambda ps: {k: p.grad_batch * len(x) for k, p in ps.items()})
+def backpack_batch_grad(task, **_):
+    return _backpack(task, "BatchGrad", lambda ps: {k: p.grad_batch * task.n for k, p in ps.items()})
 
 
-def backpack_batch_l2(model, x, y, **_):
-    return _backpack(model, x, y, "BatchL2Grad",
-                     lambda ps: torch.stack([p.batch_l2 for p in ps.values()]).sum(0).sqrt() * len(x))
+def backpack_batch_l2(task, **_):
+    return _backpack(task, "BatchL2Grad",
+                     lambda ps: torch.stack([p.batch_l2 for p in ps.values()]).sum(0).sqrt() * task.n)
 
 
 # name -> (factory, what it returns: "mean_grad" | "grads" | "norms" | "clipped")

@@ -1,17 +1,28 @@
-"""End-to-end benchmark: per-sample gradients, norms and clipped sums of the seed's MLPs,
-indivgrad_cuda beside plain autograd, a per-sample loop, the seed's bmm method, torch.func,
-Opacus and BackPACK, each checked against a float64 reference before it is timed.
+"""End-to-end benchmark: per-sample gradients, norms and clipped sums of MLPs and small
+transformers, indivgrad_cuda beside plain autograd, a per-sample loop, the seed's bmm
+method, torch.func, Opacus (hooks and ghost clipping) and BackPACK, each checked against a
+float64 reference before it is timed.
 
-    python bench/run.py                    # the seed's setups (plus larger ones on a GPU)
-    python bench/run.py --setups 32,300,50 1000,100,10 --device cpu
+    python bench/run.py                    # the seed's and the model setups (plus larger MLPs on a GPU)
+    python bench/run.py --setups 32,300,50 tfm:32,64,128,2 --device cpu
     python bench/run.py --quick            # a small smoke run
 
-Setups are [N, D, L]: N samples, width D, L hidden Linear+ReLU layers, one logit, mean
-BCE-with-logits loss (the seed's main.py). Rows are appended to bench/results/results.csv.
+Setups:
+  N,D,L           the seed's MLP: N samples, width D, L hidden Linear+ReLU layers, one logit,
+                  mean BCE-with-logits loss (the seed's main.py); native capture
+  tfm:N,T,D,L     a transformer encoder classifier (tests/models.py): token ids [N, T] with
+                  padding and a mask, vocabulary 1000, d_model D, D/32 heads, L blocks, 10
+                  classes, mean cross-entropy; hooks capture
+  resmlp:N,D,L    a custom nn.Module MLP with residual connections and LayerNorm, width D,
+                  L residual layers, one logit, BCE-with-logits; hooks capture
+For per-sample gradients the table also gives "x bound": the time over the summed step plus
+writing the gradients' bytes at the fill bandwidth measured in the same run.
+Rows are appended to bench/results/results.csv.
 """
 
 import argparse
 import copy
+import functools
 import sys
 from pathlib import Path
 
@@ -19,14 +30,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402  (puts the repository root on sys.path)
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from methods import METHODS, MissingDependency  # noqa: E402
-from tests.reference import clipped_sum_ref, func_per_sample_grads  # noqa: E402
+from methods import METHODS, Skip, Task  # noqa: E402
+from tests.models import ResidualMLP, TinyEncoder, token_batch  # noqa: E402
+from tests.reference import clipped_sum_ref, func_module_grads  # noqa: E402
 
-SEED_SETUPS = [(2, 3, 1), (10, 100, 10), (100, 100, 10), (100, 300, 3), (32, 300, 50), (1000, 100, 10)]
-GPU_SETUPS = [(256, 1024, 4), (64, 4096, 2), (512, 300, 50)]
-QUICK_SETUPS = [(2, 3, 1), (16, 20, 3)]
+SEED_SETUPS = [("mlp", s) for s in [(2, 3, 1), (10, 100, 10), (100, 100, 10), (100, 300, 3), (32, 300, 50),
+                                    (1000, 100, 10)]]
+MODEL_SETUPS = [("tfm", (32, 64, 128, 2)), ("tfm", (64, 128, 256, 4)), ("tfm", (16, 256, 512, 4)),
+                ("resmlp", (256, 256, 4))]
+GPU_SETUPS = [("mlp", s) for s in [(256, 1024, 4), (64, 4096, 2), (512, 300, 50)]]
+QUICK_SETUPS = [("mlp", (2, 3, 1)), ("mlp", (16, 20, 3)), ("tfm", (4, 8, 32, 1)), ("resmlp", (8, 16, 2))]
+KINDS = {"mlp": ("[N, D, L]", 3), "tfm": ("transformer [N, T, d_model, layers]", 4),
+         "resmlp": ("residual MLP [N, D, L]", 3)}
+VOCAB, CLASSES = 1000, 10
 TOLERANCE = 1e-3  # relative error accepted in float32 (per sample, or of a batch-level result)
 MAX_SAMPLES_OFF = 0.01  # the fraction of samples allowed past it (see samples_off)
 LOOP_BUDGET_S = 2.0  # the per-sample loop is skipped when one run would take longer
@@ -37,6 +56,29 @@ def seed_mlp(d, hidden_layers):
     for _ in range(hidden_layers):
         layers += [nn.Linear(d, d), nn.ReLU()]
     return nn.Sequential(*layers, nn.Linear(d, 1))
+
+
+def make_task(setup, device):
+    kind, dims = setup
+    bce = nn.BCEWithLogitsLoss()
+    if kind == "tfm":
+        n, t, d, layers = dims
+        model = TinyEncoder(vocab=VOCAB, d_model=d, heads=max(1, d // 32), layers=layers, max_len=t, classes=CLASSES)
+        ids, mask, labels = token_batch(n, t, VOCAB, CLASSES)
+        return Task(model.to(device), (ids.to(device), mask.to(device)), labels.to(device), F.cross_entropy,
+                    functools.partial(F.cross_entropy, reduction="none"))
+    n, d, depth = dims
+    model = seed_mlp(d, depth) if kind == "mlp" else ResidualMLP(d, d, depth, 1)
+    x = torch.randn(n, d, device=device)
+    y = torch.randint(0, 2, (n, 1), device=device).float()
+    return Task(model.to(device), (x,), y, bce, nn.BCEWithLogitsLoss(reduction="none"), mlp=kind == "mlp")
+
+
+def setup_name(setup):
+    """The CSV's setup column: N x D x L for the seed's MLPs (as before), kind:dims otherwise."""
+    kind, dims = setup
+    dims = "x".join(map(str, dims))
+    return dims if kind == "mlp" else f"{kind}:{dims}"
 
 
 def rel_err(got, ref):
@@ -68,11 +110,15 @@ def check(result, ref, kind):
     return err, (f"WRONG: relative error {err:.2e} > {TOLERANCE}" if err > TOLERANCE else "")
 
 
-def references(model, x, y):
+def references(task):
     """float64 per-sample gradients (torch.func), their mean, norms and a clipped sum
     whose max_norm (the median norm) clips about half the samples."""
-    m64 = copy.deepcopy(model).double()
-    grads = func_per_sample_grads(m64, x.double(), y.double(), nn.BCEWithLogitsLoss())
+    m64 = copy.deepcopy(task.model).double()
+
+    def f64(t):
+        return t.double() if t.is_floating_point() else t
+
+    grads = func_module_grads(m64, tuple(f64(t) for t in task.inputs), f64(task.target), task.loss)
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
     max_norm = norms.median().item()
     clipped, _ = clipped_sum_ref(grads, max_norm)
@@ -81,21 +127,26 @@ def references(model, x, y):
     return refs, max_norm
 
 
+def write_ms(task, device):
+    """The time to fill a buffer of the per-sample gradients' bytes: writing them, at best."""
+    numel = task.n * sum(p.numel() for p in task.model.parameters() if p.requires_grad)
+    buf = torch.empty(numel, device=device)
+    return common.time_ms(lambda: buf.fill_(1.0), device)
+
+
 def bench_setup(setup, device, methods, progress):
-    n, d, hidden = setup
     torch.manual_seed(0)
-    model = seed_mlp(d, hidden).to(device)
-    x = torch.randn(n, d, device=device)
-    y = torch.randint(0, 2, (n, 1), device=device).float()
-    refs, max_norm = references(model, x, y)
-    rows, summed_ms = [], None
+    task = make_task(setup, device)
+    refs, max_norm = references(task)
+    rows, summed_ms, n = [], None, task.n
+    bound_write_ms = write_ms(task, device)
     for name in methods:
         factory, kind = METHODS[name]
-        progress(f"{list(setup)} {name}")
-        row = {"setup": "x".join(map(str, setup)), "method": name}
+        progress(f"{setup_name(setup)} {name}")
+        row = {"setup": setup_name(setup), "method": name}
         try:
-            fn = factory(model, x, y, max_norm=max_norm)
-        except MissingDependency as e:
+            fn = factory(task, max_norm=max_norm)
+        except Skip as e:
             row["note"] = f"skipped: {e}"
             rows.append(row)
             continue
@@ -103,40 +154,58 @@ def bench_setup(setup, device, methods, progress):
             row["note"] = f"skipped: about {summed_ms * n / 1e3:.0f} s a run"
             rows.append(row)
             continue
-        row["max_rel_err"], row["note"] = check(fn(), refs[kind], kind)
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - a competitor's failure is a row, not the end of the bench
+            if name.startswith("indivgrad"):
+                raise
+            row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            rows.append(row)
+            continue
+        row["max_rel_err"], row["note"] = check(result, refs[kind], kind)
         if row["note"].startswith("WRONG"):
             rows.append(row)
             continue
         row["median_ms"] = common.time_ms(fn, device)
         # a fresh instance, so lazily allocated state (indivgrad's reused buffers) is counted
-        row["peak_mem_mb"] = common.peak_memory_mb(factory(model, x, y, max_norm=max_norm), device)
+        row["peak_mem_mb"] = common.peak_memory_mb(factory(task, max_norm=max_norm), device)
         if name == "summed":
             summed_ms = row["median_ms"]
         row["ratio_vs_summed"] = row["median_ms"] / summed_ms if summed_ms else None
+        if kind == "grads" and summed_ms:  # % of the bound: the summed step plus writing the gradients
+            row["roofline_pct"] = 100 * (summed_ms + bound_write_ms) / row["median_ms"]
         rows.append(row)
     return rows
 
 
-def print_table(setup_rows):
-    setup = setup_rows[0]["setup"]
-    print(f"\n[N, D, L] = [{setup.replace('x', ', ')}]")
-    print(f"  {'method':<18} {'median ms':>10} {'x summed':>9} {'peak MB':>9} {'rel err':>9}  note")
+def print_table(setup, setup_rows):
+    kind, dims = setup
+    print(f"\n{KINDS[kind][0]} = {list(dims)}")
+    print(f"  {'method':<18} {'median ms':>10} {'x summed':>9} {'x bound':>8} {'peak MB':>9} {'rel err':>9}  note")
     for r in setup_rows:
+        bound = 100 / r["roofline_pct"] if r.get("roofline_pct") else None
         print(f"  {r['method']:<18} {common.fmt(r.get('median_ms')):>10} {common.fmt(r.get('ratio_vs_summed')):>9} "
-              f"{common.fmt(r.get('peak_mem_mb')):>9} {common.fmt(r.get('max_rel_err'), 2):>9}  {r.get('note', '')}")
+              f"{common.fmt(bound):>8} {common.fmt(r.get('peak_mem_mb')):>9} {common.fmt(r.get('max_rel_err'), 2):>9}  "
+              f"{r.get('note', '')}")
 
 
 def parse_setup(text):
-    parts = [int(v) for v in text.split(",")]
-    if len(parts) != 3 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"a setup is N,D,L with positive integers, got {text!r}")
-    return tuple(parts)
+    kind, _, dims = text.rpartition(":")
+    kind = kind or "mlp"
+    try:
+        parts = tuple(int(v) for v in dims.split(","))
+    except ValueError:
+        parts = ()
+    if kind not in KINDS or len(parts) != KINDS[kind][1] or min(parts, default=0) < 1:
+        raise argparse.ArgumentTypeError(f"a setup is N,D,L, tfm:N,T,D,L or resmlp:N,D,L with positive integers, "
+                                         f"got {text!r}")
+    return kind, parts
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", nargs="+", type=parse_setup, help="N,D,L triples (default: the seed's six, "
-                        "plus larger ones on a GPU)")
+    parser.add_argument("--setups", nargs="+", type=parse_setup, help="N,D,L | tfm:N,T,D,L | resmlp:N,D,L (default: "
+                        "the seed's six MLPs and the model setups, plus larger MLPs on a GPU)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--quick", action="store_true", help="two small setups, for smoke tests")
@@ -144,7 +213,8 @@ def main(argv=None):
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    setups = args.setups or (QUICK_SETUPS if args.quick else SEED_SETUPS + (GPU_SETUPS if device.type == "cuda" else []))
+    setups = args.setups or (QUICK_SETUPS if args.quick else
+                             SEED_SETUPS + MODEL_SETUPS + (GPU_SETUPS if device.type == "cuda" else []))
     if "summed" not in args.methods:
         args.methods = ["summed"] + args.methods  # every ratio is to the summed gradient
     context = common.run_context(device)
@@ -157,7 +227,7 @@ def main(argv=None):
     for setup in setups:
         rows = bench_setup(setup, device, args.methods, progress)
         print("\r" + " " * 72 + "\r", end="", file=sys.stderr)
-        print_table(rows)
+        print_table(setup, rows)
         all_rows += [{**context, "bench": "run", **r} for r in rows]
     skipped = sorted({f"{r['method']} ({r['note'][9:]})" for r in all_rows if r.get("note", "").startswith("skipped")})
     if skipped:

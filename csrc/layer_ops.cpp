@@ -210,12 +210,20 @@ std::tuple<Tensor, Tensor> layer_norm_grads(const Tensor& x, const Tensor& g, at
   const auto acc = acc_type(x.scalar_type());
   const Tensor xhat = at::layer_norm(x.to(acc), normalized_shape, {}, {}, eps);
   const Tensor ga = g.to(acc);
-  std::vector<int64_t> middle;
-  for (int64_t dim = 1; dim < x.dim() - k; ++dim) middle.push_back(dim);
-  Tensor gw = xhat.mul(ga), gb = ga;
-  if (!middle.empty()) {
+  std::vector<int64_t> middle, shape{x.size(0)};
+  int64_t positions = 1;
+  for (int64_t dim = 1; dim < x.dim() - k; ++dim) {
+    middle.push_back(dim);
+    positions *= x.size(dim);
+  }
+  shape.insert(shape.end(), normalized_shape.begin(), normalized_shape.end());
+  Tensor gw = xhat.mul(ga), gb;
+  if (positions == 1) {  // nothing to add up (a sum over one position costs a fill and an add)
+    gw = gw.reshape(shape);
+    gb = ga.reshape(shape).clone();  // never an alias of the input g
+  } else {
     gw = gw.sum(middle);
-    gb = gb.sum(middle);
+    gb = ga.sum(middle);
   }
   return {gw.to(x.scalar_type()), gb.to(x.scalar_type())};
 }

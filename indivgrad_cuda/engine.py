@@ -141,11 +141,11 @@ class PerSampleGrads:
             raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
         if into not in (None, "grad_sample"):
             raise ValueError(f"into: expected None or 'grad_sample', got {into!r}")
-        results = self._result_buffers(cap.params(layout), n, layout, out)
+        layers, params = self._params(cap, layout)
+        results = self._result_buffers(params, n, layout, out)
         if cap is self._native:
             cap.grads(inputs, target, loss_fn, reduction, generator, layout, results)
         else:
-            layers = cap.layers()
             cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk,
                     lambda factors, n0, n1: reducers.materialise(
                         layers, factors, layout, {k: v[n0:n1] for k, v in results.items()}))
@@ -164,13 +164,11 @@ class PerSampleGrads:
         With ``per_param=True`` returns ``(norms, {name: [N]})``. float16/bfloat16 models
         get float32 norms."""
         cap, n = self._begin(inputs, reduction, generator)
-        params = cap.params("out_in")
+        layers, params = self._params(cap, "out_in")
         sq = self._squared_norm_buffer(params, n)
         if cap is self._native:
             cap.norms(inputs, target, loss_fn, reduction, generator, sq)
         else:
-            layers = cap.layers()
-
             def chunk_norms(factors, n0, n1):
                 sq[:, n0:n1] = reducers.squared_norms(layers, factors, self.norm_method, n1 - n0, sq)
 
@@ -196,7 +194,7 @@ class PerSampleGrads:
         if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0):
             raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
         max_norm = float(max_norm)
-        params = cap.params("out_in")
+        layers, params = self._params(cap, "out_in")
         grads = {name: _grad_tensor(p) for name, (p, _) in params.items()}
         sq = self._squared_norm_buffer(params, n)
         if n == 0:
@@ -205,8 +203,6 @@ class PerSampleGrads:
         if cap is self._native:
             cap.clipped_sum(inputs, target, loss_fn, reduction, generator, max_norm, grads, sq)
         else:
-            layers = cap.layers()
-
             def chunk_clipped(factors, n0, n1):
                 rows = reducers.squared_norms(layers, factors, self.norm_method, n1 - n0, sq)
                 sq[:, n0:n1] = rows
@@ -237,6 +233,13 @@ class PerSampleGrads:
         n = batch_size(inputs)
         randomness.check_generator(generator, cap.device())
         return cap, n
+
+    def _params(self, cap, layout):
+        """(the hooks capture's layers or None, {name: (parameter, per-sample shape)})."""
+        if cap is self._native:
+            return None, cap.params(layout)
+        layers = cap.layers()
+        return layers, cap.params(layers, layout)
 
     def _squared_norm_buffer(self, params, n):
         """[P, N] for the squared norms of the P parameters that require grad."""

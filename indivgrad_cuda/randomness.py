@@ -47,10 +47,11 @@ class DropoutMasks:
     capture draws them). Other random modules and functional randomness draw from torch's
     generators chunk by chunk."""
 
-    def __init__(self, model, n: int, generator: Optional[torch.Generator]):
-        self.dropouts = [m for m in model.modules() if type(m) is torch.nn.Dropout and m.training]
-        for path, m in model.named_modules():
-            if m in self.dropouts and not 0 <= m.p <= 1:
+    def __init__(self, dropouts, n: int, generator: Optional[torch.Generator]):
+        """dropouts: (path, module) of the model's nn.Dropout modules."""
+        self.dropouts = [m for _, m in dropouts if m.training]
+        for path, m in dropouts:
+            if m.training and not 0 <= m.p <= 1:
                 raise ValueError(f"module '{path}' (Dropout): p={m.p}; expected 0 <= p <= 1")
         self.n, self.generator = n, generator
         self.masks = {}  # (id(module), call index) -> mask of the whole batch

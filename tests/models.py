@@ -53,7 +53,7 @@ class TinyEncoder(nn.Module):
 
     def forward(self, ids, mask=None):
         n, t = ids.shape
-        h = self.tok(ids) + self.pos(torch.arange(t, device=ids.device).expand(n, t))
+        h = self.tok(ids) + self.pos(torch.arange(t, device=ids.device).repeat(n, 1))
         for block in self.blocks:
             h = block(h, mask)
         h = self.ln(h)
@@ -76,7 +76,7 @@ class FeatureEncoder(TinyEncoder):
 
     def forward(self, x, mask=None):
         n, t, _ = x.shape
-        h = self.inp(x) + self.pos(torch.arange(t, device=x.device).expand(n, t))
+        h = self.inp(x) + self.pos(torch.arange(t, device=x.device).repeat(n, 1))
         for block in self.blocks:
             h = block(h, mask)
         return self.head(self.ln(h).mean(1))

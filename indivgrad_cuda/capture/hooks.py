@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from indivgrad_cuda import randomness
-from indivgrad_cuda.capture.layers import Layer, find_layers
+from indivgrad_cuda.capture.layers import Layer, ModelScan
 from indivgrad_cuda.capture.losses import loss_grad_seed
 from indivgrad_cuda.capture.precision import no_autocast
 from indivgrad_cuda.chunking import batch_size, split_batch
@@ -29,32 +29,35 @@ from indivgrad_cuda.layers import Factors
 class HooksCapture:
     def __init__(self, model: nn.Module):
         self.model = model
-        find_layers(model)  # validates: every trainable parameter belongs to a supported layer
+        self.scan = ModelScan(model)
+        self.scan.check()  # every trainable parameter belongs to a supported layer
         self._checked = set()  # input signatures whose parameter uses were checked
 
     def layers(self) -> List[Layer]:
         """The supported layers with trainable parameters now (requires_grad is read each call)."""
-        return [layer for layer in find_layers(self.model) if layer.wanted()]
+        self.scan.check()
+        return self.scan.wanted_layers()
 
-    def params(self, layout: str) -> Dict[str, tuple]:
+    @staticmethod
+    def params(layers: List[Layer], layout: str) -> Dict[str, tuple]:
         """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters."""
         return {layer.names[attr]: (p, layer.rule.grad_shape(layer.module, attr, layout))
-                for layer in self.layers() for attr, p in layer.trainable().items()}
+                for layer in layers for attr, p in layer.trainable().items()}
 
     def device(self) -> torch.device:
-        for p in self.model.parameters():
-            return p.device
+        for layer in self.scan.layers:
+            return next(iter(layer.module.parameters())).device
         return torch.device("cpu")
 
     def run(self, layers: List[Layer], inputs, target, loss_fn: Callable, reduction: str,
             generator: Optional[torch.Generator], max_chunk: Optional[int], chunk_pass: Callable) -> None:
         """Forward, loss and backward chunk by chunk; ``chunk_pass(factors, n0, n1)`` gets
         each layer's :class:`Factors` (in ``layers`` order) for samples n0..n1."""
-        _check_no_batch_statistics(self.model)
+        _check_no_batch_statistics(self.scan.batch_norms)
         n = batch_size(inputs)
         size = max(1, n if max_chunk is None else min(n, max_chunk))  # see PerSampleGrads's max_chunk
-        masks = randomness.DropoutMasks(self.model, n, generator)
-        signature = _signature(inputs, self.model)
+        masks = randomness.DropoutMasks(self.scan.dropouts, n, generator)
+        signature = _signature(inputs, self.model, layers)
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
             with masks.rows(n0, n1), _Recorder(layers, check, n1 - n0) as rec, no_autocast(self.device().type), \
@@ -192,7 +195,7 @@ def _param_edges(roots, stop) -> Dict[int, int]:
     return counts
 
 
-def _signature(inputs, model):
+def _signature(inputs, model, layers):
     def sig(t):
         return (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t).__name__
 
@@ -202,13 +205,13 @@ def _signature(inputs, model):
         parts = tuple(sig(v) for v in inputs)
     else:
         parts = sig(inputs)
-    flags = tuple(p.requires_grad for p in model.parameters())
-    return parts, model.training, flags
+    trainable = tuple(id(p) for layer in layers for p in layer.trainable().values())
+    return parts, model.training, trainable
 
 
-def _check_no_batch_statistics(model: nn.Module) -> None:
-    for path, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+def _check_no_batch_statistics(batch_norms) -> None:
+    for path, m in batch_norms:
+        if m.training:
             raise ValueError(
                 f"module '{path}' ({type(m).__name__}) is in train mode: it normalises each sample with statistics "
                 f"of the whole batch, which mixes samples, so per-sample gradients do not exist. Put it in eval "

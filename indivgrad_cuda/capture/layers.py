@@ -1,8 +1,9 @@
 """Which modules of a model the hooks capture serves: every module with trainable
-parameters must be a supported layer (:data:`indivgrad_cuda.layers.RULES`)."""
+parameters must be a supported layer (:data:`indivgrad_cuda.layers.RULES`). The model is
+scanned once; each call re-reads only ``requires_grad`` and the parameters themselves."""
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from torch import nn
 
@@ -33,44 +34,70 @@ class Layer:
         return bool(self.trainable())
 
 
+@dataclass
+class _Refused:
+    path: str
+    module: nn.Module
+    why: str
+    attrs: Tuple[str, ...]  # the parameters whose requires_grad makes it a problem
+
+
 def supported_text() -> str:
     return (f"layers with trainable parameters: {supported_names()} (Linear on [N, *, D_in], LayerNorm with "
             f"elementwise affine, Embedding without max_norm or scale_grad_by_freq); parameter-free modules and "
             f"functional code anywhere; frozen parameters (requires_grad=False) anywhere")
 
 
-def find_layers(model: nn.Module) -> List[Layer]:
-    """The supported layers that own parameters, in module order. Raises
-    UnsupportedModuleError naming every module with trainable parameters that cannot be served."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    owners, layers, problems = {}, [], []
-    for path, m in model.named_modules():
-        path = path or "(the model)"
-        direct = dict(m.named_parameters(recurse=False))
-        if not direct:
-            continue
-        trainable = [a for a, p in direct.items() if p.requires_grad]
-        for a, p in direct.items():
-            if id(p) in owners and p.requires_grad:
-                problems.append(f"'{path}' ({type(m).__name__}): parameter '{a}' is also module "
-                                f"'{owners[id(p)]}''s (shared between modules)")
-            owners.setdefault(id(p), path)
-        rule = rule_for(m)
-        if rule is None:
-            if trainable:
-                problems.append(f"'{path}' ({type(m).__name__}): {_why_not(m)}")
-            continue
-        extra = [a for a in trainable if a not in rule.params]
-        why = rule.unsupported_setting(m)
-        if trainable and (extra or why):
-            problems.append(f"'{path}' ({type(m).__name__}): " + (why or f"unknown trainable parameters {extra}"))
-            continue
-        layers.append(Layer(path, m, rule, {a: names[id(p)] for a, p in direct.items()}))
-    if problems:
-        raise UnsupportedModuleError(
-            "these modules have trainable parameters the engine cannot serve:\n  - " + "\n  - ".join(problems)
-            + f"\nSupported: {supported_text()}. Freeze a module's parameters (requires_grad_(False)) to skip it.")
-    return layers
+class ModelScan:
+    """The supported layers that own parameters (in module order) and the modules with
+    parameters the engine cannot serve, which are fine while those parameters are frozen."""
+
+    def __init__(self, model: nn.Module):
+        names = {id(p): n for n, p in model.named_parameters()}
+        owners = {}
+        self.layers: List[Layer] = []
+        self.refused: List[_Refused] = []
+        self.batch_norms: List[Tuple[str, nn.Module]] = []
+        self.dropouts: List[Tuple[str, nn.Module]] = []
+        for path, m in model.named_modules():
+            path = path or "(the model)"
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                self.batch_norms.append((path, m))
+            if type(m) is nn.Dropout:
+                self.dropouts.append((path, m))
+            direct = dict(m.named_parameters(recurse=False))
+            if not direct:
+                continue
+            for a, p in direct.items():
+                if id(p) in owners:
+                    self.refused.append(_Refused(path, m, f"parameter '{a}' is also module '{owners[id(p)]}''s "
+                                                          f"(shared between modules)", (a,)))
+                owners.setdefault(id(p), path)
+            rule = rule_for(m)
+            if rule is None:
+                self.refused.append(_Refused(path, m, _why_not(m), tuple(direct)))
+                continue
+            extra = tuple(a for a in direct if a not in rule.params)
+            if extra:
+                self.refused.append(_Refused(path, m, f"unknown parameters {list(extra)}", extra))
+            why = rule.unsupported_setting(m)
+            if why:
+                self.refused.append(_Refused(path, m, why, tuple(direct)))
+                continue
+            self.layers.append(Layer(path, m, rule, {a: names[id(p)] for a, p in direct.items()}))
+
+    def check(self) -> None:
+        """Raises UnsupportedModuleError naming every refused module with a trainable parameter."""
+        problems = [f"'{r.path}' ({type(r.module).__name__}): {r.why}" for r in self.refused
+                    if any(getattr(r.module, a).requires_grad for a in r.attrs)]
+        if problems:
+            raise UnsupportedModuleError(
+                "these modules have trainable parameters the engine cannot serve:\n  - " + "\n  - ".join(problems)
+                + f"\nSupported: {supported_text()}. Freeze a module's parameters (requires_grad_(False)) to skip it.")
+
+    def wanted_layers(self) -> List[Layer]:
+        """The supported layers with trainable parameters now (after check())."""
+        return [layer for layer in self.layers if layer.wanted()]
 
 
 def _why_not(module) -> str:

@@ -1,7 +1,7 @@
 """What a layer rule is: how one supported layer type turns its factors into per-sample
 gradients, squared norms and a clipped sum (see :mod:`indivgrad_cuda.layers`)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
@@ -16,6 +16,7 @@ class Factors:
 
     a: torch.Tensor
     g: torch.Tensor
+    cache: dict = field(default_factory=dict)  # what a rule computes once for several reductions
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

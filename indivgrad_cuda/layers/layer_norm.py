@@ -23,8 +23,11 @@ class LayerNormRule(LayerRule):
         return grad.reshape(grad.shape[0], -1, *module.normalized_shape)
 
     def _grads(self, module, f: Factors):
-        gw, gb = ops.layer_norm_grads(f.a, f.g, module.normalized_shape, module.eps)
-        return {"weight": gw, "bias": gb}
+        """Per-sample gradients, once per chunk (the clipped sum needs them for the norms too)."""
+        if "grads" not in f.cache:
+            gw, gb = ops.layer_norm_grads(f.a, f.g, module.normalized_shape, module.eps)
+            f.cache["grads"] = {"weight": gw, "bias": gb}
+        return f.cache["grads"]
 
     def grads(self, module, f, layout, out: Dict[str, torch.Tensor]):
         per_sample = self._grads(module, f)

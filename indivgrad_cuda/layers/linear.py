@@ -32,27 +32,38 @@ class LinearRule(LayerRule):
         if "weight" in out:
             ops.seq_outer(f.a, f.g, layout=layout, out=out["weight"])
         if "bias" in out:
-            torch.sum(f.g, 1, out=out["bias"])
+            out["bias"].copy_(_bias_grads(f))
 
     def sq_norms(self, module, f: Factors, want: List[str], method):
         norms = {}
         if "weight" in want:
             norms["weight"] = ops.linear_sq_norms(f.a, f.g, method=method)
         if "bias" in want:
-            norms["bias"] = squared_rows(f.g.sum(1))
+            norms["bias"] = squared_rows(_bias_grads(f))
         return norms
 
     def clipped_sum(self, module, f: Factors, coef, grads, accumulate):
-        gc = f.g * coef.to(f.g.dtype)[:, None, None]
+        c = coef.to(f.g.dtype)
         if "weight" in grads:
-            w = grads["weight"]
-            rows_g, rows_a = gc.reshape(-1, gc.shape[-1]), f.a.reshape(-1, f.a.shape[-1])
+            a, g = f.a, f.g
+            if a.shape[-1] < g.shape[-1]:  # scale the narrower factor's rows
+                a = a * c[:, None, None]
+            else:
+                g = g * c[:, None, None]
+            rows_g, rows_a, w = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), grads["weight"]
             if accumulate:
                 w.addmm_(rows_g.t(), rows_a)
             else:
                 torch.mm(rows_g.t(), rows_a, out=w)
         if "bias" in grads:
-            write_or_add(grads["bias"], gc.sum((0, 1)), accumulate)
+            write_or_add(grads["bias"], c @ _bias_grads(f), accumulate)
+
+
+def _bias_grads(f: Factors) -> torch.Tensor:
+    """[N, D_out]: sum_t g_t (a view of g when T = 1: a sum over one position costs a fill and an add)."""
+    if "bias" not in f.cache:
+        f.cache["bias"] = f.g[:, 0] if f.g.shape[1] == 1 else f.g.sum(1)
+    return f.cache["bias"]
 
 
 RULE = (nn.Linear, LinearRule())
