@@ -6,19 +6,20 @@ ghost-clipping norms) with indivgrad_cuda.
 
 Opacus calls a layer's grad sampler with the activations and backprops its hooks captured,
 already rearranged to batch-first and scaled for ``loss_reduction``; ours replaces only the
-sampler, so both conventions are Opacus's own. 2-D activations ([N, in]) go through
-:func:`indivgrad_cuda.outer` straight into the [N, out, in] buffer; anything else (e.g.
-[N, T, in] sequences) falls back to Opacus's own sampler unchanged. ``uninstall()``
-restores Opacus's samplers.
+sampler, so both conventions are Opacus's own. Activations [N, *, in] (2-D, or sequences
+with any middle dims, flattened into T) go through :func:`indivgrad_cuda.ops.seq_outer`
+straight into the [N, out, in] buffer (the fused outer-product kernel when T = 1), and the
+ghost-clipping norms through :func:`indivgrad_cuda.ops.linear_sq_norms` (the ghost or the
+direct norm, whichever costs less). ``uninstall()`` restores Opacus's samplers.
 """
 
 import contextlib
 
-from indivgrad_cuda.ops import outer
+from indivgrad_cuda.ops import linear_sq_norms, seq_outer
 
 try:
     import opacus.grad_sample as _grad_sample
-    from opacus.grad_sample.linear import compute_linear_grad_sample, compute_linear_norm_sample
+    import opacus.grad_sample.linear  # noqa: F401  (Opacus's own samplers, restored by uninstall())
 except ImportError as e:  # keep this module importable; say how to get Opacus when asked for it
     _IMPORT_ERROR = e
     _HOOK_CLASSES = ()
@@ -45,33 +46,31 @@ def _require_opacus():
         ) from _IMPORT_ERROR
 
 
+def _factors(activations, backprops):
+    """[N, T, in] and [N, T, out] views (T = 1 for 2-D), in the backprops' dtype as Opacus's own."""
+    a = activations[0].to(backprops.dtype)
+    return a.reshape(a.shape[0], -1, a.shape[-1]), backprops.reshape(backprops.shape[0], -1, backprops.shape[-1])
+
+
 def linear_grad_sample(layer, activations, backprops):
     """Opacus grad sampler for nn.Linear: {param: per-sample gradient [N, *param.shape]}."""
-    a = activations[0]
-    if a.dim() != 2 or backprops.dim() != 2:
-        return compute_linear_grad_sample(layer, activations, backprops)
-    a = a.to(backprops.dtype)  # as Opacus's sampler
+    a, g = _factors(activations, backprops)
     ret = {}
     if layer.weight.requires_grad:
-        ret[layer.weight] = outer(a, backprops, layout="out_in")
+        ret[layer.weight] = seq_outer(a, g, layout="out_in")
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops
+        ret[layer.bias] = g[:, 0] if g.shape[1] == 1 else g.sum(1)
     return ret
 
 
 def linear_norm_sample(layer, activations, backprops):
-    """Opacus ghost-clipping norm sampler for nn.Linear: {param: per-sample norm [N]},
-    with ||a_n ⊗ g_n|| = ||a_n|| ||g_n|| for 2-D activations."""
-    a = activations[0]
-    if a.dim() != 2 or backprops.dim() != 2:
-        return compute_linear_norm_sample(layer, activations, backprops)
-    a = a.to(backprops.dtype)
-    g_norm = backprops.norm(dim=1)
+    """Opacus ghost-clipping norm sampler for nn.Linear: {param: per-sample norm [N]}."""
+    a, g = _factors(activations, backprops)
     ret = {}
     if layer.weight.requires_grad:
-        ret[layer.weight] = a.norm(dim=1) * g_norm
+        ret[layer.weight] = linear_sq_norms(a, g).sqrt().to(g.dtype)
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = g_norm
+        ret[layer.bias] = (g[:, 0] if g.shape[1] == 1 else g.sum(1)).norm(dim=1)
     return ret
 
 

@@ -45,15 +45,15 @@ class _nothing:
 
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the calls of our outer product, so a test can tell that our path ran."""
+    """Counts the calls of our per-sample product, so a test can tell that our path ran."""
     count = {"n": 0}
-    real = ig_opacus.outer
+    real = ig_opacus.seq_outer
 
     def spy(*args, **kwargs):
         count["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ig_opacus, "outer", spy)
+    monkeypatch.setattr(ig_opacus, "seq_outer", spy)
     return count
 
 
@@ -83,13 +83,14 @@ def test_mixed_model_keeps_opacus_samplers_for_other_layers(calls, device):
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
-def test_sequence_inputs_fall_back_to_opacus(batch_first, calls, device):
+@pytest.mark.parametrize("middle", [(3,), (2, 3)])
+def test_sequence_inputs_go_through_our_sampler(batch_first, middle, calls, device):
     model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).double().to(device)
-    shape = (4, 3, 6) if batch_first else (3, 4, 6)  # [N, T, D] or [T, N, D]
+    shape = (4, *middle, 6) if batch_first else (middle[0], 4, *middle[1:], 6)  # [N, *, D] or [T, N, *, D]
     x = torch.randn(*shape, dtype=torch.float64, device=device)
-    y = torch.randn(*shape[:2], 2, dtype=torch.float64, device=device)
+    y = torch.randn(*shape[:-1], 2, dtype=torch.float64, device=device)
     ours = grad_samples(model, x, y, "sum", backend=True, batch_first=batch_first)
-    assert calls["n"] == 0  # 3-D activations: Opacus's own sampler
+    assert calls["n"] == 2
     assert_same(ours, grad_samples(model, x, y, "sum", backend=False, batch_first=batch_first))
     assert ours["0.weight"].shape == (4, 5, 6)
 
@@ -104,9 +105,11 @@ def ghost_norms(model, x, y, backend):
     return norms
 
 
-def test_ghost_clipping_norms_agree(device):
+@pytest.mark.parametrize("middle", [(), (2,), (40,)])  # 2-D; sequences taking the ghost, then the direct norm
+def test_ghost_clipping_norms_agree(device, middle):
     model = nn.Sequential(nn.Linear(6, 9), nn.GELU(), nn.Linear(9, 2)).double().to(device)
-    x, y = torch.randn(8, 6, dtype=torch.float64, device=device), torch.randn(8, 2, dtype=torch.float64, device=device)
+    x = torch.randn(8, *middle, 6, dtype=torch.float64, device=device)
+    y = torch.randn(8, *middle, 2, dtype=torch.float64, device=device)
     ours = ghost_norms(model, x, y, backend=True)
     torch.testing.assert_close(ours, ghost_norms(model, x, y, backend=False), rtol=1e-12, atol=1e-12)
     per_sample = grad_samples(model, x, y, "mean", backend=False)
