@@ -141,11 +141,14 @@ def test_the_package_does_not_import_opacus():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_dp_sgd_example_runs(device):
+@pytest.mark.parametrize("model", ["mlp", "sequence"])
+def test_dp_sgd_example_runs(device, model):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "bench" / "dp_sgd_digits.py"), "--epochs", "1", "--device", device],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, str(root / "bench" / "dp_sgd_digits.py"), "--epochs", "1", "--device", device,
+                           "--model", model], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "max relative difference" in proc.stdout and "opacus + indivgrad" in proc.stdout
+    assert "max relative difference" in proc.stdout and "opacus + indivgrad backend" in proc.stdout
+    eps = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith(("  opacus", "  indivgrad engine"))]
+    assert len(eps) == 3 and len(set(eps)) == 1  # the same epsilon for the same noise, sampling and steps
