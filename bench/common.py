@@ -54,26 +54,43 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, *, warmup=2, min_repeats=5, max_repeats=50, budget_s=1.0):
-    """Median wall time of fn() in ms: CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
+def _time_once(fn, device):
+    """fn()'s wall time in ms: CUDA events on GPU, perf_counter on CPU."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_ms(fn, device, *, warmup=2, min_repeats=5, max_repeats=50, budget_s=1.0):
+    """Median wall time of fn() in ms."""
+    return time_interleaved({"fn": fn}, device, warmup=warmup, min_repeats=min_repeats, max_repeats=max_repeats,
+                            budget_s=budget_s)["fn"]
+
+
+def time_interleaved(fns, device, *, warmup=2, min_repeats=5, max_repeats=50, budget_s=1.0):
+    """{name: median wall time of fns[name]() in ms}, timed in rounds that call every fn once:
+    drift of a shared machine over the run (other tenants, clocks) then affects every method
+    alike, so the ratios between them hold. Rounds continue until min_repeats and budget_s
+    per method have passed (at most max_repeats)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
     sync(device)
-    times = []
-    start_all = time.perf_counter()
-    while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - start_all < budget_s):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    start = time.perf_counter()
+    budget = budget_s * len(fns)
+    while len(times[next(iter(fns))]) < max_repeats and (
+            len(times[next(iter(fns))]) < min_repeats or time.perf_counter() - start < budget):
+        for name, fn in fns.items():
+            times[name].append(_time_once(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 class _CpuAllocations(TorchDispatchMode):

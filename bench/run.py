@@ -24,6 +24,7 @@ import argparse
 import copy
 import functools
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +47,7 @@ QUICK_SETUPS = [("mlp", (2, 3, 1)), ("mlp", (16, 20, 3)), ("tfm", (4, 8, 32, 1))
 KINDS = {"mlp": ("[N, D, L]", 3), "tfm": ("transformer [N, T, d_model, layers]", 4),
          "resmlp": ("residual MLP [N, D, L]", 3)}
 VOCAB, CLASSES = 1000, 10
+WRITE = "(write)"  # timed beside the methods: a fill of the per-sample gradients' bytes
 TOLERANCE = 1e-3  # relative error accepted in float32 (per sample, or of a batch-level result)
 MAX_SAMPLES_OFF = 0.01  # the fraction of samples allowed past it (see samples_off)
 LOOP_BUDGET_S = 2.0  # the per-sample loop is skipped when one run would take longer
@@ -127,11 +129,11 @@ def references(task):
     return refs, max_norm
 
 
-def write_ms(task, device):
-    """The time to fill a buffer of the per-sample gradients' bytes: writing them, at best."""
+def write_gradients(task, device):
+    """A fill of a buffer of the per-sample gradients' bytes: writing them, at best."""
     numel = task.n * sum(p.numel() for p in task.model.parameters() if p.requires_grad)
     buf = torch.empty(numel, device=device)
-    return common.time_ms(lambda: buf.fill_(1.0), device)
+    return lambda: buf.fill_(1.0)
 
 
 def bench_setup(setup, device, methods, progress):
@@ -139,43 +141,51 @@ def bench_setup(setup, device, methods, progress):
     task = make_task(setup, device)
     refs, max_norm = references(task)
     rows, summed_ms, n = [], None, task.n
-    bound_write_ms = write_ms(task, device)
+    timed = {}  # name -> (fn, kind, row): the methods whose results were right, timed together below
     for name in methods:
         factory, kind = METHODS[name]
         progress(f"{setup_name(setup)} {name}")
         row = {"setup": setup_name(setup), "method": name}
+        rows.append(row)
         try:
             fn = factory(task, max_norm=max_norm)
         except Skip as e:
             row["note"] = f"skipped: {e}"
-            rows.append(row)
             continue
         if name == "loop" and summed_ms is not None and summed_ms * n / 1e3 > LOOP_BUDGET_S:
             row["note"] = f"skipped: about {summed_ms * n / 1e3:.0f} s a run"
-            rows.append(row)
             continue
         try:
-            result = fn()
+            first_ms, result = first_call(fn)
         except Exception as e:  # noqa: BLE001 - a competitor's failure is a row, not the end of the bench
             if name.startswith("indivgrad"):
                 raise
             row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-            rows.append(row)
             continue
-        row["max_rel_err"], row["note"] = check(result, refs[kind], kind)
-        if row["note"].startswith("WRONG"):
-            rows.append(row)
-            continue
-        row["median_ms"] = common.time_ms(fn, device)
-        # a fresh instance, so lazily allocated state (indivgrad's reused buffers) is counted
-        row["peak_mem_mb"] = common.peak_memory_mb(factory(task, max_norm=max_norm), device)
         if name == "summed":
-            summed_ms = row["median_ms"]
+            summed_ms = first_ms  # only to skip a loop that would take too long
+        row["max_rel_err"], row["note"] = check(result, refs[kind], kind)
+        if not row["note"].startswith("WRONG"):
+            timed[name] = (fn, kind, row)
+    progress(f"{setup_name(setup)}: timing {len(timed)} methods in turn")
+    medians = common.time_interleaved({WRITE: write_gradients(task, device),
+                                       **{name: fn for name, (fn, _, _) in timed.items()}}, device)
+    summed_ms, bound_write_ms = medians.get("summed"), medians[WRITE]
+    for name, (fn, kind, row) in timed.items():
+        row["median_ms"] = medians[name]
+        # a fresh instance, so lazily allocated state (indivgrad's reused buffers) is counted
+        row["peak_mem_mb"] = common.peak_memory_mb(METHODS[name][0](task, max_norm=max_norm), device)
         row["ratio_vs_summed"] = row["median_ms"] / summed_ms if summed_ms else None
         if kind == "grads" and summed_ms:  # % of the bound: the summed step plus writing the gradients
             row["roofline_pct"] = 100 * (summed_ms + bound_write_ms) / row["median_ms"]
-        rows.append(row)
     return rows
+
+
+def first_call(fn):
+    """(wall ms, result) of a first call, whose result is checked before any timing."""
+    t0 = time.perf_counter()
+    result = fn()
+    return (time.perf_counter() - t0) * 1e3, result
 
 
 def print_table(setup, setup_rows):

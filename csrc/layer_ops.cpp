@@ -116,7 +116,7 @@ Tensor linear_sq_norms(const Tensor& x_in, const Tensor& g_in, c10::string_view 
   } else {  // ||Gᵀ X||²: the [D_out, D_in] gradients of a block, cost ~T·D_in·D_out
     for_blocks(n, block_size(n, d_in * d_out, elem), [&](int64_t n0, int64_t nb) {
       const Tensor w = at::bmm(g.narrow(0, n0, nb).transpose(1, 2).to(acc), x.narrow(0, n0, nb).to(acc));
-      out.narrow(0, n0, nb).copy_(w.square().sum({1, 2}));
+      out.narrow(0, n0, nb).copy_(w.mul_(w).sum({1, 2}));  // in place; sum is pairwise, so float32 stays accurate
     });
   }
   return out;
@@ -235,8 +235,9 @@ bool linear_norm_uses_ghost(int64_t t, int64_t d_in, int64_t d_out, c10::string_
   if (method == "direct") return false;
   TORCH_CHECK_VALUE(method == "auto", "method: expected \"auto\", \"ghost\" or \"direct\", got \"",
                     std::string(method), "\"");
-  // Multiply-adds per sample: two T x T Grams against the [D_out, D_in] gradient and its squares.
-  return t * t * (d_in + d_out + 1) <= t * d_in * d_out + d_in * d_out;
+  // Work per sample in multiply-adds, counting each element written and read back as
+  // kElementCost: two T x T Grams, against the [D_out, D_in] gradient.
+  return t * t * (d_in + d_out + 2 * kElementCost) <= (t + kElementCost) * d_in * d_out;
 }
 
 bool embedding_norm_uses_ghost(int64_t t, c10::string_view method) {

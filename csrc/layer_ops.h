@@ -9,11 +9,18 @@ namespace indivgrad {
 
 // Embedding norms take the ghost form (T² pairs of tokens) up to this many tokens per
 // sample, the sort-based direct form beyond.
-constexpr int64_t kEmbeddingGhostMaxTokens = 16;
+constexpr int64_t kEmbeddingGhostMaxTokens = 64;  // the crossover lies between 64 and 256 (bench/norms.py)
+
+// What writing one element of a temporary and reading it back costs, in multiply-adds: about
+// 140 on the 2-core development CPU (bench/norms.py), 40-120 on an H100/H200 by its
+// bandwidth and FMA rate.
+constexpr int64_t kElementCost = 128;
 
 // Whether a Linear layer's squared per-sample norm over T positions is formed as the ghost
-// norm <X Xᵀ, G Gᵀ> (~T²(D_in + D_out + 1) multiply-adds) rather than directly from the
-// [D_out, D_in] gradient (~T·D_in·D_out + D_in·D_out). method: "auto", "ghost" or "direct".
+// norm <X Xᵀ, G Gᵀ> (T²(D_in + D_out) multiply-adds, two T x T temporaries) rather than
+// directly from the [D_out, D_in] gradient (T·D_in·D_out multiply-adds, one D_out x D_in
+// temporary): the ghost norm when T²(D_in + D_out + 2c) <= (T + c)·D_in·D_out, c =
+// kElementCost. method: "auto", "ghost" or "direct".
 bool linear_norm_uses_ghost(int64_t t, int64_t d_in, int64_t d_out, c10::string_view method);
 bool embedding_norm_uses_ghost(int64_t t, c10::string_view method);
 

@@ -142,7 +142,7 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: Optional
                        method: str = "auto") -> torch.Tensor:
     """Squared norms ``[N]`` of :func:`embedding_grads` without forming them. ``method``:
     ``"ghost"`` (``g_t · g_s`` over pairs of equal tokens, ~T²·D), ``"direct"`` (gradients of
-    equal tokens added first, ~T·D + T log T), or ``"auto"``: ghost up to 16 tokens."""
+    equal tokens added first, ~T·D + T log T), or ``"auto"``: ghost up to 64 tokens."""
     return _ops.embedding_sq_norms(ids, g, padding_idx, method)
 
 
@@ -155,5 +155,6 @@ def layer_norm_grads(x: torch.Tensor, g: torch.Tensor, normalized_shape, eps: fl
 
 def linear_norm_uses_ghost(t: int, d_in: int, d_out: int) -> bool:
     """The cost rule of ``method="auto"``: the ghost norm when
-    ``T²(D_in + D_out + 1) <= T·D_in·D_out + D_in·D_out`` multiply-adds per sample."""
+    ``T²(D_in + D_out + 2c) <= (T + c)·D_in·D_out``, counting multiply-adds per sample and
+    ``c = 128`` for each element of a temporary written and read back (csrc/layer_ops.h)."""
     return _C.linear_norm_uses_ghost(t, d_in, d_out, "auto")

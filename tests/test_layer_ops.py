@@ -67,10 +67,11 @@ def test_sq_norms_over_several_blocks_of_samples():
 
 def test_the_cost_rule():
     assert ops.linear_norm_uses_ghost(1, 10, 10)
-    assert ops.linear_norm_uses_ghost(64, 128, 128)  # T²(D_in + D_out + 1) = 1.05M <= 1.06M
-    assert not ops.linear_norm_uses_ghost(128, 128, 128)
+    assert ops.linear_norm_uses_ghost(81, 128, 128)  # 81²(128 + 128 + 256) = 3.36M <= (81 + 128)·128² = 3.42M
+    assert not ops.linear_norm_uses_ghost(82, 128, 128)
     assert not ops.linear_norm_uses_ghost(512, 768, 768)  # long sequences: direct
     assert ops.linear_norm_uses_ghost(512, 4096, 4096)
+    assert ig._C.embedding_norm_uses_ghost(64, "auto") and not ig._C.embedding_norm_uses_ghost(65, "auto")
 
 
 @pytest.mark.parametrize("padding_idx", [None, 0, 3])
