@@ -2,7 +2,7 @@
 per-sample gradients (ig.ops.linear_sq_norms, ig.ops.embedding_sq_norms) over T, beside the
 method "auto" picks, each result checked against the other method first.
 
-    python bench/norms.py [--device cpu|cuda] [--n 32]
+    python bench/norms.py [--device cpu|cuda] [--n 32] [--quick]
 
 Prints one table per layer shape: the median time of each method, the faster one, and
 auto's pick (a pick slower than the other method by more than 20% is marked).
@@ -42,23 +42,24 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int, default=32, help="samples")
+    parser.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
     args = parser.parse_args(argv)
+    shapes, tokens, (v, d) = (([(16, 24)], [2, 90], (50, 8)) if args.quick else (LINEAR_SHAPES, TOKENS, EMBEDDING))
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"bench/norms.py on {common.device_name(device)}, N={args.n}, float32; times in ms")
     all_ok = True
-    for d_in, d_out in LINEAR_SHAPES:
+    for d_in, d_out in shapes:
         print(f"\nLinear {d_in} -> {d_out}\n  {'T':<8} {'ghost':>10} {'direct':>10}  {'faster':<7} {'auto':<7}")
-        for t in TOKENS:
+        for t in tokens:
             x = torch.randn(args.n, t, d_in, device=device)
             g = torch.randn(args.n, t, d_out, device=device)
             row, ok = compare(t, lambda m: ig.ops.linear_sq_norms(x, g, method=m),
                               ig.ops.linear_norm_uses_ghost(t, d_in, d_out), device)
             print(row)
             all_ok &= ok
-    v, d = EMBEDDING
     print(f"\nEmbedding {v} x {d}\n  {'T':<8} {'ghost':>10} {'direct':>10}  {'faster':<7} {'auto':<7}")
-    for t in TOKENS:
+    for t in tokens:
         ids = torch.randint(0, v, (args.n, t), device=device)
         g = torch.randn(args.n, t, d, device=device)
         row, ok = compare(t, lambda m: ig.ops.embedding_sq_norms(ids, g, 0, method=m),

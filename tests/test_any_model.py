@@ -143,8 +143,6 @@ def test_chunked_equals_unchunked(device, chunk):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_transformer(device, dtype):
-    if device == "cpu" and dtype == torch.float16:
-        pytest.skip("float16 matmuls on CPU are not what anyone trains with")
     model = encoder(device)
     ids, mask, labels = token_batch(4, 8, 13, 3, device=device)
     ref = func_module_grads(model, (ids, mask), labels, F.cross_entropy)

@@ -32,7 +32,18 @@ def test_run_quick(tmp_path, device):
         if r["median_ms"]:
             assert float(r["max_rel_err"]) < 1e-3 and float(r["ratio_vs_summed"]) > 0 and float(r["peak_mem_mb"]) >= 0
     assert (tmp_path / f"run_{_slug(rows[0]['device'])}.png").exists()
-    assert "[N, D, L] = [16, 20, 3]" in out
+    assert "[N, D, L] = [16, 20, 3]" in out and "transformer [N, T, d_model, layers] = [4, 8, 32, 1]" in out
+    for setup in ("tfm:4x8x32x1", "resmlp:8x16x2"):  # any-model setups: the hooks capture against Opacus, torch.func
+        timed_here = {r["method"] for r in rows if r["setup"] == setup and r["median_ms"]}
+        assert {"summed", "indivgrad", "indivgrad_norms", "indivgrad_clipped", "torch_func"} <= timed_here
+        assert all(0 < float(r["roofline_pct"]) for r in rows if r["setup"] == setup and r["method"] == "indivgrad")
+
+
+def test_norms_quick(device):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "norms.py"), "--quick", "--device", device, "--n", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Linear 16 -> 24" in proc.stdout and "Embedding 50 x 8" in proc.stdout
 
 
 def test_kernels_quick(tmp_path, device):
