@@ -104,7 +104,8 @@ Tensor linear_sq_norms(const Tensor& x_in, const Tensor& g_in, c10::string_view 
   const int64_t n = x.size(0), t = x.size(1), d_in = x.size(2), d_out = g.size(2);
   const bool ghost = linear_norm_uses_ghost(t, d_in, d_out, method);
   const auto acc = acc_type(x.scalar_type());
-  if (t == 1) return (squared_rows(x) * squared_rows(g)).squeeze(1);  // ||x ⊗ g|| = ||x|| ||g||
+  if (x_in.dim() == 2) return squared_rows(x_in) * squared_rows(g_in);  // ||x ⊗ g|| = ||x|| ||g||
+  if (t == 1) return (squared_rows(x) * squared_rows(g)).squeeze(1);
   Tensor out = at::empty({n}, x.options().dtype(acc));
   const int64_t elem = c10::elementSize(acc);
   if (ghost) {  // <X Xᵀ, G Gᵀ>: T x T Grams, cost ~T²(D_in + D_out)

@@ -12,26 +12,34 @@ class LossSeed:
     grad: torch.Tensor  # the grad_outputs to backpropagate it with
 
 
-def loss_grad_seed(output, target, loss_fn, reduction: str, n: int) -> LossSeed:
-    """Runs ``loss_fn`` (in the caller's autocast context) and checks what it returns."""
+def run_loss(output, target, loss_fn, n: int) -> torch.Tensor:
+    """Runs ``loss_fn`` (in the caller's autocast context) and checks what it returns: a
+    scalar or per-sample losses [n]."""
     with torch.enable_grad():
         loss = loss_fn(output) if target is None else loss_fn(output, target)
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_fn: expected it to return a Tensor, got {type(loss).__name__}")
+    if loss.dim() != 0 and loss.shape != (n,):
+        raise ValueError(f"loss_fn: expected a scalar or per-sample losses of shape [{n}], got shape "
+                         f"{list(loss.shape)}")
+    return loss
+
+
+def loss_grad_seed(output, target, loss_fn, reduction: str, n: int) -> LossSeed:
+    """The loss and the gradient that starts its backward."""
+    loss = run_loss(output, target, loss_fn, n)
     if loss.dim() == 0:
         return LossSeed(loss, torch.full((), n if reduction == "mean" else 1, dtype=loss.dtype, device=loss.device))
-    if loss.shape == (n,):
-        return LossSeed(loss, torch.ones_like(loss))
-    raise ValueError(f"loss_fn: expected a scalar or per-sample losses of shape [{n}], got shape {list(loss.shape)}")
+    return LossSeed(loss, torch.ones_like(loss))
 
 
 def grad_of_output(output: torch.Tensor, target, loss_fn, reduction: str) -> torch.Tensor:
     """dL/d(output) alone (the native capture's backward starts there)."""
     out = output.detach().requires_grad_(True)
     n = out.shape[0]
-    seed = loss_grad_seed(out, target, loss_fn, reduction, n)
-    if seed.loss.dim() == 0:  # scaled after, as before: the scalar's gradient times N
-        (grad,) = torch.autograd.grad(seed.loss, out)
+    loss = run_loss(out, target, loss_fn, n)
+    if loss.dim() == 0:
+        (grad,) = torch.autograd.grad(loss, out)
         return grad * n if reduction == "mean" else grad
-    (grad,) = torch.autograd.grad(seed.loss, out, grad_outputs=seed.grad)
+    (grad,) = torch.autograd.grad(loss, out, grad_outputs=torch.ones_like(loss))
     return grad

@@ -34,12 +34,12 @@ class NativeCapture:
     def params(self, layout: str) -> Dict[str, tuple]:
         """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters."""
         out = {}
-        for l, m in enumerate(self.plan.linears):
-            if m.weight.requires_grad:
-                shape = (m.out_features, m.in_features) if layout == "out_in" else (m.in_features, m.out_features)
-                out[self.plan.weight_names[l]] = (m.weight, shape)
-            if m.bias is not None and m.bias.requires_grad:
-                out[self.plan.bias_names[l]] = (m.bias, (m.out_features,))
+        for m, w_name, b_name in zip(self.plan.linears, self.plan.weight_names, self.plan.bias_names):
+            w, b = m._parameters["weight"], m._parameters["bias"]  # not nn.Module.__getattr__: this runs every call
+            if w.requires_grad:
+                out[w_name] = (w, w.shape if layout == "out_in" else w.shape[::-1])
+            if b is not None and b.requires_grad:
+                out[b_name] = (b, b.shape)
         return out
 
     def check_input(self, x):
