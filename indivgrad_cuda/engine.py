@@ -146,9 +146,10 @@ class PerSampleGrads:
         if cap is self._native:
             cap.grads(inputs, target, loss_fn, reduction, generator, layout, results)
         else:
-            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk,
-                    lambda factors, n0, n1: reducers.materialise(
-                        layers, factors, layout, {k: v[n0:n1] for k, v in results.items()}))
+            def visit(i, f, n0, n1):
+                reducers.materialise(layers[i], f, layout, {k: v[n0:n1] for k, v in results.items()})
+
+            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, visit)
         if into == "grad_sample":
             params = dict(self.model.named_parameters())
             for name, t in results.items():
@@ -169,10 +170,8 @@ class PerSampleGrads:
         if cap is self._native:
             cap.norms(inputs, target, loss_fn, reduction, generator, sq)
         else:
-            def chunk_norms(factors, n0, n1):
-                sq[:, n0:n1] = reducers.squared_norms(layers, factors, self.norm_method, n1 - n0, sq)
-
-            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, chunk_norms)
+            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk,
+                    self._norms_visitor(layers, sq))
         total = sq.sum(0).sqrt()
         if per_param:
             return total, dict(zip(params, sq.sqrt().unbind(0)))
@@ -203,12 +202,20 @@ class PerSampleGrads:
         if cap is self._native:
             cap.clipped_sum(inputs, target, loss_fn, reduction, generator, max_norm, grads, sq)
         else:
-            def chunk_clipped(factors, n0, n1):
-                rows = reducers.squared_norms(layers, factors, self.norm_method, n1 - n0, sq)
-                sq[:, n0:n1] = rows
-                reducers.clipped_sum(layers, factors, reducers.clip_coefficients(rows, max_norm), grads, n0 > 0)
+            pending = []  # (layer index, factors) of the chunk: the GEMMs wait for every layer's norms
+            norms = self._norms_visitor(layers, sq)
 
-            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, chunk_clipped)
+            def visit(i, f, n0, n1):
+                norms(i, f, n0, n1)
+                pending.append((i, f))
+
+            def end_chunk(n0, n1):
+                coef = reducers.clip_coefficients(sq[:, n0:n1], max_norm)
+                for i, f in pending:
+                    reducers.clipped_sum(layers[i], f, coef, grads, n0 > 0)
+                pending.clear()
+
+            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, visit, end_chunk)
         if noise_multiplier > 0:
             randomness.add_noise(list(grads.values()), float(noise_multiplier) * max_norm, generator)
         return sq.sum(0).sqrt()
@@ -240,6 +247,15 @@ class PerSampleGrads:
             return None, cap.params(layout)
         layers = cap.layers()
         return layers, cap.params(layers, layout)
+
+    def _norms_visitor(self, layers, sq):
+        """visit(i, f, n0, n1) for the hooks capture: layer i's squared norms into sq's rows."""
+        rows = reducers.norm_rows(layers)
+
+        def visit(i, f, n0, n1):
+            for r, v in zip(rows[i], reducers.squared_norms(layers[i], f, self.norm_method, n1 - n0, sq)):
+                sq[r, n0:n1] = v
+        return visit
 
     def _squared_norm_buffer(self, params, n):
         """[P, N] for the squared norms of the P parameters that require grad."""

@@ -1,15 +1,21 @@
 """The hooks capture: each trainable layer's factors for any ``nn.Module``.
 
 Forward hooks on the supported layers that have trainable parameters record each call's
-input and output; one ``torch.autograd.grad`` from the loss to those outputs gives the
-gradient at each (nothing else: no summed weight gradient is formed). A module called
-several times contributes all its calls, concatenated along T.
+input and pass its output through a tap: an identity in the forward whose backward hands
+the gradient arriving at the output to the capture and passes it on unchanged. One
+``torch.autograd.backward`` from the loss to a probe that every tap feeds (a 0-element leaf)
+runs exactly the part of the graph that reaches the layers' outputs, forms no summed weight
+gradient, and lets each layer be reduced as soon as its gradient arrives, so the gradients
+are freed as a normal backward frees them. A module called several times contributes all its
+calls, concatenated along T, once the last of them has its gradient.
 
-Two things would make that silently wrong, so they are checked: an output modified in
-place after its layer returned it (its gradient would be the modified tensor's), and a
-parameter used outside its module's forward (tied weights, functional code), whose other
-uses the rules would miss. The second needs a walk of the autograd graph, done on the first
-call with each input signature.
+The tap's output is a detached alias of the layer's output, not a view: an in-place op on it
+afterwards (``ReLU(inplace=True)``, ``+=``) is recorded after the tap, which still receives
+the gradient at the unmodified output (the version counter stays shared, so autograd still
+refuses in-place changes to tensors a backward saved). What would be silently wrong is
+refused: a parameter used outside its module's forward (tied weights, functional code), whose
+other uses the rules would miss, found by a walk of the autograd graph on the first call with
+each input signature.
 """
 
 from dataclasses import dataclass, field
@@ -24,6 +30,9 @@ from indivgrad_cuda.capture.losses import loss_grad_seed
 from indivgrad_cuda.capture.precision import no_autocast
 from indivgrad_cuda.chunking import batch_size, split_batch
 from indivgrad_cuda.layers import Factors
+
+# visit(layer index, its Factors or None when it had no gradient, n0, n1)
+Visit = Callable[[int, Optional[Factors], int, int], None]
 
 
 class HooksCapture:
@@ -50,9 +59,11 @@ class HooksCapture:
         return torch.device("cpu")
 
     def run(self, layers: List[Layer], inputs, target, loss_fn: Callable, reduction: str,
-            generator: Optional[torch.Generator], max_chunk: Optional[int], chunk_pass: Callable) -> None:
-        """Forward, loss and backward chunk by chunk; ``chunk_pass(factors, n0, n1)`` gets
-        each layer's :class:`Factors` (in ``layers`` order) for samples n0..n1."""
+            generator: Optional[torch.Generator], max_chunk: Optional[int], visit: Visit,
+            end_chunk: Optional[Callable[[int, int], None]] = None) -> None:
+        """Forward, loss and backward chunk by chunk: ``visit`` gets each layer's factors for
+        samples n0..n1 during the backward (in the order they complete), ``end_chunk(n0, n1)``
+        is called after the chunk's backward."""
         _check_no_batch_statistics(self.scan.batch_norms)
         n = batch_size(inputs)
         size = max(1, n if max_chunk is None else min(n, max_chunk))  # see PerSampleGrads's max_chunk
@@ -60,16 +71,18 @@ class HooksCapture:
         signature = _signature(inputs, self.model, layers)
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
-            with masks.rows(n0, n1), _Recorder(layers, check, n1 - n0) as rec, no_autocast(self.device().type), \
-                    torch.enable_grad():
+            rec = _Recorder(layers, check, n1 - n0, lambda i, f: visit(i, f, n0, n1))
+            with masks.rows(n0, n1), rec, no_autocast(self.device().type), torch.enable_grad():
                 output = _call(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
-            rec.check_untouched()
             if check:
                 rec.check_parameter_uses(seed.loss)
                 self._checked.add(signature)
-            grads = _grads_at(seed, rec.outputs())
-            chunk_pass(rec.factors(grads, n1 - n0), n0, n1)
+            if rec.calls_recorded:
+                torch.autograd.backward(seed.loss, grad_tensors=seed.grad, inputs=[rec.probe])
+            rec.finish()
+            if end_chunk is not None:
+                end_chunk(n0, n1)
 
 
 def _call(model, inputs):
@@ -80,45 +93,60 @@ def _call(model, inputs):
     return model(inputs)
 
 
-def _grads_at(seed, outputs: List[torch.Tensor]) -> List[Optional[torch.Tensor]]:
-    if not outputs:
-        return []
-    return list(torch.autograd.grad(seed.loss, outputs, grad_outputs=seed.grad, allow_unused=True))
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output; its backward hands the gradient to a callback."""
+
+    @staticmethod
+    def forward(ctx, x, probe, callback):
+        ctx.callback = callback
+        return x.detach()  # an alias that is not a view: in-place ops on it are recorded after the tap
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.callback(grad)
+        return grad, None, None
 
 
 @dataclass
 class _Call:
-    record: torch.Tensor  # what the rule keeps of the input
-    output: torch.Tensor
-    version: int  # the output's version counter when the layer returned it
+    record: Optional[torch.Tensor]  # what the rule keeps of the input
+    output: torch.Tensor  # what the layer returned through the tap
+    grad: Optional[torch.Tensor] = None  # the gradient at the output, once the backward has reached it
 
 
 @dataclass
 class _Recording:
     layer: Layer
     calls: List[_Call] = field(default_factory=list)
+    arrived: int = 0
+    done: bool = False
     local_uses: Dict[int, int] = field(default_factory=dict)  # id(param) -> autograd edges inside the calls
 
 
 class _Recorder:
-    """Forward hooks on the layers while active; what they recorded."""
+    """Forward hooks on the layers while active; hands each layer's factors to `on_layer`
+    once the gradients of all its calls have arrived (or, for those that never do, in
+    finish())."""
 
-    def __init__(self, layers: List[Layer], count_uses: bool, n: int):
+    def __init__(self, layers: List[Layer], count_uses: bool, n: int, on_layer: Callable):
         self.recordings = [_Recording(layer) for layer in layers]
         self.count_uses = count_uses
         self.n = n
+        self.on_layer = on_layer
+        self.probe = torch.empty(0, requires_grad=True)  # every tap feeds it: the backward's target
+        self.calls_recorded = 0
         self.handles = []
 
     def __enter__(self):
-        for rec in self.recordings:
-            self.handles.append(rec.layer.module.register_forward_hook(self._hook(rec)))
+        for i, rec in enumerate(self.recordings):
+            self.handles.append(rec.layer.module.register_forward_hook(self._hook(i, rec)))
         return self
 
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
 
-    def _hook(self, rec: _Recording):
+    def _hook(self, index: int, rec: _Recording):
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 raise RuntimeError(f"module '{rec.layer.path}' ({type(module).__name__}) returned no tensor that "
@@ -130,24 +158,41 @@ class _Recorder:
                     f"module '{rec.layer.path}' ({type(module).__name__}) was called with {got}; per-sample "
                     f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}). Expand "
                     f"shared inputs (e.g. positions) to [N, ...] before the call")
-            rec.calls.append(_Call(rec.layer.rule.record(module, inputs, output), output, output._version))
             if self.count_uses:
                 stop = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
                 for pid, count in _param_edges([output.grad_fn], stop).items():
                     rec.local_uses[pid] = rec.local_uses.get(pid, 0) + count
+            call = _Call(rec.layer.rule.record(module, inputs, output), output)
+            tapped = _Tap.apply(output, self.probe, lambda g: self._arrive(index, call, g))
+            rec.calls.append(call)
+            self.calls_recorded += 1
+            return tapped
         return hook
 
-    def outputs(self) -> List[torch.Tensor]:
-        return [call.output for rec in self.recordings for call in rec.calls]
+    def _arrive(self, index: int, call: _Call, grad: torch.Tensor):
+        rec = self.recordings[index]
+        call.grad = grad
+        rec.arrived += 1
+        if rec.arrived == len(rec.calls):
+            self._complete(index)
 
-    def check_untouched(self):
-        for rec in self.recordings:
-            for call in rec.calls:
-                if call.output._version != call.version:
-                    raise RuntimeError(
-                        f"the output of module '{rec.layer.path}' ({type(rec.layer.module).__name__}) was modified in "
-                        f"place after the module returned it (e.g. by ReLU(inplace=True) or `+=`); per-sample "
-                        f"gradients need the gradient at the unmodified output: use the out-of-place form")
+    def _complete(self, index: int):
+        rec = self.recordings[index]
+        rule, module = rec.layer.rule, rec.layer.module
+        records, grads = [], []
+        for call in rec.calls:
+            g = call.grad if call.grad is not None else torch.zeros_like(call.output)
+            records.append(call.record)
+            grads.append(rule.output_grad(module, g))
+            call.record = call.grad = call.output = None  # nothing of the call outlives the layer's reduction
+        rec.done = True
+        self.on_layer(index, rule.combine(records, grads) if records else None)
+
+    def finish(self):
+        """Layers whose outputs got no gradient (unused, or not called): zeros, or None."""
+        for i, rec in enumerate(self.recordings):
+            if not rec.done:
+                self._complete(i)
 
     def check_parameter_uses(self, loss: torch.Tensor):
         total = _param_edges([loss.grad_fn], set())
@@ -160,20 +205,6 @@ class _Recorder:
                         f"({type(rec.layer.module).__name__}) is used outside that module's forward (tied to another "
                         f"layer, or used by functional code such as nn.MultiheadAttention's); its per-sample gradient "
                         f"would miss those uses. Call the module instead, or freeze the parameter")
-
-    def factors(self, grads: List[Optional[torch.Tensor]], n: int) -> List[Optional[Factors]]:
-        """Each layer's factors (None for a layer not called in this forward: its gradients are 0)."""
-        out, k = [], 0
-        for rec in self.recordings:
-            rule, module = rec.layer.rule, rec.layer.module
-            records, gs = [], []
-            for call in rec.calls:
-                g = grads[k]
-                k += 1
-                records.append(call.record)
-                gs.append(rule.output_grad(module, torch.zeros_like(call.output) if g is None else g))
-            out.append(rule.combine(records, gs) if records else None)
-        return out
 
 
 def _param_edges(roots, stop) -> Dict[int, int]:
@@ -216,4 +247,3 @@ def _check_no_batch_statistics(batch_norms) -> None:
                 f"module '{path}' ({type(m).__name__}) is in train mode: it normalises each sample with statistics "
                 f"of the whole batch, which mixes samples, so per-sample gradients do not exist. Put it in eval "
                 f"mode (model.eval() or m.eval()), or use a per-sample normalisation (LayerNorm, GroupNorm)")
-
