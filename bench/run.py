@@ -169,7 +169,7 @@ def bench_setup(setup, device, methods, progress):
             timed[name] = (fn, kind, row)
     progress(f"{setup_name(setup)}: timing {len(timed)} methods in turn")
     medians = common.time_interleaved({WRITE: write_gradients(task, device),
-                                       **{name: fn for name, (fn, _, _) in timed.items()}}, device)
+                                       **{name: fn for name, (fn, _, _) in timed.items()}}, device, warmup=1)
     summed_ms, bound_write_ms = medians.get("summed"), medians[WRITE]
     for name, (fn, kind, row) in timed.items():
         row["median_ms"] = medians[name]
