@@ -71,7 +71,7 @@ class HooksCapture:
         signature = _signature(inputs, self.model, layers)
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
-            rec = _Recorder(layers, check, n1 - n0, lambda i, f: visit(i, f, n0, n1))
+            rec = _Recorder(layers, check, n1 - n0, lambda i, f: visit(i, f, n0, n1), self.device())
             with masks.rows(n0, n1), rec, no_autocast(self.device().type), torch.enable_grad():
                 output = _call(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
@@ -128,12 +128,12 @@ class _Recorder:
     once the gradients of all its calls have arrived (or, for those that never do, in
     finish())."""
 
-    def __init__(self, layers: List[Layer], count_uses: bool, n: int, on_layer: Callable):
+    def __init__(self, layers: List[Layer], count_uses: bool, n: int, on_layer: Callable, device: torch.device):
         self.recordings = [_Recording(layer) for layer in layers]
         self.count_uses = count_uses
         self.n = n
         self.on_layer = on_layer
-        self.probe = torch.empty(0, requires_grad=True)  # every tap feeds it: the backward's target
+        self.probe = torch.empty(0, device=device, requires_grad=True)  # every tap feeds it: the backward's target
         self.calls_recorded = 0
         self.handles = []
 
