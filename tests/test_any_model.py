@@ -205,6 +205,29 @@ class Positions(nn.Module):
         return x + self.pos(torch.arange(x.shape[1]))  # [T, D]: dim 0 is not the batch
 
 
+class SharedPositions(nn.Module):
+    """Positions [1, T] shared by the batch (as Hugging Face models pass them), a learned query
+    token [1, 1, D] through a Linear, and a dict output."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(11, 6, padding_idx=0), nn.Embedding(9, 6)
+        self.query = nn.Parameter(torch.randn(1, 1, 6), requires_grad=False)
+        self.q, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device)[None])
+        attn = torch.softmax((self.q(self.query) * h).sum(-1), -1)  # [N, T]
+        return {"logits": self.head((attn[..., None] * h).sum(1))}
+
+
+def test_inputs_shared_by_the_batch_and_dict_outputs(device):
+    model = SharedPositions().double().to(device)
+    ids = torch.randint(0, 11, (5, 7), device=device)
+    labels = torch.randint(0, 3, (5,), device=device)
+    check_everything(model, ids, labels, lambda out, t: F.cross_entropy(out["logits"], t))
+
+
 def test_in_place_ops_on_layer_outputs(device):
     model = InPlace().double().to(device)
     x = torch.randn(5, 3, dtype=torch.float64, device=device)
@@ -215,7 +238,7 @@ def test_what_cannot_be_right_is_refused():
     ids = torch.randint(0, 7, (3, 5))
     with pytest.raises(RuntimeError, match=r"parameter 'emb.weight' of module 'emb' \(Embedding\) is used outside"):
         ig.per_sample_grad_norms(Tied(), ids, None, lambda o: o.sum())
-    with pytest.raises(ValueError, match=r"module 'pos' \(Embedding\) was called with shape \[4\]; .*\(N=2\)"):
+    with pytest.raises(ValueError, match=r"module 'pos' \(Embedding\) was called with shape \[4\]; .*\(N=2\), or 1 for"):
         ig.per_sample_grads(Positions(), torch.randn(2, 4, 3), None, lambda o: o.sum())
     shared = nn.Linear(3, 3)
     model = nn.Sequential(shared, nn.Sequential(nn.Linear(3, 3)))

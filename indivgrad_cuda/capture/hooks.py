@@ -139,8 +139,18 @@ class _Recorder:
 
     def __enter__(self):
         for i, rec in enumerate(self.recordings):
+            self.handles.append(rec.layer.module.register_forward_pre_hook(self._expand_shared))
             self.handles.append(rec.layer.module.register_forward_hook(self._hook(i, rec)))
         return self
+
+    def _expand_shared(self, module, inputs):
+        """An input of one row while the batch has N (positions [1, T] shared by every sample,
+        as Hugging Face models pass them) is expanded to N rows, so that each sample's share of
+        the layer's gradient is its own (the output then has N rows too)."""
+        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
+        if x is not None and x.dim() >= 2 and x.shape[0] == 1 and self.n > 1:
+            return (x.expand(self.n, *x.shape[1:]), *inputs[1:])
+        return None
 
     def __exit__(self, *exc):
         for h in self.handles:
@@ -156,8 +166,8 @@ class _Recorder:
                 got = "no tensor" if x is None else f"shape {list(x.shape)}"
                 raise ValueError(
                     f"module '{rec.layer.path}' ({type(module).__name__}) was called with {got}; per-sample "
-                    f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}). Expand "
-                    f"shared inputs (e.g. positions) to [N, ...] before the call")
+                    f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}), or 1 for "
+                    f"an input shared by all samples (e.g. positions [1, T])")
             if self.count_uses:
                 stop = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
                 for pid, count in _param_edges([output.grad_fn], stop).items():
