@@ -76,35 +76,56 @@ class _opacus_own:
             ig_opacus.install()
 
 
-def train(model, train_data, test_data, backend, args, device):
-    from opacus import PrivacyEngine
-
+def _setup(model, train_data, args, device):
+    """The same model copy, optimiser and (shuffled, seeded) loader for every method."""
     torch.manual_seed(args.seed)
     model = copy.deepcopy(model).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train_data), batch_size=args.batch_size,
                                          shuffle=True, generator=torch.Generator().manual_seed(args.seed))
-    engine = PrivacyEngine()
+    return model, optimizer, loader
+
+
+def _timed_steps(loader, step, args, device):
+    """Runs step(xb, yb) over every non-empty batch of every epoch; the steps' times in ms."""
+    step_ms = []
+    for _ in range(args.epochs):
+        for xb, yb in loader:
+            if len(xb) == 0:
+                continue
+            common.sync(device)
+            t0 = time.perf_counter()
+            step(xb, yb)
+            common.sync(device)
+            step_ms.append((time.perf_counter() - t0) * 1e3)
+    return step_ms
+
+
+def _accuracy(model, test_data):
+    with torch.no_grad():
+        return (model(test_data[0]).argmax(1) == test_data[1]).float().mean().item()
+
+
+def train(model, train_data, test_data, backend, args, device):
+    """Opacus's make_private (its Poisson sampling, DPOptimizer and accountant), with or without
+    indivgrad as its nn.Linear backend."""
+    from opacus import PrivacyEngine
+
+    model, optimizer, loader = _setup(model, train_data, args, device)
+    engine = PrivacyEngine(accountant=args.accountant)
     model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
                                                    noise_multiplier=args.noise_multiplier,
                                                    max_grad_norm=args.max_grad_norm)
     loss_fn = nn.CrossEntropyLoss()
-    step_ms = []
+
+    def step(xb, yb):
+        optimizer.zero_grad()
+        loss_fn(model(xb), yb).backward()
+        optimizer.step()
+
     with (ig_opacus.installed() if backend else _opacus_own()):
-        for _ in range(args.epochs):
-            for xb, yb in loader:
-                if len(xb) == 0:
-                    continue
-                common.sync(device)
-                t0 = time.perf_counter()
-                optimizer.zero_grad()
-                loss_fn(model(xb), yb).backward()
-                optimizer.step()
-                common.sync(device)
-                step_ms.append((time.perf_counter() - t0) * 1e3)
-    with torch.no_grad():
-        acc = (model(test_data[0]).argmax(1) == test_data[1]).float().mean().item()
-    return statistics.median(step_ms), acc, engine.get_epsilon(delta=args.delta), len(step_ms)
+        step_ms = _timed_steps(loader, step, args, device)
+    return statistics.median(step_ms), _accuracy(model, test_data), engine.get_epsilon(delta=args.delta), len(step_ms)
 
 
 def train_engine(model, train_data, test_data, args, device):
@@ -114,34 +135,23 @@ def train_engine(model, train_data, test_data, args, device):
     from opacus.accountants import create_accountant
     from opacus.data_loader import DPDataLoader
 
-    torch.manual_seed(args.seed)
-    model = copy.deepcopy(model).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train_data), batch_size=args.batch_size,
-                                         shuffle=True, generator=torch.Generator().manual_seed(args.seed))
+    model, optimizer, loader = _setup(model, train_data, args, device)
     loader = DPDataLoader.from_data_loader(loader)
     sample_rate = 1 / len(loader)
     expected_batch = len(train_data[0]) * sample_rate
     accountant = create_accountant(mechanism=args.accountant)
     engine = ig.PerSampleGrads(model)
     loss_fn = nn.CrossEntropyLoss()
-    step_ms = []
-    for _ in range(args.epochs):
-        for xb, yb in loader:
-            if len(xb) == 0:
-                continue
-            common.sync(device)
-            t0 = time.perf_counter()
-            engine.clipped_grad_sum(xb, yb, loss_fn, args.max_grad_norm, noise_multiplier=args.noise_multiplier)
-            for p in model.parameters():
-                p.grad.div_(expected_batch)
-            optimizer.step()
-            common.sync(device)
-            step_ms.append((time.perf_counter() - t0) * 1e3)
-            accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=sample_rate)
-    with torch.no_grad():
-        acc = (model(test_data[0]).argmax(1) == test_data[1]).float().mean().item()
-    return statistics.median(step_ms), acc, accountant.get_epsilon(delta=args.delta), len(step_ms)
+
+    def step(xb, yb):
+        engine.clipped_grad_sum(xb, yb, loss_fn, args.max_grad_norm, noise_multiplier=args.noise_multiplier)
+        for p in model.parameters():
+            p.grad.div_(expected_batch)
+        optimizer.step()
+        accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=sample_rate)
+
+    step_ms = _timed_steps(loader, step, args, device)
+    return statistics.median(step_ms), _accuracy(model, test_data), accountant.get_epsilon(delta=args.delta), len(step_ms)
 
 
 def main(argv=None):
