@@ -289,19 +289,27 @@ def _grad_tensor(p):
     return p.grad
 
 
-# The one-shot functions build an engine per call: a CUDA graph captured for one replay
-# would cost more than it saves.
+# The one-shot functions build an engine per call (a CUDA graph captured for one replay would
+# cost more than it saves); the engine's own options among their keyword arguments go to it.
+ENGINE_OPTIONS = ("max_chunk", "capture", "norm_method")
+
+
+def _one_shot(model, kwargs):
+    options = {k: kwargs.pop(k) for k in ENGINE_OPTIONS if k in kwargs}
+    return PerSampleGrads(model, cuda_graphs=False, **options)
+
 
 def per_sample_grads(model: nn.Module, inputs, target, loss_fn, **kwargs) -> Dict[str, torch.Tensor]:
-    """One-shot :class:`PerSampleGrads` ``(model)(inputs, target, loss_fn, **kwargs)``."""
-    return PerSampleGrads(model, cuda_graphs=False)(inputs, target, loss_fn, **kwargs)
+    """One-shot :class:`PerSampleGrads` ``(model)(inputs, target, loss_fn, **kwargs)``
+    (``max_chunk``, ``capture`` and ``norm_method`` go to the engine)."""
+    return _one_shot(model, kwargs)(inputs, target, loss_fn, **kwargs)
 
 
 def per_sample_grad_norms(model: nn.Module, inputs, target, loss_fn, **kwargs):
     """One-shot :meth:`PerSampleGrads.norms`."""
-    return PerSampleGrads(model, cuda_graphs=False).norms(inputs, target, loss_fn, **kwargs)
+    return _one_shot(model, kwargs).norms(inputs, target, loss_fn, **kwargs)
 
 
 def clipped_grad_sum(model: nn.Module, inputs, target, loss_fn, max_norm, **kwargs) -> torch.Tensor:
     """One-shot :meth:`PerSampleGrads.clipped_grad_sum`."""
-    return PerSampleGrads(model, cuda_graphs=False).clipped_grad_sum(inputs, target, loss_fn, max_norm, **kwargs)
+    return _one_shot(model, kwargs).clipped_grad_sum(inputs, target, loss_fn, max_norm, **kwargs)

@@ -106,6 +106,14 @@ def test_module_used_twice_frozen_and_unused_layers(device):
     assert "frozen.weight" not in grads and grads["unused.weight"].abs().max() == 0
 
 
+def test_a_loss_that_no_trainable_layer_reaches(device):
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double().to(device)
+    x = torch.randn(4, 3, dtype=torch.float64, device=device)
+    grads = ig.per_sample_grads(model, x, None, lambda o: o.detach().sum(1), capture="hooks")
+    assert all(g.shape[0] == 4 and (g == 0).all() for g in grads.values())
+    assert (ig.per_sample_grad_norms(model, x, None, lambda o: o.detach().sum(1), capture="hooks") == 0).all()
+
+
 def test_native_and_hooks_captures_agree(device):
     model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Dropout(0.3), nn.Linear(8, 3)).double().to(device).train()
     x, t = torch.randn(9, 6, dtype=torch.float64, device=device), torch.randn(9, 3, dtype=torch.float64, device=device)

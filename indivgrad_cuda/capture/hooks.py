@@ -78,7 +78,7 @@ class HooksCapture:
             if check:
                 rec.check_parameter_uses(seed.loss)
                 self._checked.add(signature)
-            if rec.calls_recorded:
+            if rec.calls_recorded and seed.loss.requires_grad:  # else no layer's output reaches the loss
                 torch.autograd.backward(seed.loss, grad_tensors=seed.grad, inputs=[rec.probe])
             rec.finish()
             if end_chunk is not None:
