@@ -28,14 +28,15 @@ ActParams parse_activation(c10::string_view name, double negative_slope, double 
   TORCH_CHECK_VALUE(false, "activation: expected one of ", valid, "; got \"", std::string(name), "\"");
 }
 
-static bool supported_dtype(c10::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+void check_float_dtype(const at::Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
+                   ": expected dtype float32, float64, float16 or bfloat16, got ", s);
 }
 
 void check_inputs(const at::Tensor& x, std::initializer_list<NamedTensor> others) {
   TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor [N, D_in], got shape ", x.sizes());
-  TORCH_CHECK_TYPE(supported_dtype(x.scalar_type()),
-                   "x: expected dtype float32, float64, float16 or bfloat16, got ", x.scalar_type());
+  check_float_dtype(x, "x");
   for (const auto& [name, t] : others) {
     TORCH_CHECK_VALUE(t->dim() == 2, name, ": expected a 2-D tensor [N, D_out], got shape ", t->sizes());
     TORCH_CHECK_VALUE(t->size(0) == x.size(0), name, ": expected ", x.size(0), " rows (N, from x), got shape ",

@@ -20,6 +20,9 @@ Layout parse_layout(c10::string_view layout);
 
 using NamedTensor = std::pair<const char*, const at::Tensor*>;
 
+// `name` has one of the dtypes the ops compute in: float32, float64, float16, bfloat16.
+void check_float_dtype(const at::Tensor& t, const char* name);
+
 // x is [N, D_in]; each of `others` is [N, D_out] with x's dtype and device.
 void check_inputs(const at::Tensor& x, std::initializer_list<NamedTensor> others);
 

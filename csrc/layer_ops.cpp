@@ -34,19 +34,13 @@ void for_blocks(int64_t n, int64_t block, F f) {
   for (int64_t n0 = 0; n0 < n; n0 += block) f(n0, std::min(block, n - n0));
 }
 
-void check_float(const Tensor& t, const char* name) {
-  const auto s = t.scalar_type();
-  TORCH_CHECK_TYPE(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16, name,
-                   ": expected dtype float32, float64, float16 or bfloat16, got ", s);
-}
-
 // x [N, T, D_in] and g [N, T, D_out] (a 2-D pair [N, D] counts as T = 1): same N, T,
 // dtype and device. Returns the 3-D views.
 std::pair<Tensor, Tensor> check_factors(const Tensor& x, const Tensor& g) {
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "x: expected [N, D_in] or [N, T, D_in], got shape ", x.sizes());
   TORCH_CHECK_VALUE(g.dim() == x.dim(), "g: expected ", x.dim(), " dims like x (", (x.dim() == 2 ? "[N, D_out]" : "[N, T, D_out]"),
                     "), got shape ", g.sizes());
-  check_float(x, "x");
+  check_float_dtype(x, "x");
   TORCH_CHECK_VALUE(g.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1), "g: expected leading dims ",
                     x.sizes().slice(0, x.dim() - 1), " (x's), got shape ", g.sizes());
   TORCH_CHECK_TYPE(g.scalar_type() == x.scalar_type(), "g: expected dtype ", x.scalar_type(), " (x's dtype), got ",
@@ -95,10 +89,6 @@ Tensor seq_outer(const Tensor& x, const Tensor& g, c10::string_view layout) {
   return out;
 }
 
-Tensor squared_rows(const Tensor& t) {  // [N, T, D] -> [N, T], accumulated in acc_type
-  return at::linalg_vector_norm(t, 2, {-1}, false, acc_type(t.scalar_type())).square();
-}
-
 Tensor linear_sq_norms(const Tensor& x_in, const Tensor& g_in, c10::string_view method) {
   const auto [x, g] = check_factors(x_in, g_in);
   const int64_t n = x.size(0), t = x.size(1), d_in = x.size(2), d_out = g.size(2);
@@ -131,7 +121,7 @@ void check_embedding_factors(const Tensor& ids, const Tensor& g) {
   TORCH_CHECK_VALUE(g.dim() == 3 && g.size(0) == ids.size(0) && g.size(1) == ids.size(1), "g: expected [",
                     ids.size(0), ", ", ids.size(1), ", D] (ids' [N, T] and the embedding width), got shape ",
                     g.sizes());
-  check_float(g, "g");
+  check_float_dtype(g, "g");
   TORCH_CHECK_VALUE(g.device() == ids.device(), "g: expected device ", ids.device(), " (ids' device), got ",
                     g.device());
 }
@@ -200,7 +190,7 @@ Tensor embedding_sq_norms(const Tensor& ids, const Tensor& g_in, std::optional<i
 
 std::tuple<Tensor, Tensor> layer_norm_grads(const Tensor& x, const Tensor& g, at::IntArrayRef normalized_shape,
                                             double eps) {
-  check_float(x, "x");
+  check_float_dtype(x, "x");
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK_VALUE(k >= 1 && x.dim() >= k + 1 && x.sizes().slice(x.dim() - k) == normalized_shape,
                     "x: expected [N, *, ", normalized_shape, "] (normalized_shape last), got shape ", x.sizes());
@@ -231,21 +221,30 @@ std::tuple<Tensor, Tensor> layer_norm_grads(const Tensor& x, const Tensor& g, at
 
 }  // namespace
 
-bool linear_norm_uses_ghost(int64_t t, int64_t d_in, int64_t d_out, c10::string_view method) {
+Tensor squared_rows(const Tensor& t) {
+  return at::linalg_vector_norm(t, 2, {-1}, false, acc_type(t.scalar_type())).square();
+}
+
+namespace {
+// The method a caller forced (true: ghost), or none for "auto".
+std::optional<bool> forced_ghost(c10::string_view method) {
   if (method == "ghost") return true;
   if (method == "direct") return false;
   TORCH_CHECK_VALUE(method == "auto", "method: expected \"auto\", \"ghost\" or \"direct\", got \"",
                     std::string(method), "\"");
+  return std::nullopt;
+}
+}  // namespace
+
+bool linear_norm_uses_ghost(int64_t t, int64_t d_in, int64_t d_out, c10::string_view method) {
+  if (const auto forced = forced_ghost(method)) return *forced;
   // Work per sample in multiply-adds, counting each element written and read back as
   // kElementCost: two T x T Grams, against the [D_out, D_in] gradient.
   return t * t * (d_in + d_out + 2 * kElementCost) <= (t + kElementCost) * d_in * d_out;
 }
 
 bool embedding_norm_uses_ghost(int64_t t, c10::string_view method) {
-  if (method == "ghost") return true;
-  if (method == "direct") return false;
-  TORCH_CHECK_VALUE(method == "auto", "method: expected \"auto\", \"ghost\" or \"direct\", got \"",
-                    std::string(method), "\"");
+  if (const auto forced = forced_ghost(method)) return *forced;
   return t <= kEmbeddingGhostMaxTokens;
 }
 

@@ -24,6 +24,9 @@ constexpr int64_t kElementCost = 128;
 bool linear_norm_uses_ghost(int64_t t, int64_t d_in, int64_t d_out, c10::string_view method);
 bool embedding_norm_uses_ghost(int64_t t, c10::string_view method);
 
+// [N, ..., D] -> [N, ...]: squared norms over the last dim; float16/bfloat16 accumulate in float32.
+at::Tensor squared_rows(const at::Tensor& t);
+
 // indivgrad_cuda::linear_sq_norms(x, g, "auto") through the dispatcher.
 at::Tensor call_linear_sq_norms(const at::Tensor& x, const at::Tensor& g);
 

@@ -29,12 +29,6 @@ void act_outer_out(const Tensor& x, const Tensor& up, const Tensor& pre, const A
   op.call(x, up, pre, name, layout, a.negative_slope, a.alpha, a.beta, a.threshold, out, bias_out);
 }
 
-// float16/bfloat16 norms accumulate in float32.
-Tensor squared_row_norms(const Tensor& t) {
-  const auto acc = at::isReducedFloatingType(t.scalar_type()) ? at::kFloat : t.scalar_type();
-  return at::linalg_vector_norm(t, 2, {1}, false, acc).square();
-}
-
 struct Step {
   enum class Kind { Linear, Activation, Dropout, Flatten };
   Kind kind;
@@ -189,7 +183,7 @@ class MlpProgram {
                   [&](int64_t l, const Tensor& x, const Tensor& up, const Tensor& pre, const Step* act) {
                     Tensor g = activation_backward(act ? act->act : kIdentity, up, pre);
                     if (want_w[l]) rows[2 * l] = call_linear_sq_norms(x, g);  // the Linear rule's op
-                    if (want_b[l]) rows[2 * l + 1] = squared_row_norms(g);
+                    if (want_b[l]) rows[2 * l + 1] = squared_rows(g);
                     if (xs) (*xs)[l] = x;
                     if (gs) (*gs)[l] = g;
                     return g;
