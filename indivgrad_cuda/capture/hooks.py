@@ -69,10 +69,11 @@ class HooksCapture:
         size = max(1, n if max_chunk is None else min(n, max_chunk))  # see PerSampleGrads's max_chunk
         masks = randomness.DropoutMasks(self.scan.dropouts, n, generator)
         signature = _signature(inputs, self.model, layers)
+        device = self.device()
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
-            rec = _Recorder(layers, check, n1 - n0, lambda i, f: visit(i, f, n0, n1), self.device())
-            with masks.rows(n0, n1), rec, no_autocast(self.device().type), torch.enable_grad():
+            rec = _Recorder(layers, check, n1 - n0, lambda i, f: visit(i, f, n0, n1), device)
+            with masks.rows(n0, n1), rec, no_autocast(device.type), torch.enable_grad():
                 output = _call(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
             if check:

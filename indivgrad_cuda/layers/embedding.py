@@ -46,9 +46,14 @@ class EmbeddingRule(LayerRule):
         rows = f.g.to(acc_dtype(f.g.dtype)) * coef[:, None, None]
         if module.padding_idx is not None:
             rows = torch.where((f.a != module.padding_idx)[..., None], rows, 0)
-        total = torch.zeros(grads["weight"].shape, dtype=rows.dtype, device=rows.device)
-        total.index_add_(0, f.a.reshape(-1), rows.reshape(-1, rows.shape[-1]))
-        write_or_add(grads["weight"], total, accumulate)
+        ids, rows, dst = f.a.reshape(-1), rows.reshape(-1, rows.shape[-1]), grads["weight"]
+        if dst.dtype == rows.dtype:  # straight into the gradient, no [V, D] temporary
+            if not accumulate:
+                dst.zero_()
+            dst.index_add_(0, ids, rows)
+        else:  # half types add up in float32, rounded once
+            write_or_add(dst, torch.zeros(dst.shape, dtype=rows.dtype, device=rows.device).index_add_(0, ids, rows),
+                         accumulate)
 
 
 RULE = (nn.Embedding, EmbeddingRule())
