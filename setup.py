@@ -109,7 +109,7 @@ def build_extension():
         ext = cpp_extension.CUDAExtension(
             "indivgrad_cuda._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DINDIVGRAD_WITH_CUDA"], "nvcc": ["-O3", "-DINDIVGRAD_WITH_CUDA"]},
+            extra_compile_args={"cxx": [*cxx_flags, "-DINDIVGRAD_WITH_CUDA"], "nvcc": ["-O3", "-DINDIVGRAD_WITH_CUDA"]},
         )
     else:
         ext = cpp_extension.CppExtension("indivgrad_cuda._C", sources, extra_compile_args={"cxx": cxx_flags})

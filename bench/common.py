@@ -5,7 +5,6 @@ import datetime
 import os
 import statistics
 import subprocess
-import sys
 import time
 import weakref
 from pathlib import Path
@@ -15,8 +14,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # the benches import tests/reference.py
 
 RESULTS_DIR = ROOT / "bench" / "results"
 COLUMNS = ["date", "run_id", "commit", "device", "torch", "cuda", "bench", "setup", "method", "median_ms",

@@ -21,15 +21,14 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the checkout and tests/
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import indivgrad_cuda as ig  # noqa: E402
-import indivgrad_cuda.opacus as ig_opacus  # noqa: E402
-from tests.models import FeatureEncoder  # noqa: E402
+import common
+import indivgrad_cuda as ig
+import indivgrad_cuda.opacus as ig_opacus
+from tests.models import FeatureEncoder
 
 
 def load_data(device):

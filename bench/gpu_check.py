@@ -34,7 +34,7 @@ def verify_build():
         bad.append("torch.cuda.is_available() is False")
     if bad:
         return "gpu_check: build check FAILED: " + "; ".join(bad)
-    print("GPU:", torch.cuda.get_device_name(), "sm_%d%d" % torch.cuda.get_device_capability())
+    print("GPU:", torch.cuda.get_device_name(), "sm_{}{}".format(*torch.cuda.get_device_capability()))
     x, g = torch.randn(5, 33, device="cuda"), torch.randn(5, 17, device="cuda")
     err = (ig.outer(x, g, layout="in_out") - x[:, :, None] * g[:, None, :]).abs().max().item()
     if not err < 1e-5:

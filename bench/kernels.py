@@ -18,13 +18,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the checkout and tests/
+import torch
 
-import torch  # noqa: E402
-
-import indivgrad_cuda as ig  # noqa: E402
-from tests.reference import act_outer_ref, broadcast_outer, outer_ref  # noqa: E402
+import common
+import indivgrad_cuda as ig
+from tests.reference import act_outer_ref, broadcast_outer, outer_ref
 
 CPU_SHAPES = [(1000, 100, 100), (256, 300, 300), (64, 1024, 1024), (128, 1023, 257), (32, 300, 1)]
 GPU_SHAPES = [(256, 1024, 1024), (64, 4096, 4096), (512, 300, 300), (1000, 100, 100), (128, 1023, 257),

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import indivgrad_cuda as ig  # noqa: E402
+import indivgrad_cuda as ig
 
 # (N, D_in, D_out, dtype, the path the plan takes for it)
 CASES = [

@@ -12,12 +12,11 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the checkout and tests/
+import torch
 
-import torch  # noqa: E402
-
-import indivgrad_cuda as ig  # noqa: E402
+import common
+import indivgrad_cuda as ig
 
 LINEAR_SHAPES = [(128, 128), (256, 1024), (768, 768)]
 TOKENS = [4, 16, 64, 256, 1024]
@@ -54,7 +53,7 @@ def main(argv=None):
         for t in tokens:
             x = torch.randn(args.n, t, d_in, device=device)
             g = torch.randn(args.n, t, d_out, device=device)
-            row, ok = compare(t, lambda m: ig.ops.linear_sq_norms(x, g, method=m),
+            row, ok = compare(t, lambda m, x=x, g=g: ig.ops.linear_sq_norms(x, g, method=m),
                               ig.ops.linear_norm_uses_ghost(t, d_in, d_out), device)
             print(row)
             all_ok &= ok
@@ -62,7 +61,7 @@ def main(argv=None):
     for t in tokens:
         ids = torch.randint(0, v, (args.n, t), device=device)
         g = torch.randn(args.n, t, d, device=device)
-        row, ok = compare(t, lambda m: ig.ops.embedding_sq_norms(ids, g, 0, method=m),
+        row, ok = compare(t, lambda m, ids=ids, g=g: ig.ops.embedding_sq_norms(ids, g, 0, method=m),
                           ig._C.embedding_norm_uses_ghost(t, "auto"), device)
         print(row)
         all_ok &= ok

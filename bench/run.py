@@ -27,16 +27,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common  # noqa: E402  (puts the repository root on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the checkout and tests/
+import torch
+import torch.nn.functional as F
+from torch import nn
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from methods import METHODS, Skip, Task  # noqa: E402
-from tests.models import ResidualMLP, TinyEncoder, token_batch  # noqa: E402
-from tests.reference import clipped_sum_ref, func_module_grads  # noqa: E402
+import common
+from methods import METHODS, Skip, Task
+from tests.models import ResidualMLP, TinyEncoder, token_batch
+from tests.reference import clipped_sum_ref, func_module_grads
 
 SEED_SETUPS = [("mlp", s) for s in [(2, 3, 1), (10, 100, 10), (100, 100, 10), (100, 300, 3), (32, 300, 50),
                                     (1000, 100, 10)]]
@@ -157,7 +156,7 @@ def bench_setup(setup, device, methods, progress):
             continue
         try:
             first_ms, result = first_call(fn)
-        except Exception as e:  # noqa: BLE001 - a competitor's failure is a row, not the end of the bench
+        except Exception as e:  # a competitor's failure is a row, not the end of the bench
             if name.startswith("indivgrad"):
                 raise
             row["note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
@@ -171,7 +170,7 @@ def bench_setup(setup, device, methods, progress):
     medians = common.time_interleaved({WRITE: write_gradients(task, device),
                                        **{name: fn for name, (fn, _, _) in timed.items()}}, device, warmup=1)
     summed_ms, bound_write_ms = medians.get("summed"), medians[WRITE]
-    for name, (fn, kind, row) in timed.items():
+    for name, (_, kind, row) in timed.items():
         row["median_ms"] = medians[name]
         # a fresh instance, so lazily allocated state (indivgrad's reused buffers) is counted
         row["peak_mem_mb"] = common.peak_memory_mb(METHODS[name][0](task, max_norm=max_norm), device)
@@ -226,7 +225,7 @@ def main(argv=None):
     setups = args.setups or (QUICK_SETUPS if args.quick else
                              SEED_SETUPS + MODEL_SETUPS + (GPU_SETUPS if device.type == "cuda" else []))
     if "summed" not in args.methods:
-        args.methods = ["summed"] + args.methods  # every ratio is to the summed gradient
+        args.methods = ["summed", *args.methods]  # every ratio is to the summed gradient
     context = common.run_context(device)
     print(f"bench/run.py on {context['device']}, torch {context['torch']}, commit {context['commit']}")
 

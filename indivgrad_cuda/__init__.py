@@ -4,13 +4,12 @@ See ``indivgrad_cuda.ops`` for the fused kernels and ``build_info()`` for how th
 was built.
 """
 
-from indivgrad_cuda._version import __version__
 from indivgrad_cuda._loader import load_extension as _load_extension
+from indivgrad_cuda._version import __version__
 
 _C, _BUILD_INFO = _load_extension()
 
 from indivgrad_cuda import ops  # noqa: E402
-from indivgrad_cuda.ops import act_outer, outer  # noqa: E402
 from indivgrad_cuda.capture.layers import UnsupportedModuleError  # noqa: E402
 from indivgrad_cuda.engine import (  # noqa: E402
     PerSampleGrads,
@@ -18,6 +17,7 @@ from indivgrad_cuda.engine import (  # noqa: E402
     per_sample_grad_norms,
     per_sample_grads,
 )
+from indivgrad_cuda.ops import act_outer, outer  # noqa: E402
 
 
 def build_info() -> dict:
@@ -29,14 +29,14 @@ def build_info() -> dict:
 
 
 __all__ = [
-    "__version__",
-    "build_info",
-    "ops",
-    "outer",
-    "act_outer",
     "PerSampleGrads",
     "UnsupportedModuleError",
-    "per_sample_grads",
-    "per_sample_grad_norms",
+    "__version__",
+    "act_outer",
+    "build_info",
     "clipped_grad_sum",
+    "ops",
+    "outer",
+    "per_sample_grad_norms",
+    "per_sample_grads",
 ]

@@ -2,15 +2,14 @@
 allocating the others with an error that says how many bytes they need."""
 
 import math
-from typing import Dict
 
 import torch
 
 # name -> (shape [N, ...], dtype, device)
-Specs = Dict[str, tuple]
+Specs = dict[str, tuple]
 
 
-def check_out_buffers(out: Dict[str, torch.Tensor], specs: Specs) -> None:
+def check_out_buffers(out: dict[str, torch.Tensor], specs: Specs) -> None:
     for name, t in out.items():
         if name not in specs:
             raise ValueError(f"out: '{name}' is not a parameter that requires grad; expected names among {list(specs)}")
@@ -32,7 +31,7 @@ def check_out_buffers(out: Dict[str, torch.Tensor], specs: Specs) -> None:
             raise ValueError(f"out['{a}'] and out['{b}'] share memory; each needs its own buffer")
 
 
-def allocate(specs: Specs) -> Dict[str, torch.Tensor]:
+def allocate(specs: Specs) -> dict[str, torch.Tensor]:
     total = sum(math.prod(shape) * dtype.itemsize for shape, dtype, _ in specs.values())
     try:
         return {name: torch.empty(shape, dtype=dtype, device=device) for name, (shape, dtype, device) in specs.items()}

@@ -26,8 +26,9 @@ outputs, as a replay writes a graph's static outputs.
 import contextlib
 import warnings
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -73,7 +74,7 @@ class GraphRunner:
         self.device_types = tuple(device_types)
         self.max_graphs = max_graphs
         self.enabled = True
-        self._entries: "OrderedDict[tuple, _Entry]" = OrderedDict()
+        self._entries: OrderedDict[tuple, _Entry] = OrderedDict()
 
     def applies(self, x: torch.Tensor, like: torch.Tensor) -> bool:
         """Whether a batch x for a model whose parameters are like `like` can be graphed
@@ -126,13 +127,13 @@ class GraphRunner:
         return None
 
 
-def parameter_key(params: Sequence[Optional[torch.Tensor]]) -> Tuple:
+def parameter_key(params: Sequence[Optional[torch.Tensor]]) -> tuple:
     """What a graph depends on of each parameter: a replaced Parameter or one whose
     requires_grad changed needs a new graph; in-place updates do not."""
     return tuple(None if p is None else (p.data_ptr(), p.stride(), p.requires_grad) for p in params)
 
 
-def addresses(tensors: Sequence[Optional[torch.Tensor]]) -> Tuple:
+def addresses(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
     return tuple(None if t is None else t.data_ptr() for t in tensors)
 
 

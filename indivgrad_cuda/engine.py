@@ -8,7 +8,7 @@ through the reducers (``indivgrad_cuda.reducers``).
 """
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -124,8 +124,8 @@ class PerSampleGrads:
     # ---------------------------------------------------------------- public API
 
     def __call__(self, inputs, target, loss_fn: Callable, *, reduction: str = "mean", layout: str = "out_in",
-                 into: Optional[str] = None, out: Optional[Dict[str, torch.Tensor]] = None,
-                 generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+                 into: Optional[str] = None, out: Optional[dict[str, torch.Tensor]] = None,
+                 generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Per-sample gradients ``{name: [N, *param.shape]}`` of every parameter that
         requires grad, keyed like ``model.named_parameters()``.
 
@@ -299,7 +299,7 @@ def _one_shot(model, kwargs):
     return PerSampleGrads(model, cuda_graphs=False, **options)
 
 
-def per_sample_grads(model: nn.Module, inputs, target, loss_fn, **kwargs) -> Dict[str, torch.Tensor]:
+def per_sample_grads(model: nn.Module, inputs, target, loss_fn, **kwargs) -> dict[str, torch.Tensor]:
     """One-shot :class:`PerSampleGrads` ``(model)(inputs, target, loss_fn, **kwargs)``
     (``max_chunk``, ``capture`` and ``norm_method`` go to the engine)."""
     return _one_shot(model, kwargs)(inputs, target, loss_fn, **kwargs)

@@ -18,7 +18,7 @@ once when written. NaN and inf propagate exactly as in torch's own autograd form
 each activation (e.g. relu passes the upstream gradient wherever ``not pre <= 0``).
 """
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -62,7 +62,7 @@ def act_outer(
     alpha: float = 1.0,
     beta: float = 1.0,
     threshold: float = 20.0,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient through an activation, then per-sample outer products, fused.
 
     With ``y = act(pre)`` and ``upstream = dL/dy``: ``grad_bias = upstream * act'(pre)``
@@ -146,7 +146,7 @@ def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: Optional
     return _ops.embedding_sq_norms(ids, g, padding_idx, method)
 
 
-def layer_norm_grads(x: torch.Tensor, g: torch.Tensor, normalized_shape, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def layer_norm_grads(x: torch.Tensor, g: torch.Tensor, normalized_shape, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradients ``(weight, bias)``, each ``[N, *normalized_shape]``, of a
     LayerNorm's elementwise affine parameters, from its input x ``[N, *, *normalized_shape]``
     and the gradient g at its output (same shape): ``sum over * of x̂ ⊙ g`` and of ``g``."""

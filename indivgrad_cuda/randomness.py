@@ -3,7 +3,8 @@ batch (masks first, in layer order, then the noise), so that results never depen
 the batch is split into chunks."""
 
 import contextlib
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 
@@ -27,7 +28,7 @@ def _indexed(device: torch.device) -> torch.device:
 
 
 def dropout_masks(plan, n: int, dtype: torch.dtype, device: torch.device, training: bool,
-                  generator: Optional[torch.Generator]) -> List[Optional[torch.Tensor]]:
+                  generator: Optional[torch.Generator]) -> list[Optional[torch.Tensor]]:
     """One scaled mask [N, width] per Dropout, as nn.Dropout: keep with probability 1 - p,
     scale kept values by 1 / (1 - p) (p = 1: all zero). None for each in eval mode."""
     if not training:

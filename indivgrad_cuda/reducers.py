@@ -2,7 +2,7 @@
 each a short call into the layer's rule. (The native capture forms the same three in C++,
 csrc/mlp.cpp.)"""
 
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 
@@ -10,7 +10,7 @@ from indivgrad_cuda.capture.layers import Layer
 from indivgrad_cuda.layers import Factors
 
 
-def materialise(layer: Layer, f: Optional[Factors], layout: str, results: Dict[str, torch.Tensor]) -> None:
+def materialise(layer: Layer, f: Optional[Factors], layout: str, results: dict[str, torch.Tensor]) -> None:
     """Writes the layer's per-sample gradients into ``results[name]`` (this chunk's rows)."""
     out = {attr: results[layer.names[attr]] for attr in layer.trainable() if layer.names[attr] in results}
     if f is None:  # no gradient reached the layer
@@ -20,7 +20,7 @@ def materialise(layer: Layer, f: Optional[Factors], layout: str, results: Dict[s
         layer.rule.grads(layer.module, f, layout, out)
 
 
-def squared_norms(layer: Layer, f: Optional[Factors], method: str, n: int, like: torch.Tensor) -> List[torch.Tensor]:
+def squared_norms(layer: Layer, f: Optional[Factors], method: str, n: int, like: torch.Tensor) -> list[torch.Tensor]:
     """The squared per-sample norms [n] of the layer's trainable parameters, in order."""
     want = list(layer.trainable())
     got = {} if f is None else layer.rule.sq_norms(layer.module, f, want, method)
@@ -32,7 +32,7 @@ def clip_coefficients(sq: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (max_norm / (sq.sum(0).sqrt() + 1e-6)).clamp_max(1.0)
 
 
-def clipped_sum(layer: Layer, f: Optional[Factors], coef: torch.Tensor, grads: Dict[str, torch.Tensor],
+def clipped_sum(layer: Layer, f: Optional[Factors], coef: torch.Tensor, grads: dict[str, torch.Tensor],
                 accumulate: bool) -> None:
     """``grads[name] (+)= sum_n coef[n] * g_n`` for the layer's trainable parameters."""
     dst = {attr: grads[layer.names[attr]] for attr in layer.trainable()}
@@ -44,7 +44,7 @@ def clipped_sum(layer: Layer, f: Optional[Factors], coef: torch.Tensor, grads: D
         layer.rule.clipped_sum(layer.module, f, coef, dst, accumulate)
 
 
-def norm_rows(layers: List[Layer]) -> List[List[int]]:
+def norm_rows(layers: list[Layer]) -> list[list[int]]:
     """For each layer, the rows of its trainable parameters in the [P, N] squared-norm buffer."""
     rows, k = [], 0
     for layer in layers:

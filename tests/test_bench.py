@@ -18,7 +18,7 @@ def run_bench(script, tmp_path, device, *extra):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with (tmp_path / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert REQUIRED <= set(rows[0])
+    assert set(rows[0]) >= REQUIRED
     assert all(r["device"].startswith("CPU ") == (device == "cpu") for r in rows), "rows name the wrong device"
     return proc.stdout, rows
 
@@ -36,7 +36,7 @@ def test_run_quick(tmp_path, device):
     for setup in ("tfm:4x8x32x1", "resmlp:8x16x2"):  # any-model setups: the hooks capture against Opacus, torch.func
         timed_here = {r["method"] for r in rows if r["setup"] == setup and r["median_ms"]}
         assert {"summed", "indivgrad", "indivgrad_norms", "indivgrad_clipped", "torch_func"} <= timed_here
-        assert all(0 < float(r["roofline_pct"]) for r in rows if r["setup"] == setup and r["method"] == "indivgrad")
+        assert all(float(r["roofline_pct"]) > 0 for r in rows if r["setup"] == setup and r["method"] == "indivgrad")
 
 
 def test_norms_quick(device):
@@ -70,9 +70,9 @@ def test_rows_record_gpu_check_commit_where_set(monkeypatch):
     """The device machine's .git can be older than the tree it runs, so gpu_check.sh's
     GPU_CHECK_COMMIT names the commit in every row."""
     sys.path.insert(0, str(ROOT / "bench"))
-    import common
-
     import torch
+
+    import common
 
     monkeypatch.setenv("GPU_CHECK_COMMIT", "0123456789abcdef")
     assert common.run_context(torch.device("cpu"))["commit"] == "0123456"

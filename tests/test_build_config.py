@@ -34,7 +34,7 @@ def test_bad_force_value(setup_module, monkeypatch):
 def test_forced_cuda_without_toolkit_says_what_is_missing(setup_module, monkeypatch):
     monkeypatch.setenv("INDIVGRAD_CUDA", "1")
     monkeypatch.setattr(setup_module, "find_cuda_home", lambda: None)
-    with pytest.raises(SystemExit, match="INDIVGRAD_CUDA=1 but CUDA kernels cannot be built: .*no CUDA toolkit found"):
+    with pytest.raises(SystemExit, match=r"INDIVGRAD_CUDA=1 but CUDA kernels cannot be built: .*no CUDA toolkit found"):
         setup_module.decide_cuda()
 
 

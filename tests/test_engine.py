@@ -34,7 +34,7 @@ def assert_grads_close(got, ref, tol=TOL[torch.float64], layout="out_in"):
         g = got[name]
         if layout == "in_out" and name.endswith("weight"):
             g = g.transpose(1, 2)
-        torch.testing.assert_close(g.double(), ref[name].double(), **tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.double(), ref[name].double(), **tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("activation", list(ACT_MODULES))

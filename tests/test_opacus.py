@@ -60,7 +60,7 @@ def calls(monkeypatch):
 def assert_same(a, b):
     assert set(a) == set(b)
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], rtol=1e-12, atol=1e-12, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])

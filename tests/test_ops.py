@@ -143,7 +143,7 @@ def test_out_buffers_are_written_in_place_and_reusable(device, layout):
     shape = (5, 6, 4) if layout == "in_out" else (5, 4, 6)
     out = torch.full(shape, float("nan"), device=device)
     bias_out = torch.full((5, 4), float("nan"), device=device)
-    for step in range(3):  # fresh data each step into the same buffers
+    for _step in range(3):  # fresh data each step into the same buffers
         x, up, pre = make_inputs(5, 6, 4, torch.float32, device)
         w, b = ig.act_outer(x, up, pre, "elu", layout=layout, out=out, bias_out=bias_out)
         assert w.data_ptr() == out.data_ptr() and b.data_ptr() == bias_out.data_ptr()

@@ -16,11 +16,11 @@ def test_any_model_examples_run():
     assert len(blocks) == 2
     scope = {}
     torch.manual_seed(0)
-    exec(blocks[0], scope)  # noqa: S102 - the documentation's own code
+    exec(blocks[0], scope)  # the documentation's own code
     model, ids, mask, labels, grads = (scope[k] for k in ("model", "ids", "mask", "labels", "grads"))
     assert grads["emb.weight"].shape == (32, 1000, 128) and scope["norms"].shape == (32,)
     ref = func_module_grads(model, (ids, mask), labels, torch.nn.functional.cross_entropy)
     for name in ref:  # float32 against float32: the same gradients
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
-    exec(blocks[1], scope)  # noqa: S102
+    exec(blocks[1], scope)
     assert scope["grads"]["0.weight"].shape == (1000, 100, 100)

@@ -24,7 +24,7 @@ def test_opcheck(device, layout):
     act_args = (x, up, pre, "gelu", layout, 0.01, 1.0, 1.0, 20.0)
     torch.library.opcheck(ops.act_outer.default, act_args)
     torch.library.opcheck(
-        ops.act_outer_out.default, act_args + (torch.empty(shape, device=device), torch.empty(4, 3, device=device))
+        ops.act_outer_out.default, (*act_args, torch.empty(shape, device=device), torch.empty(4, 3, device=device))
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 import indivgrad_cuda
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import sass  # noqa: E402
+import sass
 
 pytestmark = pytest.mark.skipif(
     not indivgrad_cuda.build_info()["cuda_kernels"] or None in (sass.find_tool("nvcc"), sass.find_tool("cuobjdump")),

@@ -19,7 +19,7 @@ each input signature.
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -42,13 +42,13 @@ class HooksCapture:
         self.scan.check()  # every trainable parameter belongs to a supported layer
         self._checked = set()  # input signatures whose parameter uses were checked
 
-    def layers(self) -> List[Layer]:
+    def layers(self) -> list[Layer]:
         """The supported layers with trainable parameters now (requires_grad is read each call)."""
         self.scan.check()
         return self.scan.wanted_layers()
 
     @staticmethod
-    def params(layers: List[Layer], layout: str) -> Dict[str, tuple]:
+    def params(layers: list[Layer], layout: str) -> dict[str, tuple]:
         """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters."""
         return {layer.names[attr]: (p, layer.rule.grad_shape(layer.module, attr, layout))
                 for layer in layers for attr, p in layer.trainable().items()}
@@ -58,7 +58,7 @@ class HooksCapture:
             return next(iter(layer.module.parameters())).device
         return torch.device("cpu")
 
-    def run(self, layers: List[Layer], inputs, target, loss_fn: Callable, reduction: str,
+    def run(self, layers: list[Layer], inputs, target, loss_fn: Callable, reduction: str,
             generator: Optional[torch.Generator], max_chunk: Optional[int], visit: Visit,
             end_chunk: Optional[Callable[[int, int], None]] = None) -> None:
         """Forward, loss and backward chunk by chunk: ``visit`` gets each layer's factors for
@@ -72,7 +72,7 @@ class HooksCapture:
         device = self.device()
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
-            rec = _Recorder(layers, check, n1 - n0, lambda i, f: visit(i, f, n0, n1), device)
+            rec = _Recorder(layers, check, n1 - n0, lambda i, f, n0=n0, n1=n1: visit(i, f, n0, n1), device)
             with masks.rows(n0, n1), rec, no_autocast(device.type), torch.enable_grad():
                 output = _call(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
@@ -118,10 +118,10 @@ class _Call:
 @dataclass
 class _Recording:
     layer: Layer
-    calls: List[_Call] = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
     arrived: int = 0
     done: bool = False
-    local_uses: Dict[int, int] = field(default_factory=dict)  # id(param) -> autograd edges inside the calls
+    local_uses: dict[int, int] = field(default_factory=dict)  # id(param) -> autograd edges inside the calls
 
 
 class _Recorder:
@@ -129,7 +129,7 @@ class _Recorder:
     once the gradients of all its calls have arrived (or, for those that never do, in
     finish())."""
 
-    def __init__(self, layers: List[Layer], count_uses: bool, n: int, on_layer: Callable, device: torch.device):
+    def __init__(self, layers: list[Layer], count_uses: bool, n: int, on_layer: Callable, device: torch.device):
         self.recordings = [_Recording(layer) for layer in layers]
         self.count_uses = count_uses
         self.n = n
@@ -218,7 +218,7 @@ class _Recorder:
                         f"would miss those uses. Call the module instead, or freeze the parameter")
 
 
-def _param_edges(roots, stop) -> Dict[int, int]:
+def _param_edges(roots, stop) -> dict[int, int]:
     """id(parameter) -> number of autograd edges into its AccumulateGrad node, over the graph
     reachable from `roots` without entering the nodes in `stop`."""
     counts, seen, todo = {}, set(stop), [r for r in roots if r is not None]

@@ -3,7 +3,6 @@ parameters must be a supported layer (:data:`indivgrad_cuda.layers.RULES`). The 
 scanned once; each call re-reads only ``requires_grad`` and the parameters themselves."""
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
 
 from torch import nn
 
@@ -19,9 +18,9 @@ class Layer:
     path: str  # the module's name in model.named_modules()
     module: nn.Module
     rule: LayerRule
-    names: Dict[str, str]  # parameter attribute -> its name in model.named_parameters()
+    names: dict[str, str]  # parameter attribute -> its name in model.named_parameters()
 
-    def trainable(self) -> Dict[str, nn.Parameter]:
+    def trainable(self) -> dict[str, nn.Parameter]:
         """The module's parameters that require grad now, by attribute."""
         out = {}
         for attr in self.rule.params:
@@ -39,7 +38,7 @@ class _Refused:
     path: str
     module: nn.Module
     why: str
-    attrs: Tuple[str, ...]  # the parameters whose requires_grad makes it a problem
+    attrs: tuple[str, ...]  # the parameters whose requires_grad makes it a problem
 
 
 def supported_text() -> str:
@@ -55,10 +54,10 @@ class ModelScan:
     def __init__(self, model: nn.Module):
         names = {id(p): n for n, p in model.named_parameters()}
         owners = {}
-        self.layers: List[Layer] = []
-        self.refused: List[_Refused] = []
-        self.batch_norms: List[Tuple[str, nn.Module]] = []
-        self.dropouts: List[Tuple[str, nn.Module]] = []
+        self.layers: list[Layer] = []
+        self.refused: list[_Refused] = []
+        self.batch_norms: list[tuple[str, nn.Module]] = []
+        self.dropouts: list[tuple[str, nn.Module]] = []
         for path, m in model.named_modules():
             path = path or "(the model)"
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -95,7 +94,7 @@ class ModelScan:
                 "these modules have trainable parameters the engine cannot serve:\n  - " + "\n  - ".join(problems)
                 + f"\nSupported: {supported_text()}. Freeze a module's parameters (requires_grad_(False)) to skip it.")
 
-    def wanted_layers(self) -> List[Layer]:
+    def wanted_layers(self) -> list[Layer]:
         """The supported layers with trainable parameters now (after check())."""
         return [layer for layer in self.layers if layer.wanted()]
 

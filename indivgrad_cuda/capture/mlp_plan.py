@@ -2,9 +2,8 @@
 compiled MLP program (csrc/mlp.cpp)."""
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Optional
 
-import torch
 from torch import nn
 
 from indivgrad_cuda import _C
@@ -57,12 +56,12 @@ def _leaves(module, path):
 @dataclass
 class Plan:
     program: "_C.MlpProgram"
-    linears: List[nn.Linear]  # in order
-    weight_names: List[str]
-    bias_names: List[Optional[str]]  # None where the layer has no bias
-    dropouts: List[nn.Dropout]
-    dropout_ps: List[float]  # each Dropout's p, read once like every module setting
-    dropout_widths: List[int]  # features per sample at each Dropout (its mask is [N, width])
+    linears: list[nn.Linear]  # in order
+    weight_names: list[str]
+    bias_names: list[Optional[str]]  # None where the layer has no bias
+    dropouts: list[nn.Dropout]
+    dropout_ps: list[float]  # each Dropout's p, read once like every module setting
+    dropout_widths: list[int]  # features per sample at each Dropout (its mask is [N, width])
     in_features: int
     flattens_input: bool  # an nn.Flatten comes before the first Linear
 

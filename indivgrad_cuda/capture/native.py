@@ -5,7 +5,7 @@ with the per-sample outer products (or forms only norms / one GEMM for clipped s
 CUDA both calls can be replayed as CUDA graphs (see cuda_graphs.py)."""
 
 import math
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 
@@ -31,7 +31,7 @@ class NativeCapture:
     def device(self):
         return self.plan.linears[0].weight.device
 
-    def params(self, layout: str) -> Dict[str, tuple]:
+    def params(self, layout: str) -> dict[str, tuple]:
         """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters."""
         out = {}
         for m, w_name, b_name in zip(self.plan.linears, self.plan.weight_names, self.plan.bias_names):
@@ -51,12 +51,12 @@ class NativeCapture:
 
     # ---------------------------------------------------------------- the three passes
 
-    def grads(self, x, target, loss_fn, reduction, generator, layout, results: Dict[str, torch.Tensor]):
+    def grads(self, x, target, loss_fn, reduction, generator, layout, results: dict[str, torch.Tensor]):
         plan = self.plan
         program, weights = plan.program, plan.weights()
         want_w, want_b = self._wanted()
-        out_w = [results.get(name) if want_w[l] else None for l, name in enumerate(plan.weight_names)]
-        out_b = [results.get(name) if want_b[l] else None for l, name in enumerate(plan.bias_names)]
+        out_w = [results.get(name) if want_w[i] else None for i, name in enumerate(plan.weight_names)]
+        out_b = [results.get(name) if want_b[i] else None for i, name in enumerate(plan.bias_names)]
         n = x.shape[0]
 
         def chunk_grads(grad_out, saved, n0, n1):
@@ -85,7 +85,7 @@ class NativeCapture:
         if graphed is not None:
             sq.copy_(graphed)
 
-    def clipped_sum(self, x, target, loss_fn, reduction, generator, max_norm, grads: Dict[str, torch.Tensor],
+    def clipped_sum(self, x, target, loss_fn, reduction, generator, max_norm, grads: dict[str, torch.Tensor],
                     sq: torch.Tensor):
         plan = self.plan
         program, weights = plan.program, plan.weights()

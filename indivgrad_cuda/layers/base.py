@@ -2,7 +2,7 @@
 gradients, squared norms and a clipped sum (see :mod:`indivgrad_cuda.layers`)."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -47,7 +47,7 @@ class LayerRule:
         """The gradient at one call's output, as [N, T, ...]."""
         raise NotImplementedError
 
-    def combine(self, records: List[torch.Tensor], grads: List[torch.Tensor]) -> Factors:
+    def combine(self, records: list[torch.Tensor], grads: list[torch.Tensor]) -> Factors:
         if len(records) == 1:
             return Factors(records[0], grads[0])
         return Factors(torch.cat(records, 1), torch.cat(grads, 1))
@@ -56,15 +56,15 @@ class LayerRule:
         """Shape of one sample's gradient of ``module.<attr>`` in ``layout``."""
         return tuple(getattr(module, attr).shape)
 
-    def grads(self, module: nn.Module, f: Factors, layout: str, out: Dict[str, torch.Tensor]) -> None:
+    def grads(self, module: nn.Module, f: Factors, layout: str, out: dict[str, torch.Tensor]) -> None:
         """Writes per-sample gradients [N, *grad_shape] into ``out[attr]`` (the wanted attrs)."""
         raise NotImplementedError
 
-    def sq_norms(self, module: nn.Module, f: Factors, want: List[str], method: str) -> Dict[str, torch.Tensor]:
+    def sq_norms(self, module: nn.Module, f: Factors, want: list[str], method: str) -> dict[str, torch.Tensor]:
         """Squared per-sample gradient norms [N] (acc_dtype) of the wanted attrs."""
         raise NotImplementedError
 
-    def clipped_sum(self, module: nn.Module, f: Factors, coef: torch.Tensor, grads: Dict[str, torch.Tensor],
+    def clipped_sum(self, module: nn.Module, f: Factors, coef: torch.Tensor, grads: dict[str, torch.Tensor],
                     accumulate: bool) -> None:
         """``grads[attr] (+)= sum_n coef[n] * (sample n's gradient)`` for the wanted attrs."""
         raise NotImplementedError

@@ -5,7 +5,6 @@ Sample n's gradients are ``sum_t x̂_t ⊙ g_t`` (weight) and ``sum_t g_t`` (bia
 activations, so norms and the clipped sum are formed from them directly.
 """
 
-from typing import Dict
 
 import torch
 from torch import nn
@@ -29,7 +28,7 @@ class LayerNormRule(LayerRule):
             f.cache["grads"] = {"weight": gw, "bias": gb}
         return f.cache["grads"]
 
-    def grads(self, module, f, layout, out: Dict[str, torch.Tensor]):
+    def grads(self, module, f, layout, out: dict[str, torch.Tensor]):
         per_sample = self._grads(module, f)
         for attr, buf in out.items():
             buf.copy_(per_sample[attr])

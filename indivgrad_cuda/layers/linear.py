@@ -6,7 +6,6 @@ multiply-adds (``indivgrad_cuda._C.linear_norm_uses_ghost``); the clipped sum is
 over the N·T rows, each scaled by its sample's coefficient.
 """
 
-from typing import Dict, List
 
 import torch
 from torch import nn
@@ -28,13 +27,13 @@ class LinearRule(LayerRule):
             return (module.in_features, module.out_features)
         return tuple(getattr(module, attr).shape)
 
-    def grads(self, module, f: Factors, layout, out: Dict[str, torch.Tensor]):
+    def grads(self, module, f: Factors, layout, out: dict[str, torch.Tensor]):
         if "weight" in out:
             ops.seq_outer(f.a, f.g, layout=layout, out=out["weight"])
         if "bias" in out:
             out["bias"].copy_(_bias_grads(f))
 
-    def sq_norms(self, module, f: Factors, want: List[str], method):
+    def sq_norms(self, module, f: Factors, want: list[str], method):
         norms = {}
         if "weight" in want:
             norms["weight"] = ops.linear_sq_norms(f.a, f.g, method=method)
