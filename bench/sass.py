@@ -6,8 +6,9 @@ numbers bench/NOTES.md reasons with, reproducible without a GPU.
 Compiles csrc/outer_cuda.cu (of the working tree, or of GIT_REV) for one architecture with the
 flags the extension's build uses, and prints per kernel instantiation its registers and spills
 (ptxas -v) and, for each loop that issues the kernel's wide global stores (STG.E.128; STG.E.64
-for the fast path with 8-byte stores), the loop's instructions per store and what they are. Needs nvcc and cuobjdump (CUDA's, or the copy
-triton ships); a machine without them gets a clear error.
+for the fast path with 8-byte stores), the loop's instructions per store and what they are.
+Needs nvcc and cuobjdump (CUDA's, or the copy triton ships); a machine without them gets a
+clear error.
 """
 import argparse
 import re

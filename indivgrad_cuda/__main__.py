@@ -14,7 +14,8 @@ def main():
     if not info["cuda_kernels"]:
         print("  GPU: not usable by this build (CPU kernels only)")
     elif torch.cuda.is_available():
-        print(f"  GPU: usable, {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
+        major, minor = torch.cuda.get_device_capability()
+        print(f"  GPU: usable, {torch.cuda.get_device_name()} (sm_{major}{minor})")
     else:
         print("  GPU: none visible (CUDA kernels compiled, CPU path in use)")
 
