@@ -120,7 +120,9 @@ def build_extension():
         "torch_cuda": torch.version.cuda,
         "cuda_kernels": build_cuda,
         "nvcc": nvcc_version(cuda_home) if build_cuda else None,
-        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "detected from the visible GPU") if build_cuda else None,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST", "detected from the visible GPU")
+        if build_cuda
+        else None,
         "why": reason,
         "python": sys.version.split()[0],
     }

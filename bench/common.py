@@ -16,14 +16,31 @@ from torch.utils._pytree import tree_leaves
 ROOT = Path(__file__).resolve().parents[1]
 
 RESULTS_DIR = ROOT / "bench" / "results"
-COLUMNS = ["date", "run_id", "commit", "device", "torch", "cuda", "bench", "setup", "method", "median_ms",
-           "ratio_vs_summed", "peak_mem_mb", "gbps", "roofline_pct", "max_rel_err", "note"]
+COLUMNS = [
+    "date",
+    "run_id",
+    "commit",
+    "device",
+    "torch",
+    "cuda",
+    "bench",
+    "setup",
+    "method",
+    "median_ms",
+    "ratio_vs_summed",
+    "peak_mem_mb",
+    "gbps",
+    "roofline_pct",
+    "max_rel_err",
+    "note",
+]
 
 
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import platform
+
     return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
@@ -34,16 +51,24 @@ def run_context(device):
         if os.environ.get("GPU_CHECK_COMMIT"):
             commit = os.environ["GPU_CHECK_COMMIT"][:7]
         else:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                    text=True, check=True).stdout.strip()
-            if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                              capture_output=True, text=True).stdout.strip():
+            commit = subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            if subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip():
                 commit += "+dirty"
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     now = datetime.datetime.now(datetime.timezone.utc)
-    return {"date": now.strftime("%Y-%m-%d"), "run_id": now.strftime("%Y%m%dT%H%M%SZ"), "commit": commit,
-            "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda or "none"}
+    return {
+        "date": now.strftime("%Y-%m-%d"),
+        "run_id": now.strftime("%Y%m%dT%H%M%SZ"),
+        "commit": commit,
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+    }
 
 
 def sync(device):
@@ -67,8 +92,9 @@ def _time_once(fn, device):
 
 def time_ms(fn, device, *, warmup=2, min_repeats=5, max_repeats=50, budget_s=1.0):
     """Median wall time of fn() in ms, calls back to back."""
-    return time_interleaved({"fn": fn}, device, warmup=warmup, min_repeats=min_repeats, max_repeats=max_repeats,
-                            budget_s=budget_s, warm=0)["fn"]
+    return time_interleaved(
+        {"fn": fn}, device, warmup=warmup, min_repeats=min_repeats, max_repeats=max_repeats, budget_s=budget_s, warm=0
+    )["fn"]
 
 
 def time_interleaved(fns, device, *, warmup=2, min_repeats=5, max_repeats=50, budget_s=1.0, warm=None):

@@ -55,7 +55,7 @@ def as_model_input(x, kind):
 def first_batch_grad_samples(model, x, y, backend):
     from opacus import GradSampleModule
 
-    with (ig_opacus.installed() if backend else _opacus_own()):
+    with ig_opacus.installed() if backend else _opacus_own():
         gsm = GradSampleModule(copy.deepcopy(model))
         nn.CrossEntropyLoss()(gsm(x), y).backward()
         grads = {k: p.grad_sample.clone() for k, p in gsm._module.named_parameters()}
@@ -80,8 +80,12 @@ def _setup(model, train_data, args, device):
     torch.manual_seed(args.seed)
     model = copy.deepcopy(model).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*train_data), batch_size=args.batch_size,
-                                         shuffle=True, generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(*train_data),
+        batch_size=args.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     return model, optimizer, loader
 
 
@@ -112,9 +116,13 @@ def train(model, train_data, test_data, backend, args, device):
 
     model, optimizer, loader = _setup(model, train_data, args, device)
     engine = PrivacyEngine(accountant=args.accountant)
-    model, optimizer, loader = engine.make_private(module=model, optimizer=optimizer, data_loader=loader,
-                                                   noise_multiplier=args.noise_multiplier,
-                                                   max_grad_norm=args.max_grad_norm)
+    model, optimizer, loader = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=loader,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+    )
     loss_fn = nn.CrossEntropyLoss()
 
     def step(xb, yb):
@@ -122,7 +130,7 @@ def train(model, train_data, test_data, backend, args, device):
         loss_fn(model(xb), yb).backward()
         optimizer.step()
 
-    with (ig_opacus.installed() if backend else _opacus_own()):
+    with ig_opacus.installed() if backend else _opacus_own():
         step_ms = _timed_steps(loader, step, args, device)
     return statistics.median(step_ms), _accuracy(model, test_data), engine.get_epsilon(delta=args.delta), len(step_ms)
 
@@ -150,7 +158,12 @@ def train_engine(model, train_data, test_data, args, device):
         accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=sample_rate)
 
     step_ms = _timed_steps(loader, step, args, device)
-    return statistics.median(step_ms), _accuracy(model, test_data), accountant.get_epsilon(delta=args.delta), len(step_ms)
+    return (
+        statistics.median(step_ms),
+        _accuracy(model, test_data),
+        accountant.get_epsilon(delta=args.delta),
+        len(step_ms),
+    )
 
 
 def main(argv=None):
@@ -182,24 +195,32 @@ def main(argv=None):
     engine = ig.PerSampleGrads(model)(xb, yb, nn.CrossEntropyLoss())
     diff = max(((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item() for k in theirs)
     diff_engine = max(((engine[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item() for k in theirs)
-    print(f"first batch ({len(xb)} samples): per-sample gradients against Opacus's own samplers, max relative "
-          f"difference: Opacus + indivgrad backend {diff:.1e}, indivgrad engine {diff_engine:.1e}")
+    print(
+        f"first batch ({len(xb)} samples): per-sample gradients against Opacus's own samplers, max relative "
+        f"difference: Opacus + indivgrad backend {diff:.1e}, indivgrad engine {diff_engine:.1e}"
+    )
 
-    print(f"DP-SGD on digits, {args.model} model ({len(train_data[0])} train / {len(test_data[0])} test), "
-          f"{args.epochs} epochs, expected batch {args.batch_size}, noise {args.noise_multiplier}, clip "
-          f"{args.max_grad_norm}, {common.device_name(device)}")
+    print(
+        f"DP-SGD on digits, {args.model} model ({len(train_data[0])} train / {len(test_data[0])} test), "
+        f"{args.epochs} epochs, expected batch {args.batch_size}, noise {args.noise_multiplier}, clip "
+        f"{args.max_grad_norm}, {common.device_name(device)}"
+    )
     print(f"  {'method':<26} {'ms/step (median)':>17} {'steps':>6} {'test acc':>9} {'epsilon':>8}")
     results = {}
-    runs = (("opacus (its own samplers)", lambda: train(model, train_data, test_data, False, args, device)),
-            ("opacus + indivgrad backend", lambda: train(model, train_data, test_data, True, args, device)),
-            ("indivgrad engine", lambda: train_engine(model, train_data, test_data, args, device)))
+    runs = (
+        ("opacus (its own samplers)", lambda: train(model, train_data, test_data, False, args, device)),
+        ("opacus + indivgrad backend", lambda: train(model, train_data, test_data, True, args, device)),
+        ("indivgrad engine", lambda: train_engine(model, train_data, test_data, args, device)),
+    )
     for label, run in runs:
         ms, acc, eps, steps = run()
         results[label] = ms
         print(f"  {label:<26} {ms:>17.3f} {steps:>6} {acc:>9.3f} {eps:>8.2f}")
     base = results["opacus (its own samplers)"]
-    print(f"  step rate against Opacus's own: backend {base / results['opacus + indivgrad backend']:.2f}x, "
-          f"engine {base / results['indivgrad engine']:.2f}x")
+    print(
+        f"  step rate against Opacus's own: backend {base / results['opacus + indivgrad backend']:.2f}x, "
+        f"engine {base / results['indivgrad engine']:.2f}x"
+    )
     return 0 if max(diff, diff_engine) < 1e-4 else 1
 
 

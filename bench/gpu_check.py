@@ -1,8 +1,8 @@
 """The Python half of bench/gpu_check.sh: checks and facts that need torch.
 
-    python bench/gpu_check.py verify-build   # exit 1 unless the CUDA kernels are built and a GPU works
-    python bench/gpu_check.py env            # versions, device, build_info (for env.txt)
-    python bench/gpu_check.py wheels         # versions of the benches' optional competitors
+python bench/gpu_check.py verify-build   # exit 1 unless the CUDA kernels are built and a GPU works
+python bench/gpu_check.py env            # versions, device, build_info (for env.txt)
+python bench/gpu_check.py wheels         # versions of the benches' optional competitors
 """
 
 import importlib.metadata
@@ -47,13 +47,17 @@ def verify_build():
 def cpp_error_round_trip():
     """Whether an error the ops raise in C++ reaches Python, checked in a fresh process: on the
     first H200 run it crashed the process instead (cause unknown, bench/NOTES.md)."""
-    code = "import torch, indivgrad_cuda as ig\ntry:\n    ig.outer(torch.randn(12), torch.randn(3, 5))\n" \
-           "except ValueError as e:\n    print(e)"
+    code = (
+        "import torch, indivgrad_cuda as ig\ntry:\n    ig.outer(torch.randn(12), torch.randn(3, 5))\n"
+        "except ValueError as e:\n    print(e)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     if proc.returncode == 0 and "x: expected a 2-D tensor" in proc.stdout:
         return "C++ errors reach Python: ok"
-    return (f"WARNING: a C++ error from the ops does not reach Python (exit {proc.returncode}; negative: a signal), "
-            f"as on the first H200 run (bench/NOTES.md). {proc.stderr.strip()[-300:]}")
+    return (
+        f"WARNING: a C++ error from the ops does not reach Python (exit {proc.returncode}; negative: a signal), "
+        f"as on the first H200 run (bench/NOTES.md). {proc.stderr.strip()[-300:]}"
+    )
 
 
 def compilers():
@@ -64,8 +68,9 @@ def compilers():
         if path is None:
             continue
         version = subprocess.run([path, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-        macros = subprocess.run([path, "-x", "c++", "-E", "-dM", "-"], input="#include <string>\n",
-                                capture_output=True, text=True).stdout
+        macros = subprocess.run(
+            [path, "-x", "c++", "-E", "-dM", "-"], input="#include <string>\n", capture_output=True, text=True
+        ).stdout
         abi = next((line.split()[-1] for line in macros.splitlines() if "_GLIBCXX_USE_CXX11_ABI" in line), "?")
         print(f"compiler {name} ({path}): {version} | default _GLIBCXX_USE_CXX11_ABI {abi}")
 
@@ -73,22 +78,28 @@ def compilers():
 def env():
     import torch
 
-    print(f"python {platform.python_version()} ({sys.executable}) | torch {torch.__version__} | torch CUDA "
-          f"{torch.version.cuda} | cuDNN {torch.backends.cudnn.version()} | cuda.is_available() "
-          f"{torch.cuda.is_available()}")
+    print(
+        f"python {platform.python_version()} ({sys.executable}) | torch {torch.__version__} | torch CUDA "
+        f"{torch.version.cuda} | cuDNN {torch.backends.cudnn.version()} | cuda.is_available() "
+        f"{torch.cuda.is_available()}"
+    )
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
         l2 = getattr(p, "L2_cache_size", 0) / 2**20
-        print(f"device {i}: {p.name} | sm_{p.major}{p.minor} | {p.multi_processor_count} SMs | "
-              f"{p.total_memory / 2**30:.1f} GiB | L2 {l2:.0f} MiB")
+        print(
+            f"device {i}: {p.name} | sm_{p.major}{p.minor} | {p.multi_processor_count} SMs | "
+            f"{p.total_memory / 2**30:.1f} GiB | L2 {l2:.0f} MiB"
+        )
     try:
         import indivgrad_cuda
 
         print("build_info:", json.dumps(indivgrad_cuda.build_info(), sort_keys=True))
     except Exception as e:  # noqa: BLE001  (a fact to record, not to raise)
         print(f"build_info: unavailable: {type(e).__name__}: {e}")
-    print(f"torch._C._GLIBCXX_USE_CXX11_ABI {torch._C._GLIBCXX_USE_CXX11_ABI}; CC={os.environ.get('CC')!r} "
-          f"CXX={os.environ.get('CXX')!r}")
+    print(
+        f"torch._C._GLIBCXX_USE_CXX11_ABI {torch._C._GLIBCXX_USE_CXX11_ABI}; CC={os.environ.get('CC')!r} "
+        f"CXX={os.environ.get('CXX')!r}"
+    )
     compilers()
     return 0
 

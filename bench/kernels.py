@@ -26,8 +26,15 @@ import indivgrad_cuda as ig
 from tests.reference import act_outer_ref, broadcast_outer, outer_ref
 
 CPU_SHAPES = [(1000, 100, 100), (256, 300, 300), (64, 1024, 1024), (128, 1023, 257), (32, 300, 1)]
-GPU_SHAPES = [(256, 1024, 1024), (64, 4096, 4096), (512, 300, 300), (1000, 100, 100), (128, 1023, 257),
-              (4096, 256, 256), (32, 300, 1)]
+GPU_SHAPES = [
+    (256, 1024, 1024),
+    (64, 4096, 4096),
+    (512, 300, 300),
+    (1000, 100, 100),
+    (128, 1023, 257),
+    (4096, 256, 256),
+    (32, 300, 1),
+]
 QUICK_SHAPES = [(16, 33, 17)]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
@@ -43,8 +50,10 @@ def methods(x, g, pre, out, bias_out, compile_broadcast, layout):
         "roofline_fill": (lambda: out.fill_(1.0), None),
         "roofline_copy": (lambda: out.copy_(src), None),
         "indivgrad_outer": (lambda: ig.outer(x, g, layout=layout, out=out), plain_ref),
-        "indivgrad_act_outer": (lambda: ig.act_outer(x, g, pre, "relu", layout=layout, out=out,
-                                                     bias_out=bias_out)[0], w_ref),
+        "indivgrad_act_outer": (
+            lambda: ig.act_outer(x, g, pre, "relu", layout=layout, out=out, bias_out=bias_out)[0],
+            w_ref,
+        ),
         "bmm": (lambda: torch.bmm(rows.unsqueeze(2), cols.unsqueeze(1), out=out), plain_ref),
         "broadcast_mul": (lambda: torch.mul(rows[:, :, None], cols[:, None, :], out=out), plain_ref),
     }
@@ -90,10 +99,16 @@ def bench_shape(shape, dtype, device, compile_broadcast, layout="out_in"):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16",
-                                                                                          "float16", "float64"])
-    parser.add_argument("--layouts", nargs="+", default=["out_in"], choices=["out_in", "in_out"],
-                        help="out_in: [N, D_out, D_in] (nn.Linear's); in_out: [N, D_in, D_out]")
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16", "float64"]
+    )
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["out_in"],
+        choices=["out_in", "in_out"],
+        help="out_in: [N, D_out, D_in] (nn.Linear's); in_out: [N, D_in, D_out]",
+    )
     parser.add_argument("--quick", action="store_true", help="one small shape, for smoke tests")
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to warm up)")
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR))
@@ -105,20 +120,24 @@ def main(argv=None):
     print(f"bench/kernels.py on {context['device']}, torch {context['torch']}, commit {context['commit']}")
     print(f"  {'shape/dtype':<30} {'method':<24} {'µs':>10} {'GB/s':>8} {'% fill':>7}  note")
     all_rows = []
-    for layout, dtype, shape in [(lay, getattr(torch, d), s) for lay in args.layouts for d in args.dtypes
-                                 for s in shapes]:
+    for layout, dtype, shape in [
+        (lay, getattr(torch, d), s) for lay in args.layouts for d in args.dtypes for s in shapes
+    ]:
         print(f"\r  running {shape} {dtype} {layout}", end="", file=sys.stderr, flush=True)
         rows = bench_shape(shape, dtype, device, not args.no_compile, layout)
         print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
         for r in rows:
             us = r["median_ms"] * 1e3 if "median_ms" in r else None
-            print(f"  {r['setup']:<30} {r['method']:<24} {common.fmt(us):>10} {common.fmt(r.get('gbps')):>8} "
-                  f"{common.fmt(r.get('roofline_pct')):>7}  {r.get('note', '')}")
+            print(
+                f"  {r['setup']:<30} {r['method']:<24} {common.fmt(us):>10} {common.fmt(r.get('gbps')):>8} "
+                f"{common.fmt(r.get('roofline_pct')):>7}  {r.get('note', '')}"
+            )
         all_rows += [{**context, "bench": "kernels", **r} for r in rows]
     path = common.append_rows(all_rows, args.results_dir)
     print(f"\n{len(all_rows)} rows appended to {path}")
     if not args.no_plot:
         import plot
+
         for png in plot.plot_latest(path, "kernels"):
             print(f"plot: {png}")
     return 1 if any(r.get("note", "").startswith("WRONG") for r in all_rows) else 0

@@ -58,6 +58,7 @@ def summed(task, **_):
         model.zero_grad(set_to_none=True)
         task.loss(model(*task.inputs), task.target).backward()
         return {k: p.grad for k, p in params.items()}
+
     return run
 
 
@@ -75,6 +76,7 @@ def loop(task, **_):
             for k, p in params.items():
                 out[k][n] = p.grad
         return out
+
     return run
 
 
@@ -101,6 +103,7 @@ def seed_bmm(task, **_):
             if m.bias is not None:
                 out[f"{name}.bias"] = g
         return out
+
     return run
 
 
@@ -121,6 +124,7 @@ def indivgrad_clipped(task, max_norm, **_):
     def run():
         engine.clipped_grad_sum(task.engine_inputs, task.target, task.loss, max_norm)
         return {k: p.grad for k, p in params.items()}
+
     return run
 
 
@@ -150,6 +154,7 @@ def opacus_hooks(task, **_):
             p.grad_sample = None
         task.loss(gsm(*task.inputs), task.target).backward()
         return {k: p.grad_sample for k, p in params.items()}
+
     return run
 
 
@@ -159,8 +164,9 @@ def opacus_ghost_clipping(task, max_norm, **_):
     _require("opacus", "opacus")
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-    gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(task.model), loss_reduction="mean",
-                                               max_grad_norm=max_norm, use_ghost_clipping=True)
+    gsm = GradSampleModuleFastGradientClipping(
+        copy.deepcopy(task.model), loss_reduction="mean", max_grad_norm=max_norm, use_ghost_clipping=True
+    )
     params = dict(gsm._module.named_parameters())
 
     def run():
@@ -173,6 +179,7 @@ def opacus_ghost_clipping(task, max_norm, **_):
         (coef * losses).sum().backward()
         gsm.enable_hooks()
         return {k: p.grad for k, p in params.items()}
+
     return run
 
 
@@ -194,6 +201,7 @@ def _backpack(task, extension_name, result):
         with backpack(extension()):
             bp_loss(bp_model(x), y).backward()
         return result(params)
+
     return run
 
 
@@ -202,8 +210,9 @@ def backpack_batch_grad(task, **_):
 
 
 def backpack_batch_l2(task, **_):
-    return _backpack(task, "BatchL2Grad",
-                     lambda ps: torch.stack([p.batch_l2 for p in ps.values()]).sum(0).sqrt() * task.n)
+    return _backpack(
+        task, "BatchL2Grad", lambda ps: torch.stack([p.batch_l2 for p in ps.values()]).sum(0).sqrt() * task.n
+    )
 
 
 # name -> (factory, what it returns: "mean_grad" | "grads" | "norms" | "clipped")

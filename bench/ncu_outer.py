@@ -6,6 +6,7 @@ The cases are the shapes of bench/kernels.py whose numbers bench/NOTES.md reason
 path of the kernel (16-byte and 8-byte fast paths, the run path) in float32 and bfloat16, in
 nn.Linear's layout. ncu reports the launches in this order (`--list` prints it). Needs a GPU.
 """
+
 import argparse
 import sys
 from pathlib import Path

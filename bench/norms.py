@@ -27,14 +27,18 @@ def compare(label, run, ghost_picked, device):
     """(row text, whether auto's pick is within 20% of the faster method)."""
     ghost, direct = run("ghost"), run("direct")
     torch.testing.assert_close(ghost, direct, rtol=1e-4, atol=0)
-    times = common.time_interleaved({"ghost": lambda: run("ghost"), "direct": lambda: run("direct")}, device,
-                                    budget_s=0.3)
+    times = common.time_interleaved(
+        {"ghost": lambda: run("ghost"), "direct": lambda: run("direct")}, device, budget_s=0.3
+    )
     t_ghost, t_direct = times["ghost"], times["direct"]
     picked = t_ghost if ghost_picked else t_direct
     ok = picked <= 1.2 * min(t_ghost, t_direct)
     faster = "ghost" if t_ghost < t_direct else "direct"
     pick = "ghost" if ghost_picked else "direct"
-    return f"  {label:<8} {t_ghost:>10.3f} {t_direct:>10.3f}  {faster:<7} {pick:<7}{'' if ok else '  <- slower pick'}", ok
+    return (
+        f"  {label:<8} {t_ghost:>10.3f} {t_direct:>10.3f}  {faster:<7} {pick:<7}{'' if ok else '  <- slower pick'}",
+        ok,
+    )
 
 
 def main(argv=None):
@@ -43,7 +47,7 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=32, help="samples")
     parser.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
     args = parser.parse_args(argv)
-    shapes, tokens, (v, d) = (([(16, 24)], [2, 90], (50, 8)) if args.quick else (LINEAR_SHAPES, TOKENS, EMBEDDING))
+    shapes, tokens, (v, d) = ([(16, 24)], [2, 90], (50, 8)) if args.quick else (LINEAR_SHAPES, TOKENS, EMBEDDING)
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"bench/norms.py on {common.device_name(device)}, N={args.n}, float32; times in ms")
@@ -53,19 +57,29 @@ def main(argv=None):
         for t in tokens:
             x = torch.randn(args.n, t, d_in, device=device)
             g = torch.randn(args.n, t, d_out, device=device)
-            row, ok = compare(t, lambda m, x=x, g=g: ig.ops.linear_sq_norms(x, g, method=m),
-                              ig.ops.linear_norm_uses_ghost(t, d_in, d_out), device)
+            row, ok = compare(
+                t,
+                lambda m, x=x, g=g: ig.ops.linear_sq_norms(x, g, method=m),
+                ig.ops.linear_norm_uses_ghost(t, d_in, d_out),
+                device,
+            )
             print(row)
             all_ok &= ok
     print(f"\nEmbedding {v} x {d}\n  {'T':<8} {'ghost':>10} {'direct':>10}  {'faster':<7} {'auto':<7}")
     for t in tokens:
         ids = torch.randint(0, v, (args.n, t), device=device)
         g = torch.randn(args.n, t, d, device=device)
-        row, ok = compare(t, lambda m, ids=ids, g=g: ig.ops.embedding_sq_norms(ids, g, 0, method=m),
-                          ig._C.embedding_norm_uses_ghost(t, "auto"), device)
+        row, ok = compare(
+            t,
+            lambda m, ids=ids, g=g: ig.ops.embedding_sq_norms(ids, g, 0, method=m),
+            ig._C.embedding_norm_uses_ghost(t, "auto"),
+            device,
+        )
         print(row)
         all_ok &= ok
-    print("\nauto picks " + ("within 20% of the faster method everywhere" if all_ok else "a slower method where marked"))
+    print(
+        "\nauto picks " + ("within 20% of the faster method everywhere" if all_ok else "a slower method where marked")
+    )
     return 0
 
 

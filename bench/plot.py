@@ -1,6 +1,6 @@
 """Draw PNG plots from bench/results/results.csv (the latest run of a bench, per device).
 
-    python bench/plot.py [results.csv]
+python bench/plot.py [results.csv]
 """
 
 import csv
@@ -52,7 +52,9 @@ def plot_latest(csv_path, bench):
     slug = re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_").lower()
     if bench == "run":
         key, label, log = "ratio_vs_summed", "time / summed-gradient time (log)", True
-        title = f"per-sample gradients: time relative to the summed gradient\n{device}, torch {rows[0]['torch']}, {run_id}"
+        title = (
+            f"per-sample gradients: time relative to the summed gradient\n{device}, torch {rows[0]['torch']}, {run_id}"
+        )
     else:
         key, label, log = "roofline_pct", "% of the write roofline (fill)", False
         title = f"kernels: % of write roofline\n{device}, torch {rows[0]['torch']}, {run_id}"

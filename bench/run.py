@@ -37,14 +37,22 @@ from methods import METHODS, Skip, Task
 from tests.models import ResidualMLP, TinyEncoder, token_batch
 from tests.reference import clipped_sum_ref, func_module_grads
 
-SEED_SETUPS = [("mlp", s) for s in [(2, 3, 1), (10, 100, 10), (100, 100, 10), (100, 300, 3), (32, 300, 50),
-                                    (1000, 100, 10)]]
-MODEL_SETUPS = [("tfm", (32, 64, 128, 2)), ("tfm", (64, 128, 256, 4)), ("tfm", (16, 256, 512, 4)),
-                ("resmlp", (256, 256, 4))]
+SEED_SETUPS = [
+    ("mlp", s) for s in [(2, 3, 1), (10, 100, 10), (100, 100, 10), (100, 300, 3), (32, 300, 50), (1000, 100, 10)]
+]
+MODEL_SETUPS = [
+    ("tfm", (32, 64, 128, 2)),
+    ("tfm", (64, 128, 256, 4)),
+    ("tfm", (16, 256, 512, 4)),
+    ("resmlp", (256, 256, 4)),
+]
 GPU_SETUPS = [("mlp", s) for s in [(256, 1024, 4), (64, 4096, 2), (512, 300, 50)]]
 QUICK_SETUPS = [("mlp", (2, 3, 1)), ("mlp", (16, 20, 3)), ("tfm", (4, 8, 32, 1)), ("resmlp", (8, 16, 2))]
-KINDS = {"mlp": ("[N, D, L]", 3), "tfm": ("transformer [N, T, d_model, layers]", 4),
-         "resmlp": ("residual MLP [N, D, L]", 3)}
+KINDS = {
+    "mlp": ("[N, D, L]", 3),
+    "tfm": ("transformer [N, T, d_model, layers]", 4),
+    "resmlp": ("residual MLP [N, D, L]", 3),
+}
 VOCAB, CLASSES = 1000, 10
 WRITE = "(write)"  # timed beside the methods: a fill of the per-sample gradients' bytes
 TOLERANCE = 1e-3  # relative error accepted in float32 (per sample, or of a batch-level result)
@@ -66,8 +74,13 @@ def make_task(setup, device):
         n, t, d, layers = dims
         model = TinyEncoder(vocab=VOCAB, d_model=d, heads=max(1, d // 32), layers=layers, max_len=t, classes=CLASSES)
         ids, mask, labels = token_batch(n, t, VOCAB, CLASSES)
-        return Task(model.to(device), (ids.to(device), mask.to(device)), labels.to(device), F.cross_entropy,
-                    functools.partial(F.cross_entropy, reduction="none"))
+        return Task(
+            model.to(device),
+            (ids.to(device), mask.to(device)),
+            labels.to(device),
+            F.cross_entropy,
+            functools.partial(F.cross_entropy, reduction="none"),
+        )
     n, d, depth = dims
     model = seed_mlp(d, depth) if kind == "mlp" else ResidualMLP(d, d, depth, 1)
     x = torch.randn(n, d, device=device)
@@ -95,8 +108,12 @@ def samples_off(got, ref):
     A float32 forward can put a pre-activation that float64 sees just above 0 just below
     it, which changes that one sample's gradient: a rounding effect, not a wrong method,
     as long as it stays rare."""
-    err = torch.stack([(got[k].double() - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1).clamp_min(1e-30)
-                       for k, r in ref.items()]).amax(0)
+    err = torch.stack(
+        [
+            (got[k].double() - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1).clamp_min(1e-30)
+            for k, r in ref.items()
+        ]
+    ).amax(0)
     return int((err > TOLERANCE).sum())
 
 
@@ -123,8 +140,7 @@ def references(task):
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
     max_norm = norms.median().item()
     clipped, _ = clipped_sum_ref(grads, max_norm)
-    refs = {"grads": grads, "mean_grad": {k: g.mean(0) for k, g in grads.items()}, "norms": norms,
-            "clipped": clipped}
+    refs = {"grads": grads, "mean_grad": {k: g.mean(0) for k, g in grads.items()}, "norms": norms, "clipped": clipped}
     return refs, max_norm
 
 
@@ -167,8 +183,9 @@ def bench_setup(setup, device, methods, progress):
         if not row["note"].startswith("WRONG"):
             timed[name] = (fn, kind, row)
     progress(f"{setup_name(setup)}: timing {len(timed)} methods in turn")
-    medians = common.time_interleaved({WRITE: write_gradients(task, device),
-                                       **{name: fn for name, (fn, _, _) in timed.items()}}, device, warmup=1)
+    medians = common.time_interleaved(
+        {WRITE: write_gradients(task, device), **{name: fn for name, (fn, _, _) in timed.items()}}, device, warmup=1
+    )
     summed_ms, bound_write_ms = medians.get("summed"), medians[WRITE]
     for name, (_, kind, row) in timed.items():
         row["median_ms"] = medians[name]
@@ -193,9 +210,11 @@ def print_table(setup, setup_rows):
     print(f"  {'method':<18} {'median ms':>10} {'x summed':>9} {'x bound':>8} {'peak MB':>9} {'rel err':>9}  note")
     for r in setup_rows:
         bound = 100 / r["roofline_pct"] if r.get("roofline_pct") else None
-        print(f"  {r['method']:<18} {common.fmt(r.get('median_ms')):>10} {common.fmt(r.get('ratio_vs_summed')):>9} "
-              f"{common.fmt(bound):>8} {common.fmt(r.get('peak_mem_mb')):>9} {common.fmt(r.get('max_rel_err'), 2):>9}  "
-              f"{r.get('note', '')}")
+        print(
+            f"  {r['method']:<18} {common.fmt(r.get('median_ms')):>10} {common.fmt(r.get('ratio_vs_summed')):>9} "
+            f"{common.fmt(bound):>8} {common.fmt(r.get('peak_mem_mb')):>9} {common.fmt(r.get('max_rel_err'), 2):>9}  "
+            f"{r.get('note', '')}"
+        )
 
 
 def parse_setup(text):
@@ -206,15 +225,21 @@ def parse_setup(text):
     except ValueError:
         parts = ()
     if kind not in KINDS or len(parts) != KINDS[kind][1] or min(parts, default=0) < 1:
-        raise argparse.ArgumentTypeError(f"a setup is N,D,L, tfm:N,T,D,L or resmlp:N,D,L with positive integers, "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"a setup is N,D,L, tfm:N,T,D,L or resmlp:N,D,L with positive integers, got {text!r}"
+        )
     return kind, parts
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setups", nargs="+", type=parse_setup, help="N,D,L | tfm:N,T,D,L | resmlp:N,D,L (default: "
-                        "the seed's six MLPs and the model setups, plus larger MLPs on a GPU)")
+    parser.add_argument(
+        "--setups",
+        nargs="+",
+        type=parse_setup,
+        help="N,D,L | tfm:N,T,D,L | resmlp:N,D,L (default: "
+        "the seed's six MLPs and the model setups, plus larger MLPs on a GPU)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--quick", action="store_true", help="two small setups, for smoke tests")
@@ -222,8 +247,9 @@ def main(argv=None):
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    setups = args.setups or (QUICK_SETUPS if args.quick else
-                             SEED_SETUPS + MODEL_SETUPS + (GPU_SETUPS if device.type == "cuda" else []))
+    setups = args.setups or (
+        QUICK_SETUPS if args.quick else SEED_SETUPS + MODEL_SETUPS + (GPU_SETUPS if device.type == "cuda" else [])
+    )
     if "summed" not in args.methods:
         args.methods = ["summed", *args.methods]  # every ratio is to the summed gradient
     context = common.run_context(device)
@@ -245,6 +271,7 @@ def main(argv=None):
     print(f"\n{len(all_rows)} rows appended to {path}")
     if not args.no_plot:
         import plot
+
         for png in plot.plot_latest(path, "run"):
             print(f"plot: {png}")
     wrong = [r for r in all_rows if r.get("note", "").startswith("WRONG")]

@@ -10,6 +10,7 @@ for the fast path with 8-byte stores), the loop's instructions per store and wha
 Needs nvcc and cuobjdump (CUDA's, or the copy triton ships); a machine without them gets a
 clear error.
 """
+
 import argparse
 import re
 import shutil
@@ -23,9 +24,18 @@ import torch.utils.cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
 # The extension's nvcc flags (setup.py via torch's cpp_extension), less the -gencode list.
-NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-              "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
-              "-DINDIVGRAD_WITH_CUDA", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C"]
+NVCC_FLAGS = [
+    "-O3",
+    "-std=c++20",
+    "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__",
+    "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-D__CUDA_NO_HALF2_OPERATORS__",
+    "-DINDIVGRAD_WITH_CUDA",
+    "-DTORCH_API_INCLUDE_EXTENSION_H",
+    "-DTORCH_EXTENSION_NAME=_C",
+]
 INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
@@ -50,8 +60,9 @@ def source_dir(rev, tmp):
         return ROOT / "csrc"
     out = Path(tmp) / "csrc"
     out.mkdir()
-    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "csrc/"], check=True,
-                           capture_output=True, text=True).stdout.split()
+    names = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", rev, "csrc/"], check=True, capture_output=True, text=True
+    ).stdout.split()
     for name in names:
         blob = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], check=True, capture_output=True)
         (out / Path(name).name).write_bytes(blob.stdout)
@@ -61,8 +72,18 @@ def source_dir(rev, tmp):
 def compile_cubin(src, arch, tmp):
     cubin = Path(tmp) / "outer.cubin"
     includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths(device_type="cuda")]
-    cmd = [tool("nvcc"), "-cubin", f"-arch={arch}", "-Xptxas", "-v", *NVCC_FLAGS, *includes,
-           str(src / "outer_cuda.cu"), "-o", str(cubin)]
+    cmd = [
+        tool("nvcc"),
+        "-cubin",
+        f"-arch={arch}",
+        "-Xptxas",
+        "-v",
+        *NVCC_FLAGS,
+        *includes,
+        str(src / "outer_cuda.cu"),
+        "-o",
+        str(cubin),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"nvcc failed:\n{proc.stderr[-3000:]}")
@@ -145,16 +166,19 @@ def analyse(rev=None, arch="sm_90"):
     """[(kernel, registers, spill bytes, [(instructions per wide store, opcode counts per store)])]."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin, log = compile_cubin(source_dir(rev, tmp), arch, tmp)
-        sass = subprocess.run([tool("cuobjdump"), "-sass", str(cubin)], check=True, capture_output=True,
-                              text=True).stdout
+        sass = subprocess.run(
+            [tool("cuobjdump"), "-sass", str(cubin)], check=True, capture_output=True, text=True
+        ).stdout
     regs, funcs = registers(log), functions(sass)
     names = demangle(list(funcs))
     rows = []
     for mangled in funcs:
         r, spill = regs.get(mangled, [None, None])
         kernel = short(names[mangled])
-        loops = [(n / s, {k: v / s for k, v in c.most_common()})
-                 for n, s, c in store_loops(funcs[mangled], store_suffix(kernel))]
+        loops = [
+            (n / s, {k: v / s for k, v in c.most_common()})
+            for n, s, c in store_loops(funcs[mangled], store_suffix(kernel))
+        ]
         rows.append((kernel, r, spill, loops))
     return sorted(rows)
 
@@ -168,8 +192,12 @@ def main(argv=None):
     print(f"csrc/outer_cuda.cu at {args.rev or 'working tree'}, {args.arch}")
     print(f"{'kernel':44} {'regs':>4} {'spill':>5}  per wide store (16 bytes; fast8: 8) in each store loop")
     for kernel, r, spill, loops in analyse(args.rev, args.arch):
-        desc = "; ".join(f"{n:.0f} ({', '.join(f'{k} {v:g}' for k, v in list(ops.items())[:args.opcodes])})"
-                         for n, ops in loops) or "no wide-store loop"
+        desc = (
+            "; ".join(
+                f"{n:.0f} ({', '.join(f'{k} {v:g}' for k, v in list(ops.items())[: args.opcodes])})" for n, ops in loops
+            )
+            or "no wide-store loop"
+        )
         print(f"{kernel:44} {r if r is not None else '?':>4} {spill if spill is not None else '?':>5}  {desc}")
 
 

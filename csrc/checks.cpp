@@ -3,7 +3,6 @@
 #include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
-
 namespace indivgrad {
 
 Layout parse_layout(c10::string_view layout) {
@@ -13,11 +12,10 @@ Layout parse_layout(c10::string_view layout) {
                     std::string(layout), "\"");
 }
 
-ActParams parse_activation(c10::string_view name, double negative_slope, double alpha, double beta,
-                           double threshold) {
+ActParams parse_activation(c10::string_view name, double negative_slope, double alpha, double beta, double threshold) {
   static const std::pair<const char*, Activation> kNames[] = {
-      {"identity", Activation::Identity}, {"relu", Activation::Relu},     {"leaky_relu", Activation::LeakyRelu},
-      {"elu", Activation::Elu},           {"tanh", Activation::Tanh},     {"sigmoid", Activation::Sigmoid},
+      {"identity", Activation::Identity}, {"relu", Activation::Relu},          {"leaky_relu", Activation::LeakyRelu},
+      {"elu", Activation::Elu},           {"tanh", Activation::Tanh},          {"sigmoid", Activation::Sigmoid},
       {"gelu", Activation::Gelu},         {"gelu_tanh", Activation::GeluTanh}, {"silu", Activation::Silu},
       {"softplus", Activation::Softplus}};
   std::string valid;
@@ -68,10 +66,10 @@ void check_output(const at::Tensor& buf, const char* name, at::IntArrayRef shape
   TORCH_CHECK_VALUE(buf.is_contiguous(), name, ": expected a contiguous tensor, got strides ", buf.strides());
   for (const auto& [input_name, t] : inputs) {
     // get_overlap_status answers TooHard for strided tensors before looking at storages.
-    const bool disjoint = !buf.storage().is_alias_of(t->storage()) ||
-                          at::get_overlap_status(buf, *t) == at::MemOverlapStatus::No;
-    TORCH_CHECK_VALUE(disjoint, name, ": must not share memory with ", input_name,
-                      ", which is read while ", name, " is written");
+    const bool disjoint =
+        !buf.storage().is_alias_of(t->storage()) || at::get_overlap_status(buf, *t) == at::MemOverlapStatus::No;
+    TORCH_CHECK_VALUE(disjoint, name, ": must not share memory with ", input_name, ", which is read while ", name,
+                      " is written");
   }
 }
 

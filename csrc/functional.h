@@ -13,8 +13,7 @@ namespace indivgrad {
 
 using OuterOut = void (*)(const at::Tensor&, const at::Tensor&, c10::string_view, const at::Tensor&);
 using ActOuterOut = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
-                             c10::string_view, double, double, double, double, const at::Tensor&,
-                             const at::Tensor&);
+                             c10::string_view, double, double, double, double, const at::Tensor&, const at::Tensor&);
 
 template <OuterOut impl>
 at::Tensor outer_functional(const at::Tensor& x, const at::Tensor& g, c10::string_view layout) {
@@ -27,8 +26,8 @@ at::Tensor outer_functional(const at::Tensor& x, const at::Tensor& g, c10::strin
 template <ActOuterOut impl>
 std::tuple<at::Tensor, at::Tensor> act_outer_functional(const at::Tensor& x, const at::Tensor& upstream,
                                                         const at::Tensor& pre, c10::string_view activation,
-                                                        c10::string_view layout, double negative_slope,
-                                                        double alpha, double beta, double threshold) {
+                                                        c10::string_view layout, double negative_slope, double alpha,
+                                                        double beta, double threshold) {
   check_inputs(x, {{"upstream", &upstream}, {"pre", &pre}});
   at::Tensor out = at::empty(outer_shape(x, upstream, parse_layout(layout)), x.options());
   at::Tensor bias_out = at::empty(upstream.sizes(), x.options());

@@ -38,8 +38,8 @@ void for_blocks(int64_t n, int64_t block, F f) {
 // dtype and device. Returns the 3-D views.
 std::pair<Tensor, Tensor> check_factors(const Tensor& x, const Tensor& g) {
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, "x: expected [N, D_in] or [N, T, D_in], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(g.dim() == x.dim(), "g: expected ", x.dim(), " dims like x (", (x.dim() == 2 ? "[N, D_out]" : "[N, T, D_out]"),
-                    "), got shape ", g.sizes());
+  TORCH_CHECK_VALUE(g.dim() == x.dim(), "g: expected ", x.dim(), " dims like x (",
+                    (x.dim() == 2 ? "[N, D_out]" : "[N, T, D_out]"), "), got shape ", g.sizes());
   check_float_dtype(x, "x");
   TORCH_CHECK_VALUE(g.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1), "g: expected leading dims ",
                     x.sizes().slice(0, x.dim() - 1), " (x's), got shape ", g.sizes());
@@ -118,9 +118,8 @@ void check_embedding_factors(const Tensor& ids, const Tensor& g) {
   TORCH_CHECK_VALUE(ids.dim() == 2, "ids: expected a 2-D tensor [N, T], got shape ", ids.sizes());
   TORCH_CHECK_TYPE(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
                    "ids: expected dtype int64 or int32, got ", ids.scalar_type());
-  TORCH_CHECK_VALUE(g.dim() == 3 && g.size(0) == ids.size(0) && g.size(1) == ids.size(1), "g: expected [",
-                    ids.size(0), ", ", ids.size(1), ", D] (ids' [N, T] and the embedding width), got shape ",
-                    g.sizes());
+  TORCH_CHECK_VALUE(g.dim() == 3 && g.size(0) == ids.size(0) && g.size(1) == ids.size(1), "g: expected [", ids.size(0),
+                    ", ", ids.size(1), ", D] (ids' [N, T] and the embedding width), got shape ", g.sizes());
   check_float_dtype(g, "g");
   TORCH_CHECK_VALUE(g.device() == ids.device(), "g: expected device ", ids.device(), " (ids' device), got ",
                     g.device());
@@ -230,8 +229,8 @@ namespace {
 std::optional<bool> forced_ghost(c10::string_view method) {
   if (method == "ghost") return true;
   if (method == "direct") return false;
-  TORCH_CHECK_VALUE(method == "auto", "method: expected \"auto\", \"ghost\" or \"direct\", got \"",
-                    std::string(method), "\"");
+  TORCH_CHECK_VALUE(method == "auto", "method: expected \"auto\", \"ghost\" or \"direct\", got \"", std::string(method),
+                    "\"");
   return std::nullopt;
 }
 }  // namespace

@@ -32,11 +32,11 @@ void act_outer_out(const Tensor& x, const Tensor& up, const Tensor& pre, const A
 struct Step {
   enum class Kind { Linear, Activation, Dropout, Flatten };
   Kind kind;
-  ActParams act{};         // Activation
-  std::string act_name;    // Activation
-  int64_t dropout = -1;    // Dropout: its index among the Dropout layers (its mask's index)
-  int64_t layer = -1;      // Linear: its index among the linear layers
-  int64_t slot = -1;       // where forward saves what backward needs of this step (-1: nothing)
+  ActParams act{};       // Activation
+  std::string act_name;  // Activation
+  int64_t dropout = -1;  // Dropout: its index among the Dropout layers (its mask's index)
+  int64_t layer = -1;    // Linear: its index among the linear layers
+  int64_t slot = -1;     // where forward saves what backward needs of this step (-1: nothing)
 };
 
 class MlpProgram {
@@ -73,8 +73,8 @@ class MlpProgram {
   // caller draws them for the whole batch and passes each chunk its rows, so the masks,
   // hence the results, do not depend on how the batch is chunked.
   std::tuple<Tensor, std::vector<OptTensor>> forward(const Tensor& x, const std::vector<Tensor>& weights,
-                                                  const std::vector<OptTensor>& biases,
-                                                  const std::vector<OptTensor>& masks) const {
+                                                     const std::vector<OptTensor>& biases,
+                                                     const std::vector<OptTensor>& masks) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
     check_params(weights, biases);
     TORCH_CHECK_VALUE(static_cast<int64_t>(masks.size()) == num_dropout_, "masks: expected ", num_dropout_,
@@ -121,7 +121,8 @@ class MlpProgram {
                   [&](int64_t l, const Tensor& x, const Tensor& up, const Tensor& pre, const Step* act) {
                     const ActParams a = act ? act->act : kIdentity;
                     if (out_weights[l]) {
-                      const Tensor g = out_biases[l] ? *out_biases[l] : at::empty_like(up, at::MemoryFormat::Contiguous);
+                      const Tensor g =
+                          out_biases[l] ? *out_biases[l] : at::empty_like(up, at::MemoryFormat::Contiguous);
                       act_outer_out(x, up, pre, a, act ? act->act_name : "identity", layout, *out_weights[l], g);
                       return g;
                     }
@@ -199,9 +200,9 @@ class MlpProgram {
   }
 
   void check_params(const std::vector<Tensor>& weights, const std::vector<OptTensor>& biases) const {
-    TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == num_linear() &&
-                          static_cast<int64_t>(biases.size()) == num_linear(),
-                      "expected ", num_linear(), " weights and biases, got ", weights.size(), " and ", biases.size());
+    TORCH_CHECK_VALUE(
+        static_cast<int64_t>(weights.size()) == num_linear() && static_cast<int64_t>(biases.size()) == num_linear(),
+        "expected ", num_linear(), " weights and biases, got ", weights.size(), " and ", biases.size());
   }
 
   static void check_layer_input(const Tensor& h, const Tensor& w, int64_t layer) {
@@ -209,13 +210,13 @@ class MlpProgram {
                       "], got shape ", h.sizes());
     TORCH_CHECK_TYPE(h.scalar_type() == w.scalar_type(), "x: expected dtype ", w.scalar_type(),
                      " (the model's parameters), got ", h.scalar_type());
-    TORCH_CHECK_VALUE(h.device() == w.device(), "x: expected device ", w.device(),
-                      " (the model's parameters), got ", h.device());
+    TORCH_CHECK_VALUE(h.device() == w.device(), "x: expected device ", w.device(), " (the model's parameters), got ",
+                      h.device());
   }
 
   static void check_mask(const Tensor& m, const Tensor& h, int64_t k) {
-    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == h.size(0) && m.numel() == h.numel() && m.is_contiguous(), "masks[", k,
-                      "]: expected a contiguous [", h.size(0), ", ", h.numel() / std::max<int64_t>(h.size(0), 1),
+    TORCH_CHECK_VALUE(m.dim() == 2 && m.size(0) == h.size(0) && m.numel() == h.numel() && m.is_contiguous(), "masks[",
+                      k, "]: expected a contiguous [", h.size(0), ", ", h.numel() / std::max<int64_t>(h.size(0), 1),
                       "] tensor, got shape ", m.sizes(), " and strides ", m.strides());
     TORCH_CHECK_TYPE(m.scalar_type() == h.scalar_type() && m.device() == h.device(), "masks[", k, "]: expected ",
                      h.scalar_type(), " on ", h.device(), ", got ", m.scalar_type(), " on ", m.device());

@@ -37,8 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   });
   m.def("linear_norm_uses_ghost", &indivgrad::linear_norm_uses_ghost,
-        "Whether linear_sq_norms(method) forms the ghost norm for T positions of D_in -> D_out",
-        pybind11::arg("t"), pybind11::arg("d_in"), pybind11::arg("d_out"), pybind11::arg("method") = "auto");
+        "Whether linear_sq_norms(method) forms the ghost norm for T positions of D_in -> D_out", pybind11::arg("t"),
+        pybind11::arg("d_in"), pybind11::arg("d_out"), pybind11::arg("method") = "auto");
   m.def("embedding_norm_uses_ghost", &indivgrad::embedding_norm_uses_ghost,
         "Whether embedding_sq_norms(method) forms the ghost norm for T tokens", pybind11::arg("t"),
         pybind11::arg("method") = "auto");

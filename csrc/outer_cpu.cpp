@@ -58,8 +58,8 @@ void outer_out_cpu(const at::Tensor& x, const at::Tensor& g, c10::string_view la
 void act_outer_out_cpu(const at::Tensor& x, const at::Tensor& upstream, const at::Tensor& pre,
                        c10::string_view activation, c10::string_view layout, double negative_slope, double alpha,
                        double beta, double threshold, const at::Tensor& out, const at::Tensor& bias_out) {
-  const ActOuterConfig cfg = check_act_outer_out(x, upstream, pre, activation, layout, negative_slope, alpha, beta,
-                                                 threshold, out, bias_out);
+  const ActOuterConfig cfg =
+      check_act_outer_out(x, upstream, pre, activation, layout, negative_slope, alpha, beta, threshold, out, bias_out);
   const at::Tensor g = activation_backward(cfg.act, compute_dtype(upstream), compute_dtype(pre));
   at::Tensor(bias_out).copy_(g);
   if (g.scalar_type() == out.scalar_type()) {

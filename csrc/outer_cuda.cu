@@ -108,8 +108,8 @@ void outer_out_cuda(const at::Tensor& x, const at::Tensor& g, c10::string_view l
 void act_outer_out_cuda(const at::Tensor& x, const at::Tensor& upstream, const at::Tensor& pre,
                         c10::string_view activation, c10::string_view layout, double negative_slope, double alpha,
                         double beta, double threshold, const at::Tensor& out, const at::Tensor& bias_out) {
-  const ActOuterConfig cfg = check_act_outer_out(x, upstream, pre, activation, layout, negative_slope, alpha, beta,
-                                                 threshold, out, bias_out);
+  const ActOuterConfig cfg =
+      check_act_outer_out(x, upstream, pre, activation, layout, negative_slope, alpha, beta, threshold, out, bias_out);
   launch(x, upstream, pre, cfg.act, cfg.layout, out, bias_out);
 }
 

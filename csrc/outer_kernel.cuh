@@ -41,17 +41,17 @@ constexpr int kOuterBlocksPerSm = 8;             // 2048 threads per SM / 256
 
 // The launch shape, decided on the host (make_outer_plan) and passed by value.
 struct OuterPlan {
-  int64_t R, C;          // out is [N, R, C]; R * N rows in all
-  int64_t rows;          // N * R
-  int64_t tile_cols;     // columns per column tile (a multiple of the store's vector on the fast path)
+  int64_t R, C;       // out is [N, R, C]; R * N rows in all
+  int64_t rows;       // N * R
+  int64_t tile_cols;  // columns per column tile (a multiple of the store's vector on the fast path)
   int64_t col_tiles;
-  int64_t block_rows;    // rows per block (the last block of a column may have fewer)
+  int64_t block_rows;  // rows per block (the last block of a column may have fewer)
   int64_t row_blocks;
-  int64_t max_samples;   // most samples one block's rows can touch (column staging)
-  bool g_on_rows;        // out_in: rows index D_out (G), columns D_in (x); in_out: the reverse
-  int store_bytes;       // fast path: every row of out starts on a boundary of this many bytes
-                         // (16, or 8 for 2-byte types); 0: the run path
-  bool streaming;        // out is far larger than L2: evict-first stores
+  int64_t max_samples;  // most samples one block's rows can touch (column staging)
+  bool g_on_rows;       // out_in: rows index D_out (G), columns D_in (x); in_out: the reverse
+  int store_bytes;      // fast path: every row of out starts on a boundary of this many bytes
+                        // (16, or 8 for 2-byte types); 0: the run path
+  bool streaming;       // out is far larger than L2: evict-first stores
   int64_t blocks() const { return col_tiles * row_blocks; }
 };
 
@@ -135,14 +135,14 @@ __device__ __forceinline__ void outer_store(V* dst, const V& v) {
 // The block's share of the work, and where its staged values live.
 template <typename acc_t>
 struct OuterBlock {
-  int64_t q0;            // first row (of N * R)
-  int nrows;             // rows in this block
-  int64_t c0;            // first column of the tile
-  int ncols;             // columns in the tile
-  int64_t n0;            // the sample of row q0
-  const acc_t* row_vals;   // [nrows]
-  const int* row_sample;   // [nrows]: sample of each row, minus n0
-  const acc_t* col_vals;   // [samples][tile_cols]
+  int64_t q0;             // first row (of N * R)
+  int nrows;              // rows in this block
+  int64_t c0;             // first column of the tile
+  int ncols;              // columns in the tile
+  int64_t n0;             // the sample of row q0
+  const acc_t* row_vals;  // [nrows]
+  const int* row_sample;  // [nrows]: sample of each row, minus n0
+  const acc_t* col_vals;  // [samples][tile_cols]
 };
 
 // dst[e] for e in [0, len): element e is at local row first_row + e / width, column

@@ -18,14 +18,14 @@ def _outer_out_fake(x, g, layout, out):
 
 
 @torch.library.register_fake("indivgrad_cuda::act_outer")
-def _act_outer_fake(x, upstream, pre, activation="relu", layout="in_out", negative_slope=0.01, alpha=1.0,
-                    beta=1.0, threshold=20.0):
+def _act_outer_fake(
+    x, upstream, pre, activation="relu", layout="in_out", negative_slope=0.01, alpha=1.0, beta=1.0, threshold=20.0
+):
     return x.new_empty(_outer_shape(x, upstream, layout)), upstream.new_empty(upstream.shape)
 
 
 @torch.library.register_fake("indivgrad_cuda::act_outer_out")
-def _act_outer_out_fake(x, upstream, pre, activation, layout, negative_slope, alpha, beta, threshold, out,
-                        bias_out):
+def _act_outer_out_fake(x, upstream, pre, activation, layout, negative_slope, alpha, beta, threshold, out, bias_out):
     return None
 
 

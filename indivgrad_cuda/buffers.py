@@ -24,8 +24,11 @@ def check_out_buffers(out: dict[str, torch.Tensor], specs: Specs) -> None:
             raise ValueError(f"out['{name}']: expected device {device} (the parameter's device), got {t.device}")
         if not t.is_contiguous():
             raise ValueError(f"out['{name}']: expected a contiguous tensor, got strides {list(t.stride())}")
-    spans = sorted((t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), t.numel() * t.element_size(), name)
-                   for name, t in out.items() if t.numel())
+    spans = sorted(
+        (t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size(), t.numel() * t.element_size(), name)
+        for name, t in out.items()
+        if t.numel()
+    )
     for (start_a, len_a, a), (start_b, _, b) in zip(spans, spans[1:]):
         if start_b < start_a + len_a:
             raise ValueError(f"out['{a}'] and out['{b}'] share memory; each needs its own buffer")

@@ -38,16 +38,19 @@ def batch_size(inputs) -> int:
     """N of a batch given as a Tensor, a tuple or a dict of them (dim 0 of every tensor)."""
     tensors = _tensors(inputs)
     if not tensors:
-        raise TypeError(f"inputs: expected a Tensor, or a tuple or dict holding at least one Tensor, got "
-                        f"{type(inputs).__name__}")
+        raise TypeError(
+            f"inputs: expected a Tensor, or a tuple or dict holding at least one Tensor, got {type(inputs).__name__}"
+        )
     for where, t in tensors:
         if t.dim() == 0:
             raise ValueError(f"inputs{where}: expected dim 0 to be the batch, got a 0-dim tensor")
     n = tensors[0][1].shape[0]
     for where, t in tensors:
         if t.shape[0] != n:
-            raise ValueError(f"inputs{where}: expected {n} rows (dim 0 is the batch, N from inputs"
-                             f"{tensors[0][0]}), got shape {list(t.shape)}")
+            raise ValueError(
+                f"inputs{where}: expected {n} rows (dim 0 is the batch, N from inputs"
+                f"{tensors[0][0]}), got shape {list(t.shape)}"
+            )
     return n
 
 
@@ -58,16 +61,19 @@ def _tensors(inputs):
         return [(f"[{i}]", v) for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
     if isinstance(inputs, dict):
         return [(f"[{k!r}]", v) for k, v in inputs.items() if isinstance(v, torch.Tensor)]
-    raise TypeError(f"inputs: expected a Tensor, a tuple (model(*inputs)) or a dict (model(**inputs)), got "
-                    f"{type(inputs).__name__}")
+    raise TypeError(
+        f"inputs: expected a Tensor, a tuple (model(*inputs)) or a dict (model(**inputs)), got {type(inputs).__name__}"
+    )
 
 
 def split_batch(inputs, target, n: int, size: int):
     """(n0, n1, inputs rows n0..n1, target rows n0..n1) for consecutive chunks of at most
     `size` samples: every tensor in `inputs` is split along dim 0, other values passed as they are."""
     if size < n and target is not None and not (isinstance(target, torch.Tensor) and target.shape[:1] == (n,)):
-        raise ValueError(f"target: to split the batch into chunks it must be a Tensor with {n} rows; "
-                         f"got {type(target).__name__}")
+        raise ValueError(
+            f"target: to split the batch into chunks it must be a Tensor with {n} rows; got {type(target).__name__}"
+        )
+
     def rows(v, n0, n1):
         return v[n0:n1] if isinstance(v, torch.Tensor) else v
 

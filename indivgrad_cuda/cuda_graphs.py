@@ -69,7 +69,9 @@ class GraphRunner:
     batch's intermediate state allocated), least recently used dropped first. If a capture
     fails the runner warns once and turns itself off; the caller then runs eagerly."""
 
-    def __init__(self, capture: Optional[Callable] = None, device_types: Sequence[str] = ("cuda",), max_graphs: int = 4):
+    def __init__(
+        self, capture: Optional[Callable] = None, device_types: Sequence[str] = ("cuda",), max_graphs: int = 4
+    ):
         self.capture = capture if capture is not None else CudaGraphCapture()
         self.device_types = tuple(device_types)
         self.max_graphs = max_graphs
@@ -79,8 +81,13 @@ class GraphRunner:
     def applies(self, x: torch.Tensor, like: torch.Tensor) -> bool:
         """Whether a batch x for a model whose parameters are like `like` can be graphed
         (anything else runs eagerly, where the passes report what is wrong)."""
-        return (self.enabled and x.device.type in self.device_types and x.shape[0] > 0
-                and x.dtype == like.dtype and x.device == like.device)
+        return (
+            self.enabled
+            and x.device.type in self.device_types
+            and x.shape[0] > 0
+            and x.dtype == like.dtype
+            and x.device == like.device
+        )
 
     def run(self, key: tuple, x: torch.Tensor, forward: Callable, grad_of_output: Callable, backward: Callable):
         """forward(x) -> (output, saved); grad_of_output(output) -> dL/d(output), eager;
@@ -121,9 +128,12 @@ class GraphRunner:
     def _give_up(self, error: Exception):
         self.enabled = False
         self._entries.clear()
-        warnings.warn(f"indivgrad_cuda: capturing a CUDA graph failed ({type(error).__name__}: {error}); this engine "
-                      f"runs without CUDA graphs from now on (PerSampleGrads(..., cuda_graphs=False) skips the attempt)",
-                      RuntimeWarning, stacklevel=6)  # the caller of the engine
+        warnings.warn(
+            f"indivgrad_cuda: capturing a CUDA graph failed ({type(error).__name__}: {error}); this engine "
+            f"runs without CUDA graphs from now on (PerSampleGrads(..., cuda_graphs=False) skips the attempt)",
+            RuntimeWarning,
+            stacklevel=6,
+        )  # the caller of the engine
         return None
 
 
@@ -140,8 +150,11 @@ def addresses(tensors: Sequence[Optional[torch.Tensor]]) -> tuple:
 def _matmul_settings():
     """cuBLAS settings a captured GEMM keeps: changing them needs a new graph."""
     m = torch.backends.cuda.matmul
-    return (torch.get_float32_matmul_precision(), m.allow_fp16_reduced_precision_reduction,
-            m.allow_bf16_reduced_precision_reduction)
+    return (
+        torch.get_float32_matmul_precision(),
+        m.allow_fp16_reduced_precision_reduction,
+        m.allow_bf16_reduced_precision_reduction,
+    )
 
 
 def _on_device(device: torch.device):

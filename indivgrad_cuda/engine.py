@@ -94,8 +94,15 @@ class PerSampleGrads:
         norm_method: ``"auto"``, ``"ghost"`` or ``"direct"``.
     """
 
-    def __init__(self, model: nn.Module, *, max_chunk: Optional[int] = None, cuda_graphs: bool = True,
-                 capture: str = "auto", norm_method: str = "auto"):
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_chunk: Optional[int] = None,
+        cuda_graphs: bool = True,
+        capture: str = "auto",
+        norm_method: str = "auto",
+    ):
         if max_chunk is not None and (not isinstance(max_chunk, int) or max_chunk < 1):
             raise ValueError(f"max_chunk: expected a positive int or None, got {max_chunk!r}")
         if not isinstance(cuda_graphs, bool):
@@ -123,9 +130,18 @@ class PerSampleGrads:
 
     # ---------------------------------------------------------------- public API
 
-    def __call__(self, inputs, target, loss_fn: Callable, *, reduction: str = "mean", layout: str = "out_in",
-                 into: Optional[str] = None, out: Optional[dict[str, torch.Tensor]] = None,
-                 generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    def __call__(
+        self,
+        inputs,
+        target,
+        loss_fn: Callable,
+        *,
+        reduction: str = "mean",
+        layout: str = "out_in",
+        into: Optional[str] = None,
+        out: Optional[dict[str, torch.Tensor]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> dict[str, torch.Tensor]:
         """Per-sample gradients ``{name: [N, *param.shape]}`` of every parameter that
         requires grad, keyed like ``model.named_parameters()``.
 
@@ -146,6 +162,7 @@ class PerSampleGrads:
         if cap is self._native:
             cap.grads(inputs, target, loss_fn, reduction, generator, layout, results)
         else:
+
             def visit(i, f, n0, n1):
                 reducers.materialise(layers[i], f, layout, {k: v[n0:n1] for k, v in results.items()})
 
@@ -156,8 +173,16 @@ class PerSampleGrads:
                 params[name].grad_sample = t
         return results
 
-    def norms(self, inputs, target, loss_fn: Callable, *, reduction: str = "mean", per_param: bool = False,
-              generator: Optional[torch.Generator] = None):
+    def norms(
+        self,
+        inputs,
+        target,
+        loss_fn: Callable,
+        *,
+        reduction: str = "mean",
+        per_param: bool = False,
+        generator: Optional[torch.Generator] = None,
+    ):
         """Per-sample gradient norms ``[N]`` over all parameters that require grad, never
         forming a per-sample gradient of all samples at once (Linear on 2-D inputs:
         ``||x_n ⊗ g_n|| = ||x_n|| ||g_n||``; sequences: the ghost or direct norm).
@@ -170,15 +195,25 @@ class PerSampleGrads:
         if cap is self._native:
             cap.norms(inputs, target, loss_fn, reduction, generator, sq)
         else:
-            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk,
-                    self._norms_visitor(layers, sq))
+            cap.run(
+                layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, self._norms_visitor(layers, sq)
+            )
         total = sq.sum(0).sqrt()
         if per_param:
             return total, dict(zip(params, sq.sqrt().unbind(0)))
         return total
 
-    def clipped_grad_sum(self, inputs, target, loss_fn: Callable, max_norm: float, *, reduction: str = "mean",
-                         noise_multiplier: float = 0.0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def clipped_grad_sum(
+        self,
+        inputs,
+        target,
+        loss_fn: Callable,
+        max_norm: float,
+        *,
+        reduction: str = "mean",
+        noise_multiplier: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         """DP-SGD's step: sets each trainable ``p.grad`` to
         ``sum_n min(1, max_norm / (||g_n|| + 1e-6)) * g_n`` (``g_n``: sample n's full
         per-sample gradient), plus Gaussian noise of std ``noise_multiplier * max_norm``
@@ -233,8 +268,10 @@ class PerSampleGrads:
         elif self._hooks is not None:
             cap = self._hooks
         elif isinstance(inputs, torch.Tensor):
-            raise ValueError(f"inputs: capture='native' needs a 2-D Tensor [N, D] (or one the model's nn.Flatten "
-                             f"flattens), got shape {list(inputs.shape)}")
+            raise ValueError(
+                f"inputs: capture='native' needs a 2-D Tensor [N, D] (or one the model's nn.Flatten "
+                f"flattens), got shape {list(inputs.shape)}"
+            )
         else:
             raise TypeError(f"inputs: capture='native' needs a Tensor, got {type(inputs).__name__}")
         n = batch_size(inputs)
@@ -255,6 +292,7 @@ class PerSampleGrads:
         def visit(i, f, n0, n1):
             for r, v in zip(rows[i], reducers.squared_norms(layers[i], f, self.norm_method, n1 - n0, sq)):
                 sq[r, n0:n1] = v
+
         return visit
 
     def _squared_norm_buffer(self, params, n):

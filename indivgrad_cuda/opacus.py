@@ -29,8 +29,12 @@ else:
     # *Module before); a subclass shares its parent's table unless it defines its own.
     _HOOK_CLASSES = tuple(
         getattr(_grad_sample, name)
-        for name in ("GradSampleHooks", "GradSampleModule", "GradSampleHooksFastGradientClipping",
-                     "GradSampleModuleFastGradientClipping")
+        for name in (
+            "GradSampleHooks",
+            "GradSampleModule",
+            "GradSampleHooksFastGradientClipping",
+            "GradSampleModuleFastGradientClipping",
+        )
         if hasattr(_grad_sample, name)
     )
 

@@ -33,7 +33,9 @@ LAYOUTS = ("in_out", "out_in")
 _ops = torch.ops.indivgrad_cuda
 
 
-def outer(x: torch.Tensor, g: torch.Tensor, *, layout: str = "in_out", out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def outer(
+    x: torch.Tensor, g: torch.Tensor, *, layout: str = "in_out", out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Per-sample outer products: ``out[n] = x[n] ⊗ g[n]``.
 
     Args:
@@ -103,8 +105,9 @@ def act_outer(
 NORM_METHODS = ("auto", "ghost", "direct")
 
 
-def seq_outer(x: torch.Tensor, g: torch.Tensor, *, layout: str = "in_out",
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def seq_outer(
+    x: torch.Tensor, g: torch.Tensor, *, layout: str = "in_out", out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Per-sample gradients of a Linear layer over T positions: ``out[n] = sum_t x[n, t] ⊗ g[n, t]``.
 
     Args:
@@ -127,8 +130,14 @@ def linear_sq_norms(x: torch.Tensor, g: torch.Tensor, *, method: str = "auto") -
     return _ops.linear_sq_norms(x, g, method)
 
 
-def embedding_grads(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: Optional[int] = None, *,
-                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def embedding_grads(
+    ids: torch.Tensor,
+    g: torch.Tensor,
+    num_embeddings: int,
+    padding_idx: Optional[int] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Per-sample gradients ``[N, num_embeddings, D]`` of an Embedding's weight: row ``v`` of
     sample n is the sum of ``g[n, t]`` over its tokens with ``ids[n, t] == v``; the
     ``padding_idx`` row gets none. ids: ``[N, T]`` int64/int32; g: ``[N, T, D]``."""
@@ -138,15 +147,18 @@ def embedding_grads(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int, pad
     return out
 
 
-def embedding_sq_norms(ids: torch.Tensor, g: torch.Tensor, padding_idx: Optional[int] = None, *,
-                       method: str = "auto") -> torch.Tensor:
+def embedding_sq_norms(
+    ids: torch.Tensor, g: torch.Tensor, padding_idx: Optional[int] = None, *, method: str = "auto"
+) -> torch.Tensor:
     """Squared norms ``[N]`` of :func:`embedding_grads` without forming them. ``method``:
     ``"ghost"`` (``g_t · g_s`` over pairs of equal tokens, ~T²·D), ``"direct"`` (gradients of
     equal tokens added first, ~T·D + T log T), or ``"auto"``: ghost up to 64 tokens."""
     return _ops.embedding_sq_norms(ids, g, padding_idx, method)
 
 
-def layer_norm_grads(x: torch.Tensor, g: torch.Tensor, normalized_shape, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def layer_norm_grads(
+    x: torch.Tensor, g: torch.Tensor, normalized_shape, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample gradients ``(weight, bias)``, each ``[N, *normalized_shape]``, of a
     LayerNorm's elementwise affine parameters, from its input x ``[N, *, *normalized_shape]``
     and the gradient g at its output (same shape): ``sum over * of x̂ ⊙ g`` and of ``g``."""

@@ -27,13 +27,16 @@ def _indexed(device: torch.device) -> torch.device:
     return device
 
 
-def dropout_masks(plan, n: int, dtype: torch.dtype, device: torch.device, training: bool,
-                  generator: Optional[torch.Generator]) -> list[Optional[torch.Tensor]]:
+def dropout_masks(
+    plan, n: int, dtype: torch.dtype, device: torch.device, training: bool, generator: Optional[torch.Generator]
+) -> list[Optional[torch.Tensor]]:
     """One scaled mask [N, width] per Dropout, as nn.Dropout: keep with probability 1 - p,
     scale kept values by 1 / (1 - p) (p = 1: all zero). None for each in eval mode."""
     if not training:
         return [None] * len(plan.dropout_ps)
-    return [dropout_mask((n, width), p, dtype, device, generator) for p, width in zip(plan.dropout_ps, plan.dropout_widths)]
+    return [
+        dropout_mask((n, width), p, dtype, device, generator) for p, width in zip(plan.dropout_ps, plan.dropout_widths)
+    ]
 
 
 def dropout_mask(shape, p: float, dtype, device, generator) -> torch.Tensor:
@@ -70,6 +73,7 @@ class DropoutMasks:
                 if key not in self.masks:
                     self.masks[key] = dropout_mask((self.n, *x.shape[1:]), p, x.dtype, x.device, self.generator)
                 return x * self.masks[key][n0:n1]
+
             return forward
 
         for m in self.dropouts:

@@ -32,8 +32,9 @@ def clip_coefficients(sq: torch.Tensor, max_norm: float) -> torch.Tensor:
     return (max_norm / (sq.sum(0).sqrt() + 1e-6)).clamp_max(1.0)
 
 
-def clipped_sum(layer: Layer, f: Optional[Factors], coef: torch.Tensor, grads: dict[str, torch.Tensor],
-                accumulate: bool) -> None:
+def clipped_sum(
+    layer: Layer, f: Optional[Factors], coef: torch.Tensor, grads: dict[str, torch.Tensor], accumulate: bool
+) -> None:
     """``grads[name] (+)= sum_n coef[n] * g_n`` for the layer's trainable parameters."""
     dst = {attr: grads[layer.names[attr]] for attr in layer.trainable()}
     if f is None:

@@ -34,8 +34,9 @@ def check_everything(model, inputs, target, loss, reduction="mean", **engine_kw)
         torch.testing.assert_close(per_param[name], ref[name].flatten(1).norm(dim=1), **F64, msg=name)
     max_norm = ref_norms.median().item()  # both branches of min(1, max_norm / norm)
     ref_sum, _ = clipped_sum_ref(ref, max_norm)
-    torch.testing.assert_close(engine.clipped_grad_sum(inputs, target, loss, max_norm, reduction=reduction),
-                               ref_norms, **F64)
+    torch.testing.assert_close(
+        engine.clipped_grad_sum(inputs, target, loss, max_norm, reduction=reduction), ref_norms, **F64
+    )
     params = dict(model.named_parameters())
     for name in ref:
         torch.testing.assert_close(params[name].grad, ref_sum[name], **F64, msg=name)
@@ -100,7 +101,10 @@ class Twice(nn.Module):
 
 def test_module_used_twice_frozen_and_unused_layers(device):
     model = Twice().double().to(device)
-    x, t = torch.randn(6, 4, 5, dtype=torch.float64, device=device), torch.randn(6, 2, dtype=torch.float64, device=device)
+    x, t = (
+        torch.randn(6, 4, 5, dtype=torch.float64, device=device),
+        torch.randn(6, 2, dtype=torch.float64, device=device),
+    )
     engine = check_everything(model, x, t, F.mse_loss)
     grads = engine(x, t, F.mse_loss)
     assert "frozen.weight" not in grads and grads["unused.weight"].abs().max() == 0
@@ -122,8 +126,9 @@ def test_native_and_hooks_captures_agree(device):
         engine = ig.PerSampleGrads(model, capture=capture, max_chunk=chunk, cuda_graphs=False)
         gen = torch.Generator(device).manual_seed(3)
         grads = {k: v.clone() for k, v in engine(x, t, F.mse_loss, generator=gen).items()}
-        norms = engine.clipped_grad_sum(x, t, F.mse_loss, 0.5, noise_multiplier=1.0,
-                                        generator=torch.Generator(device).manual_seed(4))
+        norms = engine.clipped_grad_sum(
+            x, t, F.mse_loss, 0.5, noise_multiplier=1.0, generator=torch.Generator(device).manual_seed(4)
+        )
         return grads, norms, {n: p.grad.clone() for n, p in model.named_parameters()}
 
     native = run("native", None)
@@ -141,8 +146,9 @@ def test_chunked_equals_unchunked(device, chunk):
     whole = ig.PerSampleGrads(model)
     chunked = ig.PerSampleGrads(model, max_chunk=chunk)
     assert_grads(chunked((ids, mask), labels, F.cross_entropy), whole((ids, mask), labels, F.cross_entropy))
-    torch.testing.assert_close(chunked.norms((ids, mask), labels, F.cross_entropy),
-                               whole.norms((ids, mask), labels, F.cross_entropy), **F64)
+    torch.testing.assert_close(
+        chunked.norms((ids, mask), labels, F.cross_entropy), whole.norms((ids, mask), labels, F.cross_entropy), **F64
+    )
     a = chunked.clipped_grad_sum((ids, mask), labels, F.cross_entropy, 0.3)
     grads_a = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.testing.assert_close(whole.clipped_grad_sum((ids, mask), labels, F.cross_entropy, 0.3), a, **F64)
@@ -239,14 +245,16 @@ def test_inputs_shared_by_the_batch_and_dict_outputs(device):
 def test_in_place_ops_on_layer_outputs(device):
     model = InPlace().double().to(device)
     x = torch.randn(5, 3, dtype=torch.float64, device=device)
-    check_everything(model, x, None, lambda o: (o ** 2).sum(), reduction="sum")
+    check_everything(model, x, None, lambda o: (o**2).sum(), reduction="sum")
 
 
 def test_what_cannot_be_right_is_refused():
     ids = torch.randint(0, 7, (3, 5))
     with pytest.raises(RuntimeError, match=r"parameter 'emb.weight' of module 'emb' \(Embedding\) is used outside"):
         ig.per_sample_grad_norms(Tied(), ids, None, lambda o: o.sum())
-    with pytest.raises(ValueError, match=r"module 'pos' \(Embedding\) was called with shape \[4\]; .*\(N=2\), or 1 for"):
+    with pytest.raises(
+        ValueError, match=r"module 'pos' \(Embedding\) was called with shape \[4\]; .*\(N=2\), or 1 for"
+    ):
         ig.per_sample_grads(Positions(), torch.randn(2, 4, 3), None, lambda o: o.sum())
     shared = nn.Linear(3, 3)
     model = nn.Sequential(shared, nn.Sequential(nn.Linear(3, 3)))
@@ -265,8 +273,11 @@ def test_bad_inputs():
     engine = ig.PerSampleGrads(model)
     with pytest.raises(TypeError, match=r"inputs: expected a Tensor, a tuple \(model\(\*inputs\)\) or a dict"):
         engine([ids, mask], labels, F.cross_entropy)
-    with pytest.raises(ValueError, match=r"inputs\[1\]: expected 4 rows \(dim 0 is the batch, N from inputs\[0\]\), "
-                                         r"got shape \[3, 6\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"inputs\[1\]: expected 4 rows \(dim 0 is the batch, N from inputs\[0\]\), "
+        r"got shape \[3, 6\]",
+    ):
         engine((ids, mask[:3]), labels, F.cross_entropy)
     with pytest.raises(TypeError, match=r"inputs: expected a Tensor, or a tuple or dict holding at least one Tensor"):
         engine((), labels, F.cross_entropy)

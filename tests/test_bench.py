@@ -8,13 +8,40 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = {"date", "commit", "device", "torch", "cuda", "bench", "setup", "method", "median_ms", "ratio_vs_summed",
-            "peak_mem_mb", "gbps", "roofline_pct", "max_rel_err"}
+REQUIRED = {
+    "date",
+    "commit",
+    "device",
+    "torch",
+    "cuda",
+    "bench",
+    "setup",
+    "method",
+    "median_ms",
+    "ratio_vs_summed",
+    "peak_mem_mb",
+    "gbps",
+    "roofline_pct",
+    "max_rel_err",
+}
 
 
 def run_bench(script, tmp_path, device, *extra):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--quick", "--device", device,
-                           "--results-dir", str(tmp_path), *extra], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / script),
+            "--quick",
+            "--device",
+            device,
+            "--results-dir",
+            str(tmp_path),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with (tmp_path / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -40,23 +67,50 @@ def test_run_quick(tmp_path, device):
 
 
 def test_norms_quick(device):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "norms.py"), "--quick", "--device", device, "--n", "3"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "norms.py"), "--quick", "--device", device, "--n", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Linear 16 -> 24" in proc.stdout and "Embedding 50 x 8" in proc.stdout
 
 
 def test_kernels_quick(tmp_path, device):
-    _, rows = run_bench("kernels.py", tmp_path, device, "--no-compile", "--layouts", "out_in", "in_out",
-                        "--dtypes", "float32", "bfloat16")
+    _, rows = run_bench(
+        "kernels.py",
+        tmp_path,
+        device,
+        "--no-compile",
+        "--layouts",
+        "out_in",
+        "in_out",
+        "--dtypes",
+        "float32",
+        "bfloat16",
+    )
     methods = {r["method"] for r in rows}
-    assert {"roofline_fill", "roofline_fill_words", "roofline_copy", "indivgrad_outer", "indivgrad_act_outer", "bmm",
-            "broadcast_mul"} <= methods
-    assert {r["setup"] for r in rows} == {"16x33x17/float32", "16x33x17/bfloat16", "16x33x17/float32/in_out",
-                                          "16x33x17/bfloat16/in_out"}
+    assert {
+        "roofline_fill",
+        "roofline_fill_words",
+        "roofline_copy",
+        "indivgrad_outer",
+        "indivgrad_act_outer",
+        "bmm",
+        "broadcast_mul",
+    } <= methods
+    assert {r["setup"] for r in rows} == {
+        "16x33x17/float32",
+        "16x33x17/bfloat16",
+        "16x33x17/float32/in_out",
+        "16x33x17/bfloat16/in_out",
+    }
     assert all(float(r["gbps"]) > 0 for r in rows)
     for setup in {r["setup"] for r in rows}:  # % of the faster fill: the best fill is 100
-        fills = [float(r["roofline_pct"]) for r in rows if r["setup"] == setup and r["method"].startswith("roofline_fill")]
+        fills = [
+            float(r["roofline_pct"]) for r in rows if r["setup"] == setup and r["method"].startswith("roofline_fill")
+        ]
         assert abs(max(fills) - 100) < 1e-9
     assert not [r for r in rows if "WRONG" in r["note"]]
     assert list(tmp_path.glob("kernels_*.png"))

@@ -65,8 +65,10 @@ def assert_matches(got, ref, dtype, what, slack=0.0):
     bad = err > TOL[dtype]["atol"] + TOL[dtype]["rtol"] * ref.abs() + slack
     if bad.any():
         i = tuple(bad.nonzero()[0].tolist())
-        pytest.fail(f"{what}: {int(bad.sum())} of {got.numel()} elements off, the first at {i}: "
-                    f"{got[i].item()!r} where the reference is {ref[i].item()!r}")
+        pytest.fail(
+            f"{what}: {int(bad.sum())} of {got.numel()} elements off, the first at {i}: "
+            f"{got[i].item()!r} where the reference is {ref[i].item()!r}"
+        )
 
 
 def activation_slack(up, pre, activation, **params):
@@ -142,8 +144,12 @@ def test_grad_bias_when_grad_weight_is_empty(device, dtype, layout, activation):
 # 2. Nothing written outside the outputs, at every misalignment.
 
 GUARD = 64  # elements on each side; a multiple of every kVec, so `offset` is the misalignment
-INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
-            torch.bfloat16: torch.int16}
+INT_VIEW = {
+    torch.float64: torch.int64,
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+}
 GUARD_SHAPES = {
     "span_samples": (600, 3, 24),  # fast at offset 0, else runs of 2 rows across samples
     "tiles": (5, 7, 2056),  # fast with 2 to 5 tiles at offset 0, else one run per row and tile
@@ -157,7 +163,7 @@ def guarded(shape, dtype, device, offset):
     each end, and a copy of the storage's bits taken before any write."""
     numel = math.prod(shape)
     storage = poisoned((GUARD + offset + numel + GUARD,), dtype, device)
-    view = storage[GUARD + offset:GUARD + offset + numel].view(shape)
+    view = storage[GUARD + offset : GUARD + offset + numel].view(shape)
     assert view.data_ptr() % 16 == offset * view.element_size()
     return storage, view, storage.view(INT_VIEW[dtype]).clone()
 
@@ -229,6 +235,7 @@ def test_every_activation_on_multi_tile_paths(device, dtype, layout, activation)
 # 4. Launch conditions only a GPU has: blocks over hundreds of samples, streaming stores,
 #    buffers past 2^31 elements.
 
+
 @cuda_only
 @pytest.mark.parametrize("c", [8, 7], ids=["fast", "run"])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -263,21 +270,26 @@ def test_streaming_stores_for_outputs_far_larger_than_l2(dtype, layout):
     assert_matches(bias_out, g, dtype, "grad_bias", g_slack)
     for n0 in range(0, n, 16):  # the float64 reference a chunk of samples at a time
         s = slice(n0, n0 + 16)
-        assert_matches(out[s], outer_ref(x[s], g[s], layout), dtype, f"grad_weight, samples {n0}+",
-                       outer_ref(x[s].abs(), g_slack[s], layout))
+        assert_matches(
+            out[s],
+            outer_ref(x[s], g[s], layout),
+            dtype,
+            f"grad_weight, samples {n0}+",
+            outer_ref(x[s].abs(), g_slack[s], layout),
+        )
 
 
 def assert_no_nan_chunked(t, what, chunk=2**28):
     flat = t.view(-1)
     for i in range(0, flat.numel(), chunk):
-        assert not torch.isnan(flat[i:i + chunk]).any(), f"{what}: unwritten elements in [{i}, {i + chunk})"
+        assert not torch.isnan(flat[i : i + chunk]).any(), f"{what}: unwritten elements in [{i}, {i + chunk})"
 
 
 def rows_ref(x, g, layout, n, rows):
     """float64 rows `rows` of sample n's output, without forming the whole sample."""
     if layout == "in_out":
-        return outer_ref(x[n:n + 1, rows], g[n:n + 1], layout)[0]
-    return outer_ref(x[n:n + 1], g[n:n + 1, rows], layout)[0]
+        return outer_ref(x[n : n + 1, rows], g[n : n + 1], layout)[0]
+    return outer_ref(x[n : n + 1], g[n : n + 1, rows], layout)[0]
 
 
 @cuda_only
@@ -308,6 +320,7 @@ def test_buffer_over_2_31_elements(c, layout):
 # ---------------------------------------------------------------------------------------------
 # 5. The current stream and device.
 
+
 def act_outer_all_ways(x, up, pre, layout):
     """act_outer into poisoned buffers, act_outer allocating, and outer, on the current stream."""
     shape = (x.shape[0], *((x.shape[1], up.shape[1]) if layout == "in_out" else (up.shape[1], x.shape[1])))
@@ -320,8 +333,13 @@ def act_outer_all_ways(x, up, pre, layout):
 def assert_all_ways(results, x, up, pre, layout, what):
     (out, bias_out), (w, b), o = results
     w_ref, b_ref = act_refs(x, up, pre, "elu", layout, **PARAMS)
-    for name, got, (ref, slack) in [("out=", out, w_ref), ("bias_out=", bias_out, b_ref), ("grad_weight", w, w_ref),
-                                    ("grad_bias", b, b_ref), ("outer", o, (outer_ref(x, up, layout), 0.0))]:
+    for name, got, (ref, slack) in [
+        ("out=", out, w_ref),
+        ("bias_out=", bias_out, b_ref),
+        ("grad_weight", w, w_ref),
+        ("grad_bias", b, b_ref),
+        ("outer", o, (outer_ref(x, up, layout), 0.0)),
+    ]:
         assert got.device == x.device, f"{what}, {name}: on {got.device}"
         assert_matches(got, ref, x.dtype, f"{what}, {name}", slack)
 

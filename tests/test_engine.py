@@ -12,9 +12,16 @@ from tests.conftest import TOL
 from tests.reference import clipped_sum_ref, dropout_masks, func_per_sample_grads
 
 ACT_MODULES = {
-    "relu": nn.ReLU, "leaky_relu": lambda: nn.LeakyReLU(0.3), "elu": lambda: nn.ELU(0.8), "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid, "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-    "softplus": lambda: nn.Softplus(beta=2.0, threshold=5.0), "identity": nn.Identity,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.3),
+    "elu": lambda: nn.ELU(0.8),
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "silu": nn.SiLU,
+    "softplus": lambda: nn.Softplus(beta=2.0, threshold=5.0),
+    "identity": nn.Identity,
 }
 
 
@@ -60,10 +67,21 @@ def seed_style_mlp(width, depth, d_in=4):
 
 
 LOSSES = {
-    "bce_with_logits": (lambda n, dev: (torch.rand(n, 1, dtype=torch.float64, device=dev).round()),
-                        lambda red: nn.BCEWithLogitsLoss(reduction=red), 1),
-    "cross_entropy": (lambda n, dev: torch.randint(0, 4, (n,), device=dev), lambda red: nn.CrossEntropyLoss(reduction=red), 4),
-    "mse": (lambda n, dev: torch.randn(n, 4, dtype=torch.float64, device=dev), lambda red: nn.MSELoss(reduction=red), 4),
+    "bce_with_logits": (
+        lambda n, dev: torch.rand(n, 1, dtype=torch.float64, device=dev).round(),
+        lambda red: nn.BCEWithLogitsLoss(reduction=red),
+        1,
+    ),
+    "cross_entropy": (
+        lambda n, dev: torch.randint(0, 4, (n,), device=dev),
+        lambda red: nn.CrossEntropyLoss(reduction=red),
+        4,
+    ),
+    "mse": (
+        lambda n, dev: torch.randn(n, 4, dtype=torch.float64, device=dev),
+        lambda red: nn.MSELoss(reduction=red),
+        4,
+    ),
 }
 
 
@@ -84,7 +102,7 @@ def test_per_sample_vector_and_custom_losses(device):
     x = torch.randn(7, 4, dtype=torch.float64, device=device)
 
     def per_sample(out):  # [N] losses, no target
-        return (out ** 2).sum(1) + out[:, 0].sin()
+        return (out**2).sum(1) + out[:, 0].sin()
 
     got = ig.per_sample_grads(model, x, None, per_sample)
     assert_grads_close(got, func_per_sample_grads(model, x, None, per_sample))
@@ -98,10 +116,19 @@ def test_per_sample_vector_and_custom_losses(device):
 
 
 def test_layer_orders_flatten_and_identity(device):
-    model = nn.Sequential(
-        nn.Flatten(), nn.Tanh(), nn.Linear(12, 6), nn.Linear(6, 5, bias=False), nn.Identity(),
-        nn.Sequential(nn.ELU(), nn.Sigmoid(), nn.Linear(5, 3)), nn.Softplus(),
-    ).double().to(device)
+    model = (
+        nn.Sequential(
+            nn.Flatten(),
+            nn.Tanh(),
+            nn.Linear(12, 6),
+            nn.Linear(6, 5, bias=False),
+            nn.Identity(),
+            nn.Sequential(nn.ELU(), nn.Sigmoid(), nn.Linear(5, 3)),
+            nn.Softplus(),
+        )
+        .double()
+        .to(device)
+    )
     x = torch.randn(8, 3, 2, 2, dtype=torch.float64, device=device)
     t = torch.randn(8, 3, dtype=torch.float64, device=device)
     got = ig.per_sample_grads(model, x, t, F.mse_loss)
@@ -126,8 +153,20 @@ def test_frozen_parameters_get_nothing(device):
 
 
 def test_dropout_in_train_mode_uses_the_drawn_masks(device):
-    model = nn.Sequential(nn.Dropout(0.2), nn.Linear(6, 9), nn.ReLU(), nn.Dropout(0.5), nn.Linear(9, 7),
-                          nn.Dropout(0.3), nn.Tanh(), nn.Linear(7, 1)).double().to(device)
+    model = (
+        nn.Sequential(
+            nn.Dropout(0.2),
+            nn.Linear(6, 9),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(9, 7),
+            nn.Dropout(0.3),
+            nn.Tanh(),
+            nn.Linear(7, 1),
+        )
+        .double()
+        .to(device)
+    )
     model.train()
     x = torch.randn(12, 6, dtype=torch.float64, device=device)
     t = torch.rand(12, 1, dtype=torch.float64, device=device)
@@ -158,8 +197,10 @@ def test_into_grad_sample_out_buffers_and_reuse(device):
             first = ptrs
         elif n == 8:
             assert ptrs == first  # same N, dtype, device: the same buffers
-    own = {"0.weight": torch.empty(5, 5, 4, dtype=torch.float64, device=device),
-           "6.bias": torch.empty(5, 1, dtype=torch.float64, device=device)}
+    own = {
+        "0.weight": torch.empty(5, 5, 4, dtype=torch.float64, device=device),
+        "6.bias": torch.empty(5, 1, dtype=torch.float64, device=device),
+    }
     got = engine(x, t, loss, out=own)
     assert got["0.weight"] is own["0.weight"] and got["6.bias"] is own["6.bias"]
     assert_grads_close(got, func_per_sample_grads(model, x, t, loss))
@@ -217,8 +258,9 @@ def test_clipped_sum_noise_is_reproducible_and_scaled(device):
     engine = ig.PerSampleGrads(model)
 
     def noisy(seed):
-        engine.clipped_grad_sum(x, t, F.mse_loss, 0.5, noise_multiplier=2.0,
-                                generator=torch.Generator(device).manual_seed(seed))
+        engine.clipped_grad_sum(
+            x, t, F.mse_loss, 0.5, noise_multiplier=2.0, generator=torch.Generator(device).manual_seed(seed)
+        )
         return torch.cat([p.grad.flatten().clone() for p in model.parameters()])
 
     engine.clipped_grad_sum(x, t, F.mse_loss, 0.5)

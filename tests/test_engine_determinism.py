@@ -18,8 +18,14 @@ SEED = 1234
 
 def dropout_mlp(device):
     model = nn.Sequential(
-        nn.Dropout(0.25), nn.Linear(6, 9), nn.Tanh(), nn.Dropout(0.5), nn.Linear(9, 7, bias=False),
-        nn.Dropout(0.3), nn.GELU(), nn.Linear(7, 3),
+        nn.Dropout(0.25),
+        nn.Linear(6, 9),
+        nn.Tanh(),
+        nn.Dropout(0.5),
+        nn.Linear(9, 7, bias=False),
+        nn.Dropout(0.3),
+        nn.GELU(),
+        nn.Linear(7, 3),
     )
     return model.double().to(device).train()
 
@@ -72,8 +78,12 @@ def test_dropout_and_noise_do_not_depend_on_chunking(device, chunk):
 
 
 def test_dropout_before_flatten_gets_the_reference_masks(device):
-    model = nn.Sequential(nn.Dropout(0.3), nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Dropout(0.5),
-                          nn.Linear(5, 2)).double().to(device).train()
+    model = (
+        nn.Sequential(nn.Dropout(0.3), nn.Flatten(), nn.Linear(12, 5), nn.ReLU(), nn.Dropout(0.5), nn.Linear(5, 2))
+        .double()
+        .to(device)
+        .train()
+    )
     x = torch.randn(10, 3, 2, 2, dtype=torch.float64, device=device)
     t = torch.randn(10, 2, dtype=torch.float64, device=device)
     masks = dropout_masks(model, x, generator(device))
@@ -91,6 +101,7 @@ def test_chunk_budget_counts_memory_the_allocator_holds_unused(monkeypatch):
         def f(device=None):
             asked.append(device)
             return value
+
         return f
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", query((2 * gib, 80 * gib)))

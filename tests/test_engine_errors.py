@@ -16,11 +16,16 @@ def small():
 @pytest.mark.parametrize(
     "model,pattern",
     [
-        (nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Conv1d(1, 1, 1))),
-         r"cannot serve:\n  - '1\.1' \(Conv1d\): no per-sample gradient rule for this type\nSupported: layers with "
-         r"trainable parameters: nn\.Linear, nn\.LayerNorm, nn\.Embedding"),
-        (nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), r"'1' \(BatchNorm1d\): BatchNorm normalises with statistics "
-                                                             r"of the whole batch in train mode, which mixes samples"),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Conv1d(1, 1, 1))),
+            r"cannot serve:\n  - '1\.1' \(Conv1d\): no per-sample gradient rule for this type\nSupported: layers with "
+            r"trainable parameters: nn\.Linear, nn\.LayerNorm, nn\.Embedding",
+        ),
+        (
+            nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
+            r"'1' \(BatchNorm1d\): BatchNorm normalises with statistics "
+            r"of the whole batch in train mode, which mixes samples",
+        ),
         (nn.Embedding(5, 3, max_norm=1.0), r"'\(the model\)' \(Embedding\): max_norm=1\.0 renormalises the weight"),
         (nn.Embedding(5, 3, scale_grad_by_freq=True), r"scale_grad_by_freq=True scales by token counts"),
         (nn.MultiheadAttention(4, 2), r"'\(the model\)' \(MultiheadAttention\): no per-sample gradient rule"),
@@ -50,7 +55,9 @@ def test_native_capture_refuses_what_it_cannot_run():
     with pytest.raises(ig.UnsupportedModuleError, match=r"module '2' .*appears twice"):
         ig.PerSampleGrads(nn.Sequential(lin, nn.Tanh(), lin), capture="native")
     engine = ig.PerSampleGrads(nn.Sequential(nn.Linear(3, 3)), capture="native")
-    with pytest.raises(ValueError, match=r"inputs: capture='native' needs a 2-D Tensor \[N, D\] .*got shape \[2, 5, 3\]"):
+    with pytest.raises(
+        ValueError, match=r"inputs: capture='native' needs a 2-D Tensor \[N, D\] .*got shape \[2, 5, 3\]"
+    ):
         engine(torch.randn(2, 5, 3), None, lambda o: o.sum())
     with pytest.raises(ValueError, match=r"capture: expected one of \('auto', 'native', 'hooks'\), got 'fast'"):
         ig.PerSampleGrads(nn.Linear(2, 2), capture="fast")
@@ -76,7 +83,9 @@ def test_bad_calls():
         engine(x, t, F.mse_loss, layout="oi")
     with pytest.raises(ValueError, match=r"into: expected None or 'grad_sample'"):
         engine(x, t, F.mse_loss, into="grad")
-    with pytest.raises(ValueError, match=r"loss_fn: expected a scalar or per-sample losses of shape \[3\], got shape \[3, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"loss_fn: expected a scalar or per-sample losses of shape \[3\], got shape \[3, 2\]"
+    ):
         engine(x, t, lambda o, t: (o - t) ** 2)
     with pytest.raises(TypeError, match=r"loss_fn: expected it to return a Tensor, got float"):
         engine(x, t, lambda o, t: 1.0)
@@ -95,7 +104,9 @@ def test_bad_out_buffers():
         engine(x, t, F.mse_loss, out={"nope": torch.empty(1)})
     with pytest.raises(ValueError, match=r"out\['0.weight'\]: expected shape \[3, 5, 4\], got \[3, 4, 5\]"):
         engine(x, t, F.mse_loss, out={"0.weight": torch.empty(3, 4, 5)})
-    with pytest.raises(TypeError, match=r"out\['0.bias'\]: expected dtype torch.float32 \(the parameter's dtype\), got torch.float64"):
+    with pytest.raises(
+        TypeError, match=r"out\['0.bias'\]: expected dtype torch.float32 \(the parameter's dtype\), got torch.float64"
+    ):
         engine(x, t, F.mse_loss, out={"0.bias": torch.empty(3, 5, dtype=torch.float64)})
     with pytest.raises(ValueError, match=r"out\['0.weight'\]: expected a contiguous tensor"):
         engine(x, t, F.mse_loss, out={"0.weight": torch.empty(3, 4, 5).transpose(1, 2)})
@@ -124,12 +135,15 @@ def test_out_of_memory_says_how_many_bytes(monkeypatch):
         raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes")
 
     monkeypatch.setattr(torch, "empty", refuse)
-    with pytest.raises(MemoryError, match=r"per-sample gradients for N=3 need 444 bytes \(0\.00 GiB\) of torch.float32"):
+    with pytest.raises(
+        MemoryError, match=r"per-sample gradients for N=3 need 444 bytes \(0\.00 GiB\) of torch.float32"
+    ):
         engine(torch.randn(3, 4), torch.randn(3, 2), F.mse_loss)
 
 
 class _GeneratorOnCuda(torch.Generator):
     """What a CUDA generator reports as its device, constructible without a GPU."""
+
     device = torch.device("cuda", 0)
 
 
@@ -155,8 +169,14 @@ def test_generator_of_the_wrong_kind_or_device():
     model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 2)).train()
     x, t = torch.randn(3, 4), torch.randn(3, 2)
     _refuses_generator(model, x, t, object(), TypeError, r"generator: expected a torch\.Generator or None, got object")
-    _refuses_generator(model, x, t, _GeneratorOnCuda(), ValueError,
-                       r"generator: expected a torch\.Generator on cpu \(the model's device\), got one on cuda:0")
+    _refuses_generator(
+        model,
+        x,
+        t,
+        _GeneratorOnCuda(),
+        ValueError,
+        r"generator: expected a torch\.Generator on cpu \(the model's device\), got one on cuda:0",
+    )
     ig.PerSampleGrads(model)(x, t, F.mse_loss, generator=torch.Generator().manual_seed(0))  # the right one is accepted
 
 
@@ -164,10 +184,22 @@ def test_generator_of_the_wrong_kind_or_device():
 def test_generator_on_cpu_for_a_cuda_model():
     model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 2)).cuda().train()
     x, t = torch.randn(3, 4, device="cuda"), torch.randn(3, 2, device="cuda")
-    _refuses_generator(model, x, t, torch.Generator("cpu"), ValueError,
-                       r"generator: expected a torch\.Generator on cuda:0 \(the model's device\), got one on cpu")
-    _refuses_generator(model.cpu(), x.cpu(), t.cpu(), torch.Generator("cuda"), ValueError,
-                       r"generator: expected a torch\.Generator on cpu \(the model's device\), got one on cuda:0")
+    _refuses_generator(
+        model,
+        x,
+        t,
+        torch.Generator("cpu"),
+        ValueError,
+        r"generator: expected a torch\.Generator on cuda:0 \(the model's device\), got one on cpu",
+    )
+    _refuses_generator(
+        model.cpu(),
+        x.cpu(),
+        t.cpu(),
+        torch.Generator("cuda"),
+        ValueError,
+        r"generator: expected a torch\.Generator on cpu \(the model's device\), got one on cuda:0",
+    )
 
 
 def test_bad_cuda_graphs_option():
@@ -178,7 +210,9 @@ def test_bad_cuda_graphs_option():
 def test_dropout_p_out_of_range_is_refused():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1))
     model[1].p = 1.5
-    with pytest.raises(ig.UnsupportedModuleError, match=r"module '1' of type Dropout is not supported \(p=1\.5; expected 0 <= p <= 1\)"):
+    with pytest.raises(
+        ig.UnsupportedModuleError, match=r"module '1' of type Dropout is not supported \(p=1\.5; expected 0 <= p <= 1\)"
+    ):
         ig.PerSampleGrads(model, capture="native")
     with pytest.raises(ValueError, match=r"module '1' \(Dropout\): p=1\.5; expected 0 <= p <= 1"):
         ig.PerSampleGrads(model)(torch.randn(2, 4), torch.randn(2, 4), F.mse_loss)

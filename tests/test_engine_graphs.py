@@ -70,15 +70,25 @@ def backend(request):
 
 
 def mlp(device):
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(12, 9), nn.GELU(), nn.Linear(9, 8, bias=False), nn.Dropout(0.4),
-        nn.Softplus(beta=2.0), nn.Sequential(nn.Linear(8, 7), nn.Tanh()), nn.Linear(7, 3),
-    ).double().to(device).eval()  # Dropout in eval mode: graphs apply
+    return (
+        nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(12, 9),
+            nn.GELU(),
+            nn.Linear(9, 8, bias=False),
+            nn.Dropout(0.4),
+            nn.Softplus(beta=2.0),
+            nn.Sequential(nn.Linear(8, 7), nn.Tanh()),
+            nn.Linear(7, 3),
+        )
+        .double()
+        .to(device)
+        .eval()
+    )  # Dropout in eval mode: graphs apply
 
 
 def batch(device, n=10):
-    return (torch.randn(n, 3, 4, dtype=torch.float64, device=device),
-            torch.randint(0, 3, (n,), device=device))
+    return (torch.randn(n, 3, 4, dtype=torch.float64, device=device), torch.randint(0, 3, (n,), device=device))
 
 
 LOSS = nn.CrossEntropyLoss()
@@ -124,9 +134,13 @@ def test_graphs_match_eager_and_torch_func_on_new_data(backend):
             torch.testing.assert_close(p.grad, ref_sum[name], **F64, msg=name)
         # noise added after the replay, from the generator, as the eager engine does
         seed = 100 + step
-        graphed.clipped_grad_sum(x, t, LOSS, max_norm, noise_multiplier=0.5, generator=torch.Generator(dev).manual_seed(seed))
+        graphed.clipped_grad_sum(
+            x, t, LOSS, max_norm, noise_multiplier=0.5, generator=torch.Generator(dev).manual_seed(seed)
+        )
         noisy = [p.grad.clone() for p in model.parameters()]
-        eager.clipped_grad_sum(x, t, LOSS, max_norm, noise_multiplier=0.5, generator=torch.Generator(dev).manual_seed(seed))
+        eager.clipped_grad_sum(
+            x, t, LOSS, max_norm, noise_multiplier=0.5, generator=torch.Generator(dev).manual_seed(seed)
+        )
         for a, p in zip(noisy, model.parameters()):
             torch.testing.assert_close(a, p.grad, **F64)
         assert any((a - ref_sum[name]).abs().max() > 0.05 * max_norm for a, name in zip(noisy, ref_sum))

@@ -15,23 +15,39 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "gpu_check.sh"
-STEPS = ["build", "env", "wheels", "tests", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-initcheck",
-         "sanitizer-synccheck", "kernels", "profile", "run"]
+STEPS = [
+    "build",
+    "env",
+    "wheels",
+    "tests",
+    "sanitizer-memcheck",
+    "sanitizer-racecheck",
+    "sanitizer-initcheck",
+    "sanitizer-synccheck",
+    "kernels",
+    "profile",
+    "run",
+]
 TOOLS = ["memcheck", "racecheck", "initcheck", "synccheck"]
 NINE_MINUTES = 540  # one 10-minute device command, with a minute to spare
 
-pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
-                                reason="needs bash and GNU timeout")
+pytestmark = pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and GNU timeout"
+)
 
 
 def gpu_check(*args, **env):
     """Runs the script; the environment is this one less the script's own variables, plus env."""
-    full_env = {k: v for k, v in os.environ.items()
-                if not k.startswith(("GPU_CHECK_", "FAKE_")) and k not in ("COMPUTE_SANITIZER", "NSIGHT_COMPUTE")}
+    full_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("GPU_CHECK_", "FAKE_")) and k not in ("COMPUTE_SANITIZER", "NSIGHT_COMPUTE")
+    }
     full_env["PYTHON"] = sys.executable
     full_env.update({k: str(v) for k, v in env.items()})
-    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=full_env,
-                          timeout=120)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=full_env, timeout=120
+    )
 
 
 def worst_case(stdout):
@@ -93,7 +109,10 @@ def test_dry_run_quick_with_wheels(tmp_path):
     plan = proc.stdout
     assert re.search(r"\] wheels: budget \d+ s", plan)
     assert f"pip install --no-index --no-deps --no-compile --no-cache-dir {wheels}/fake-1.0-py3-none-any.whl" in plan
-    assert "bench/kernels.py --device cuda --layouts out_in in_out --results-dir" in plan and "--quick --no-compile\n" in plan
+    assert (
+        "bench/kernels.py --device cuda --layouts out_in in_out --results-dir" in plan
+        and "--quick --no-compile\n" in plan
+    )
     assert re.search(r"bench/run\.py --device cuda --results-dir \S+ --quick\n", plan)
     selections = {tool: re.search(rf"--tool {tool} .* -k ('[^']*')", plan).group(1) for tool in TOOLS}
     assert selections["memcheck"] != selections["racecheck"] == selections["initcheck"] == selections["synccheck"]
@@ -102,8 +121,16 @@ def test_dry_run_quick_with_wheels(tmp_path):
 
 
 def test_only_budget_and_serial(tmp_path):
-    proc = gpu_check(tmp_path / "out", "--dry-run", "--only", "build,sanitizer-memcheck,sanitizer-racecheck",
-                     "--budget", "sanitizer-racecheck=7", "--budget=build=11", "--serial")
+    proc = gpu_check(
+        tmp_path / "out",
+        "--dry-run",
+        "--only",
+        "build,sanitizer-memcheck,sanitizer-racecheck",
+        "--budget",
+        "sanitizer-racecheck=7",
+        "--budget=build=11",
+        "--serial",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "] tests: skipped (not in --only)" in proc.stdout
     assert "] sanitizer-racecheck: budget 7 s" in proc.stdout and "] build: budget 11 s" in proc.stdout
@@ -116,24 +143,31 @@ def test_help():
     assert proc.returncode == 0 and "usage:" in proc.stdout and "--dry-run" in proc.stdout
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "missing OUTDIR"),
-    (["--dry-run", "--quick"], "missing OUTDIR"),
-    (["OUT", "--frobnicate"], "unknown option '--frobnicate'"),
-    (["OUT", "--wheels"], "--wheels needs a directory"),
-    (["OUT", "--wheels", "--dry-run"], "--wheels needs a directory"),
-    (["OUT", "--wheels", "MISSING"], "--wheels: no such directory"),
-    (["OUT", "--wheels", "EMPTY"], "--wheels: no .whl files"),
-    (["OUT", "OTHER"], "unexpected argument"),
-    (["OUT", "--only", "build,bogus"], "--only: unknown step 'bogus'"),
-    (["OUT", "--budget", "tests=abc"], "--budget tests: seconds must be a positive integer"),
-    (["OUT", "--budget", "nosuch=5"], "--budget wants STEP=SECONDS"),
-    (["OUT", "--archive", "OUT/inside.tar.gz"], "--archive must be outside OUTDIR"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "missing OUTDIR"),
+        (["--dry-run", "--quick"], "missing OUTDIR"),
+        (["OUT", "--frobnicate"], "unknown option '--frobnicate'"),
+        (["OUT", "--wheels"], "--wheels needs a directory"),
+        (["OUT", "--wheels", "--dry-run"], "--wheels needs a directory"),
+        (["OUT", "--wheels", "MISSING"], "--wheels: no such directory"),
+        (["OUT", "--wheels", "EMPTY"], "--wheels: no .whl files"),
+        (["OUT", "OTHER"], "unexpected argument"),
+        (["OUT", "--only", "build,bogus"], "--only: unknown step 'bogus'"),
+        (["OUT", "--budget", "tests=abc"], "--budget tests: seconds must be a positive integer"),
+        (["OUT", "--budget", "nosuch=5"], "--budget wants STEP=SECONDS"),
+        (["OUT", "--archive", "OUT/inside.tar.gz"], "--archive must be outside OUTDIR"),
+    ],
+)
 def test_bad_arguments_fail_with_a_message(tmp_path, args, message):
     (tmp_path / "EMPTY").mkdir()
-    names = {"OUT": tmp_path / "out", "MISSING": tmp_path / "missing", "EMPTY": tmp_path / "EMPTY",
-             "OTHER": tmp_path / "other"}
+    names = {
+        "OUT": tmp_path / "out",
+        "MISSING": tmp_path / "missing",
+        "EMPTY": tmp_path / "EMPTY",
+        "OTHER": tmp_path / "other",
+    }
     args = [str(names[a]) if a in names else a.replace("OUT/", f"{tmp_path / 'out'}/") for a in args]
     proc = gpu_check(*args, "--dry-run")
     assert proc.returncode == 2
@@ -200,14 +234,33 @@ def summary(out):
 
 def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, fakes):
     out, archive = tmp_path / "out", tmp_path / "gpu_check.tar.gz"
-    proc = gpu_check(out, "--wheels", fake_wheels(tmp_path), "--budget", "kernels=1", "--archive", archive,
-                     FAKE_SANITIZER_FAILS="racecheck", FAKE_KERNELS_SLEEP=30, **fakes)
+    proc = gpu_check(
+        out,
+        "--wheels",
+        fake_wheels(tmp_path),
+        "--budget",
+        "kernels=1",
+        "--archive",
+        archive,
+        FAKE_SANITIZER_FAILS="racecheck",
+        FAKE_KERNELS_SLEEP=30,
+        **fakes,
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = summary(out)
     assert {s: rows[s][0] for s in STEPS} == {
-        "build": "ok", "env": "ok", "wheels": "ok", "tests": "ok", "sanitizer-memcheck": "ok",
-        "sanitizer-racecheck": "FAILED", "sanitizer-initcheck": "ok", "sanitizer-synccheck": "ok",
-        "kernels": "TIMEOUT", "profile": "ok", "run": "ok"}
+        "build": "ok",
+        "env": "ok",
+        "wheels": "ok",
+        "tests": "ok",
+        "sanitizer-memcheck": "ok",
+        "sanitizer-racecheck": "FAILED",
+        "sanitizer-initcheck": "ok",
+        "sanitizer-synccheck": "ok",
+        "kernels": "TIMEOUT",
+        "profile": "ok",
+        "run": "ok",
+    }
     assert rows["tests"][3] == "3 passed, 1 skipped in 0.01s"
     assert "ERROR SUMMARY: 2 errors" in rows["sanitizer-racecheck"][3]
     assert float(rows["kernels"][1]) < 20 and rows["kernels"][2] == "1"
@@ -222,7 +275,7 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, 
     lines = proc.stdout.rstrip().splitlines()
     assert "FAILED: sanitizer-racecheck kernels" in lines[-1]
     table = max(i for i, line in enumerate(lines) if re.match(r"step +status +seconds +budget", line))
-    assert [line.split()[0] for line in lines[table + 1:] if not line.startswith(" ")][:-1] == STEPS
+    assert [line.split()[0] for line in lines[table + 1 :] if not line.startswith(" ")][:-1] == STEPS
     tails = [i for i, line in enumerate(lines) if line.startswith("---- ")]
     assert [lines[i].split(":")[0] for i in tails] == ["---- sanitizer-racecheck FAILED", "---- kernels TIMEOUT"]
     assert max(tails) < table

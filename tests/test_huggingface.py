@@ -14,9 +14,18 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 
 def bert(device):
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=16, num_labels=3,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation="eager",
+    )
     return transformers.BertForSequenceClassification(cfg).double().to(device).eval()
 
 
@@ -29,7 +38,7 @@ def loop_grads(model, inputs, target):
     params = dict(model.named_parameters())
     for i in range(len(target)):
         model.zero_grad(set_to_none=True)
-        loss(model(**{k: v[i:i + 1] for k, v in inputs.items()}), target[i:i + 1]).backward()
+        loss(model(**{k: v[i : i + 1] for k, v in inputs.items()}), target[i : i + 1]).backward()
         for k in grads:
             g = params[k].grad
             grads[k].append(torch.zeros_like(params[k]) if g is None else g.clone())
@@ -58,7 +67,10 @@ def test_bert_classifier(device):
 
 def test_gpt2_is_refused_by_name():
     cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
-    with pytest.raises(ig.UnsupportedModuleError, match=r"'transformer\.h\.0\.attn\.c_attn' \(Conv1D\): no per-sample "
-                                                         r"gradient rule(.|\n)*'lm_head' \(Linear\): parameter 'weight' is "
-                                                         r"also module 'transformer\.wte''s"):
+    with pytest.raises(
+        ig.UnsupportedModuleError,
+        match=r"'transformer\.h\.0\.attn\.c_attn' \(Conv1D\): no per-sample "
+        r"gradient rule(.|\n)*'lm_head' \(Linear\): parameter 'weight' is "
+        r"also module 'transformer\.wte''s",
+    ):
         ig.PerSampleGrads(transformers.GPT2LMHeadModel(cfg))

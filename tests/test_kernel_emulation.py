@@ -4,6 +4,7 @@ threads as fibers split at each __syncthreads, and checks every element bit for 
 tests/harness/outer_harness.cpp for the cases). The mutants below plant the bugs a kernel edit
 is likely to introduce in a copy of the header; the harness must catch every one, which shows
 that a pass means something."""
+
 import concurrent.futures
 import os
 import shutil
@@ -17,25 +18,55 @@ ROOT = Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "csrc" / "outer_kernel.cuh"
 HARNESS = ROOT / "tests" / "harness" / "outer_harness.cpp"
 CXX = os.environ.get("CXX", "g++")
-FLAGS = ["-std=c++20", "-O1", "-g", "-fsanitize=address,undefined", "-fno-sanitize-recover=all",
-         "-fno-omit-frame-pointer"]
+FLAGS = [
+    "-std=c++20",
+    "-O1",
+    "-g",
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",
+    "-fno-omit-frame-pointer",
+]
 # Leak checking needs ptrace, which some containers forbid; leaks are not what this tests.
 RUN_ENV = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
 
 # (name, text in outer_kernel.cuh, its replacement, what the harness must report)
 MUTANTS = [
-    ("tail_off_by_one", "for (int e = tail + threadIdx.x; e < len; e += blockDim.x)",
-     "for (int e = tail + threadIdx.x; e < len - 1; e += blockDim.x)", "wrong elements"),
-    ("head_off_by_one", "const int head = min(len, (kVec - misalign) % kVec);",
-     "const int head = min(len, (kVec - misalign + 1) % kVec);", "misaligned address"),
-    ("int_tile_offset", "T* region = out + b.q0 * p.C + b.c0;",
-     "T* region = out + static_cast<int>(b.q0 * p.C) + b.c0;", "FAIL"),
-    ("fast_path_skips_last_row", "for (; r < b.nrows; r += step_rows) {",
-     "for (; r < b.nrows - 1; r += step_rows) {", "wrong elements"),
-    ("bias_owner_off_by_one", "const bool owns_bias = bias_out != nullptr && n * p.R >= b.q0;",
-     "const bool owns_bias = bias_out != nullptr && n * p.R > b.q0;", "bias_out"),
-    ("shared_memory_too_small", "p.max_samples * p.tile_cols * acc_size;",
-     "(p.max_samples - 1) * p.tile_cols * acc_size;", "heap-buffer-overflow"),
+    (
+        "tail_off_by_one",
+        "for (int e = tail + threadIdx.x; e < len; e += blockDim.x)",
+        "for (int e = tail + threadIdx.x; e < len - 1; e += blockDim.x)",
+        "wrong elements",
+    ),
+    (
+        "head_off_by_one",
+        "const int head = min(len, (kVec - misalign) % kVec);",
+        "const int head = min(len, (kVec - misalign + 1) % kVec);",
+        "misaligned address",
+    ),
+    (
+        "int_tile_offset",
+        "T* region = out + b.q0 * p.C + b.c0;",
+        "T* region = out + static_cast<int>(b.q0 * p.C) + b.c0;",
+        "FAIL",
+    ),
+    (
+        "fast_path_skips_last_row",
+        "for (; r < b.nrows; r += step_rows) {",
+        "for (; r < b.nrows - 1; r += step_rows) {",
+        "wrong elements",
+    ),
+    (
+        "bias_owner_off_by_one",
+        "const bool owns_bias = bias_out != nullptr && n * p.R >= b.q0;",
+        "const bool owns_bias = bias_out != nullptr && n * p.R > b.q0;",
+        "bias_out",
+    ),
+    (
+        "shared_memory_too_small",
+        "p.max_samples * p.tile_cols * acc_size;",
+        "(p.max_samples - 1) * p.tile_cols * acc_size;",
+        "heap-buffer-overflow",
+    ),
     ("missing_syncthreads", "  __syncthreads();\n", "\n", "wrong elements"),
 ]
 
@@ -43,8 +74,7 @@ MUTANTS = [
 def _build(source_dir, binary):
     """g++ the harness with source_dir searched first for outer_kernel.cuh."""
     include = torch.utils.cpp_extension.include_paths()[0]  # c10's Half and BFloat16
-    cmd = [CXX, *FLAGS, "-I", str(source_dir), "-I", str(ROOT / "csrc"), "-I", include, str(HARNESS), "-o",
-           str(binary)]
+    cmd = [CXX, *FLAGS, "-I", str(source_dir), "-I", str(ROOT / "csrc"), "-I", include, str(HARNESS), "-o", str(binary)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"building the harness failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     return binary

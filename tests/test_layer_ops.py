@@ -11,8 +11,10 @@ from indivgrad_cuda import ops
 from tests.conftest import DTYPES, TOL
 
 NORM_TOL = {  # norms accumulate in float32 for half types
-    torch.float64: TOL[torch.float64], torch.float32: dict(rtol=1e-5, atol=1e-6),
-    torch.float16: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+    torch.float64: TOL[torch.float64],
+    torch.float32: dict(rtol=1e-5, atol=1e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
 }
 
 
@@ -131,8 +133,9 @@ def test_opcheck(device):
 
 def test_compiled_call():
     x, g = torch.randn(3, 4, 5), torch.randn(3, 4, 2)
-    fn = torch.compile(lambda a, b: ops.linear_sq_norms(a, b) + ops.seq_outer(a, b).sum((1, 2)), fullgraph=True,
-                       backend="aot_eager")
+    fn = torch.compile(
+        lambda a, b: ops.linear_sq_norms(a, b) + ops.seq_outer(a, b).sum((1, 2)), fullgraph=True, backend="aot_eager"
+    )
     torch.testing.assert_close(fn(x, g), ops.linear_sq_norms(x, g) + ops.seq_outer(x, g).sum((1, 2)))
 
 
@@ -144,22 +147,49 @@ def test_errors():
         (ValueError, r"x: expected a 3-D tensor \[N, T, D_in\], got shape \[3, 5\]", ops.seq_outer, (x[:, 0], g)),
         (ValueError, r"g: expected leading dims \[3, 4\] \(x's\), got shape \[3, 3, 2\]", ops.seq_outer, (x, g[:, :3])),
         (TypeError, r"g: expected dtype Float \(x's dtype\), got Double", ops.linear_sq_norms, (x, g.double())),
-        (TypeError, r"x: expected dtype float32, float64, float16 or bfloat16, got Long", ops.linear_sq_norms,
-         (ids[..., None], ids[..., None])),
-        (ValueError, r"g: expected 3 dims like x \(\[N, T, D_out\]\), got shape \[3, 2\]", ops.linear_sq_norms,
-         (x, g[:, 0])),
-        (ValueError, r"method: expected \"auto\", \"ghost\" or \"direct\", got \"fast\"", ops.linear_sq_norms,
-         (x, g), dict(method="fast")),
+        (
+            TypeError,
+            r"x: expected dtype float32, float64, float16 or bfloat16, got Long",
+            ops.linear_sq_norms,
+            (ids[..., None], ids[..., None]),
+        ),
+        (
+            ValueError,
+            r"g: expected 3 dims like x \(\[N, T, D_out\]\), got shape \[3, 2\]",
+            ops.linear_sq_norms,
+            (x, g[:, 0]),
+        ),
+        (
+            ValueError,
+            r"method: expected \"auto\", \"ghost\" or \"direct\", got \"fast\"",
+            ops.linear_sq_norms,
+            (x, g),
+            dict(method="fast"),
+        ),
         (ValueError, r"ids: expected a 2-D tensor \[N, T\], got shape \[3\]", ops.embedding_grads, (ids[:, 0], g, 6)),
         (TypeError, r"ids: expected dtype int64 or int32, got Float", ops.embedding_grads, (ids.float(), g, 6)),
         (ValueError, r"g: expected \[3, 4, D\] .*got shape \[3, 3, 2\]", ops.embedding_sq_norms, (ids, g[:, :3])),
-        (ValueError, r"out: expected shape \[3, 6, 2\], got \[3, 6, 3\]", ops.embedding_grads, (ids, g, 6),
-         dict(out=torch.empty(3, 6, 3))),
-        (ValueError, r"out: must not share memory with x", ops.seq_outer, (shared[:60].view(3, 4, 5), x),
-         dict(out=shared[50:125].view(3, 5, 5))),
+        (
+            ValueError,
+            r"out: expected shape \[3, 6, 2\], got \[3, 6, 3\]",
+            ops.embedding_grads,
+            (ids, g, 6),
+            dict(out=torch.empty(3, 6, 3)),
+        ),
+        (
+            ValueError,
+            r"out: must not share memory with x",
+            ops.seq_outer,
+            (shared[:60].view(3, 4, 5), x),
+            dict(out=shared[50:125].view(3, 5, 5)),
+        ),
         (ValueError, r"x: expected \[N, \*, \[4\]\] .*got shape \[3, 4, 5\]", ops.layer_norm_grads, (x, x, [4], 1e-5)),
-        (ValueError, r"g: expected shape \[3, 4, 5\] \(x's shape\), got \[3, 4, 2\]", ops.layer_norm_grads,
-         (x, g, [5], 1e-5)),
+        (
+            ValueError,
+            r"g: expected shape \[3, 4, 5\] \(x's shape\), got \[3, 4, 2\]",
+            ops.layer_norm_grads,
+            (x, g, [5], 1e-5),
+        ),
     ]
     for exc, pattern, fn, args, *kw in cases:
         with pytest.raises(exc, match=pattern):

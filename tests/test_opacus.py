@@ -96,9 +96,10 @@ def test_sequence_inputs_go_through_our_sampler(batch_first, middle, calls, devi
 
 
 def ghost_norms(model, x, y, backend):
-    with (ig_opacus.installed() if backend else _nothing()):
-        gsm = GradSampleModuleFastGradientClipping(copy.deepcopy(model), loss_reduction="mean", max_grad_norm=1.0,
-                                                   use_ghost_clipping=True)
+    with ig_opacus.installed() if backend else _nothing():
+        gsm = GradSampleModuleFastGradientClipping(
+            copy.deepcopy(model), loss_reduction="mean", max_grad_norm=1.0, use_ghost_clipping=True
+        )
         nn.functional.mse_loss(gsm(x), y).backward()
         norms = gsm.get_norm_sample().clone()
         gsm._close()
@@ -146,8 +147,21 @@ def test_dp_sgd_example_runs(device, model):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run([sys.executable, str(root / "bench" / "dp_sgd_digits.py"), "--epochs", "1", "--device", device,
-                           "--model", model], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(root / "bench" / "dp_sgd_digits.py"),
+            "--epochs",
+            "1",
+            "--device",
+            device,
+            "--model",
+            model,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "max relative difference" in proc.stdout and "opacus + indivgrad backend" in proc.stdout
     eps = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith(("  opacus", "  indivgrad engine"))]

@@ -108,8 +108,18 @@ def test_special_values_follow_torch_on_each_device(device, dtype, activation):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(
     "n,d_in,d_out",
-    [(0, 5, 3), (1, 1, 1), (1, 7, 1), (3, 1, 5), (5, 3, 2), (9, 97, 101), (2, 3001, 7), (2, 7, 3001), (3, 4099, 5),
-     (1, 129, 4097)],
+    [
+        (0, 5, 3),
+        (1, 1, 1),
+        (1, 7, 1),
+        (3, 1, 5),
+        (5, 3, 2),
+        (9, 97, 101),
+        (2, 3001, 7),
+        (2, 7, 3001),
+        (3, 4099, 5),
+        (1, 129, 4097),
+    ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_odd_shapes(device, n, d_in, d_out, layout, dtype):
@@ -134,8 +144,9 @@ def test_non_contiguous_inputs(device):
         w_ref, b_ref = act_outer_ref(x, up, pre, "tanh", layout)
         torch.testing.assert_close(w.double(), w_ref, **TOL[torch.float32])
         torch.testing.assert_close(b.double(), b_ref, **TOL[torch.float32])
-        torch.testing.assert_close(ig.outer(x, up, layout=layout).double(), outer_ref(x, up, layout),
-                                   **TOL[torch.float32])
+        torch.testing.assert_close(
+            ig.outer(x, up, layout=layout).double(), outer_ref(x, up, layout), **TOL[torch.float32]
+        )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -2,6 +2,7 @@
 needed, only nvcc and cuobjdump): every instantiation compiles without register spills, every
 one has a loop of wide stores, and each fast path's loop costs fewer instructions per byte
 than the run path's. The exact counts, and what they predict, are in bench/NOTES.md."""
+
 import sys
 from pathlib import Path
 
@@ -31,8 +32,11 @@ def test_every_instantiation_is_found(kernels):
 @pytest.mark.parametrize("dtype", ["float", "double", "Half", "BFloat16"])
 def test_no_spills_and_fast_loops_cheaper_per_byte_than_the_run_loop(kernels, dtype):
     paths = ["fast16", "run"] + (["fast8"] if dtype in ("Half", "BFloat16") else [])
-    variants = {f"{path}, {stores}": kernels[f"outer_kernel<{dtype}, {path}, {stores}>"]
-                for path in paths for stores in (("plain",) if path == "run" else ("plain", "streaming"))}
+    variants = {
+        f"{path}, {stores}": kernels[f"outer_kernel<{dtype}, {path}, {stores}>"]
+        for path in paths
+        for stores in (("plain",) if path == "run" else ("plain", "streaming"))
+    }
     for variant, (regs, spill, loops) in variants.items():
         assert spill == 0, f"{dtype} {variant}: {spill} bytes of register spills"
         assert regs is not None and regs <= 64, f"{dtype} {variant}: {regs} registers"

@@ -50,17 +50,29 @@ class HooksCapture:
     @staticmethod
     def params(layers: list[Layer], layout: str) -> dict[str, tuple]:
         """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters."""
-        return {layer.names[attr]: (p, layer.rule.grad_shape(layer.module, attr, layout))
-                for layer in layers for attr, p in layer.trainable().items()}
+        return {
+            layer.names[attr]: (p, layer.rule.grad_shape(layer.module, attr, layout))
+            for layer in layers
+            for attr, p in layer.trainable().items()
+        }
 
     def device(self) -> torch.device:
         for layer in self.scan.layers:
             return next(iter(layer.module.parameters())).device
         return torch.device("cpu")
 
-    def run(self, layers: list[Layer], inputs, target, loss_fn: Callable, reduction: str,
-            generator: Optional[torch.Generator], max_chunk: Optional[int], visit: Visit,
-            end_chunk: Optional[Callable[[int, int], None]] = None) -> None:
+    def run(
+        self,
+        layers: list[Layer],
+        inputs,
+        target,
+        loss_fn: Callable,
+        reduction: str,
+        generator: Optional[torch.Generator],
+        max_chunk: Optional[int],
+        visit: Visit,
+        end_chunk: Optional[Callable[[int, int], None]] = None,
+    ) -> None:
         """Forward, loss and backward chunk by chunk: ``visit`` gets each layer's factors for
         samples n0..n1 during the backward (in the order they complete), ``end_chunk(n0, n1)``
         is called after the chunk's backward."""
@@ -160,15 +172,18 @@ class _Recorder:
     def _hook(self, index: int, rec: _Recording):
         def hook(module, inputs, output):
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
-                raise RuntimeError(f"module '{rec.layer.path}' ({type(module).__name__}) returned no tensor that "
-                                   f"requires grad; is the forward running under torch.no_grad()?")
+                raise RuntimeError(
+                    f"module '{rec.layer.path}' ({type(module).__name__}) returned no tensor that "
+                    f"requires grad; is the forward running under torch.no_grad()?"
+                )
             x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
             if x is None or x.dim() == 0 or x.shape[0] != self.n or output.shape[0] != self.n:
                 got = "no tensor" if x is None else f"shape {list(x.shape)}"
                 raise ValueError(
                     f"module '{rec.layer.path}' ({type(module).__name__}) was called with {got}; per-sample "
                     f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}), or 1 for "
-                    f"an input shared by all samples (e.g. positions [1, T])")
+                    f"an input shared by all samples (e.g. positions [1, T])"
+                )
             if self.count_uses:
                 stop = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
                 for pid, count in _param_edges([output.grad_fn], stop).items():
@@ -178,6 +193,7 @@ class _Recorder:
             rec.calls.append(call)
             self.calls_recorded += 1
             return tapped
+
         return hook
 
     def _arrive(self, index: int, call: _Call, grad: torch.Tensor):
@@ -215,7 +231,8 @@ class _Recorder:
                         f"parameter '{rec.layer.names[attr]}' of module '{rec.layer.path}' "
                         f"({type(rec.layer.module).__name__}) is used outside that module's forward (tied to another "
                         f"layer, or used by functional code such as nn.MultiheadAttention's); its per-sample gradient "
-                        f"would miss those uses. Call the module instead, or freeze the parameter")
+                        f"would miss those uses. Call the module instead, or freeze the parameter"
+                    )
 
 
 def _param_edges(roots, stop) -> dict[int, int]:
@@ -257,4 +274,5 @@ def _check_no_batch_statistics(batch_norms) -> None:
             raise ValueError(
                 f"module '{path}' ({type(m).__name__}) is in train mode: it normalises each sample with statistics "
                 f"of the whole batch, which mixes samples, so per-sample gradients do not exist. Put it in eval "
-                f"mode (model.eval() or m.eval()), or use a per-sample normalisation (LayerNorm, GroupNorm)")
+                f"mode (model.eval() or m.eval()), or use a per-sample normalisation (LayerNorm, GroupNorm)"
+            )

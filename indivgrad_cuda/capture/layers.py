@@ -42,9 +42,11 @@ class _Refused:
 
 
 def supported_text() -> str:
-    return (f"layers with trainable parameters: {supported_names()} (Linear on [N, *, D_in], LayerNorm with "
-            f"elementwise affine, Embedding without max_norm or scale_grad_by_freq); parameter-free modules and "
-            f"functional code anywhere; frozen parameters (requires_grad=False) anywhere")
+    return (
+        f"layers with trainable parameters: {supported_names()} (Linear on [N, *, D_in], LayerNorm with "
+        f"elementwise affine, Embedding without max_norm or scale_grad_by_freq); parameter-free modules and "
+        f"functional code anywhere; frozen parameters (requires_grad=False) anywhere"
+    )
 
 
 class ModelScan:
@@ -69,8 +71,14 @@ class ModelScan:
                 continue
             for a, p in direct.items():
                 if id(p) in owners:
-                    self.refused.append(_Refused(path, m, f"parameter '{a}' is also module '{owners[id(p)]}''s "
-                                                          f"(shared between modules)", (a,)))
+                    self.refused.append(
+                        _Refused(
+                            path,
+                            m,
+                            f"parameter '{a}' is also module '{owners[id(p)]}''s (shared between modules)",
+                            (a,),
+                        )
+                    )
                 owners.setdefault(id(p), path)
             rule = rule_for(m)
             if rule is None:
@@ -87,12 +95,17 @@ class ModelScan:
 
     def check(self) -> None:
         """Raises UnsupportedModuleError naming every refused module with a trainable parameter."""
-        problems = [f"'{r.path}' ({type(r.module).__name__}): {r.why}" for r in self.refused
-                    if any(getattr(r.module, a).requires_grad for a in r.attrs)]
+        problems = [
+            f"'{r.path}' ({type(r.module).__name__}): {r.why}"
+            for r in self.refused
+            if any(getattr(r.module, a).requires_grad for a in r.attrs)
+        ]
         if problems:
             raise UnsupportedModuleError(
-                "these modules have trainable parameters the engine cannot serve:\n  - " + "\n  - ".join(problems)
-                + f"\nSupported: {supported_text()}. Freeze a module's parameters (requires_grad_(False)) to skip it.")
+                "these modules have trainable parameters the engine cannot serve:\n  - "
+                + "\n  - ".join(problems)
+                + f"\nSupported: {supported_text()}. Freeze a module's parameters (requires_grad_(False)) to skip it."
+            )
 
     def wanted_layers(self) -> list[Layer]:
         """The supported layers with trainable parameters now (after check())."""
@@ -101,6 +114,8 @@ class ModelScan:
 
 def _why_not(module) -> str:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return ("BatchNorm normalises with statistics of the whole batch in train mode, which mixes samples; "
-                "freeze it, or use LayerNorm/GroupNorm")
+        return (
+            "BatchNorm normalises with statistics of the whole batch in train mode, which mixes samples; "
+            "freeze it, or use LayerNorm/GroupNorm"
+        )
     return "no per-sample gradient rule for this type"

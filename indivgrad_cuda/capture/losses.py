@@ -20,8 +20,9 @@ def run_loss(output, target, loss_fn, n: int) -> torch.Tensor:
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"loss_fn: expected it to return a Tensor, got {type(loss).__name__}")
     if loss.dim() != 0 and loss.shape != (n,):
-        raise ValueError(f"loss_fn: expected a scalar or per-sample losses of shape [{n}], got shape "
-                         f"{list(loss.shape)}")
+        raise ValueError(
+            f"loss_fn: expected a scalar or per-sample losses of shape [{n}], got shape {list(loss.shape)}"
+        )
     return loss
 
 

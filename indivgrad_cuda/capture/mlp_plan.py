@@ -15,8 +15,6 @@ SUPPORTED = (
 )
 
 
-
-
 def _unsupported(path, module, why=""):
     why = f" ({why})" if why else ""
     return UnsupportedModuleError(
@@ -108,7 +106,9 @@ def build_plan(model: nn.Module) -> Plan:
         else:
             raise _unsupported(path, m)
     if not linears:
-        raise UnsupportedModuleError("the model has no nn.Linear layer, so there are no per-sample gradients to compute")
+        raise UnsupportedModuleError(
+            "the model has no nn.Linear layer, so there are no per-sample gradients to compute"
+        )
     return Plan(
         program=program,
         linears=linears,

@@ -26,7 +26,9 @@ class NativeCapture:
     def applies(self, inputs) -> bool:
         """A single Tensor input, 2-D (or more before the model's nn.Flatten); other shapes of a
         Sequential go through the hooks capture."""
-        return isinstance(inputs, torch.Tensor) and (inputs.dim() == 2 or (self.plan.flattens_input and inputs.dim() > 2))
+        return isinstance(inputs, torch.Tensor) and (
+            inputs.dim() == 2 or (self.plan.flattens_input and inputs.dim() > 2)
+        )
 
     def device(self):
         return self.plan.linears[0].weight.device
@@ -44,7 +46,9 @@ class NativeCapture:
 
     def check_input(self, x):
         plan = self.plan
-        width = math.prod(x.shape[1:]) if (plan.flattens_input and x.dim() >= 2) else (x.shape[1] if x.dim() == 2 else None)
+        width = (
+            math.prod(x.shape[1:]) if (plan.flattens_input and x.dim() >= 2) else (x.shape[1] if x.dim() == 2 else None)
+        )
         if width != plan.in_features:
             expected = f"[N, {plan.in_features}]" + (" (after nn.Flatten)" if plan.flattens_input else "")
             raise ValueError(f"x: expected shape {expected} for the model's first Linear, got {list(x.shape)}")
@@ -63,12 +67,22 @@ class NativeCapture:
             sl = (lambda t: t) if (n0, n1) == (0, n) else (lambda t: t if t is None else t[n0:n1])
             program.grads(grad_out, saved, weights, [sl(t) for t in out_w], [sl(t) for t in out_b], layout)
 
-        def graphed_grads(grad_out, saved):  # the result buffers are the graph's outputs: their addresses are in the key
+        def graphed_grads(
+            grad_out, saved
+        ):  # the result buffers are the graph's outputs: their addresses are in the key
             program.grads(grad_out, saved, weights, out_w, out_b, layout)
             return ()
 
-        self._run(x, target, loss_fn, reduction, generator, chunk_grads, graphed_grads,
-                  ("grads", layout, addresses(out_w + out_b)))
+        self._run(
+            x,
+            target,
+            loss_fn,
+            reduction,
+            generator,
+            chunk_grads,
+            graphed_grads,
+            ("grads", layout, addresses(out_w + out_b)),
+        )
 
     def norms(self, x, target, loss_fn, reduction, generator, sq: torch.Tensor):
         """Fills sq [P, N] with the squared per-sample norms of the trainable parameters."""
@@ -85,8 +99,9 @@ class NativeCapture:
         if graphed is not None:
             sq.copy_(graphed)
 
-    def clipped_sum(self, x, target, loss_fn, reduction, generator, max_norm, grads: dict[str, torch.Tensor],
-                    sq: torch.Tensor):
+    def clipped_sum(
+        self, x, target, loss_fn, reduction, generator, max_norm, grads: dict[str, torch.Tensor], sq: torch.Tensor
+    ):
         plan = self.plan
         program, weights = plan.program, plan.weights()
         grads_w = [grads.get(name) for name in plan.weight_names]
@@ -102,8 +117,9 @@ class NativeCapture:
             gb = [None if g is None else torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads_b]
             return program.clipped_sum(grad_out, saved, weights, gw, gb, max_norm, False), gw, gb
 
-        graphed = self._run(x, target, loss_fn, reduction, generator, chunk_clipped, graphed_clipped,
-                            ("clipped_sum", max_norm))
+        graphed = self._run(
+            x, target, loss_fn, reduction, generator, chunk_clipped, graphed_clipped, ("clipped_sum", max_norm)
+        )
         if graphed is not None:
             sq.copy_(graphed[0])
             for dst, src in zip(grads_w + grads_b, graphed[1] + graphed[2]):
@@ -140,6 +156,7 @@ class NativeCapture:
 
         graphs = self.graphs
         if graphs is not None and size >= n and not any(m is not None for m in masks) and graphs.applies(x, weights[0]):
+
             def forward(xs):
                 with no_autocast(device):
                     return program.forward(xs, weights, biases, masks)
@@ -163,4 +180,3 @@ class NativeCapture:
     def _chunk_size(self, x):
         widths = sum(m.in_features + 3 * m.out_features for m in self.plan.linears)
         return chunk_size(x.shape[0], widths * x.element_size(), x.device, self.max_chunk)
-

@@ -64,8 +64,9 @@ class LayerRule:
         """Squared per-sample gradient norms [N] (acc_dtype) of the wanted attrs."""
         raise NotImplementedError
 
-    def clipped_sum(self, module: nn.Module, f: Factors, coef: torch.Tensor, grads: dict[str, torch.Tensor],
-                    accumulate: bool) -> None:
+    def clipped_sum(
+        self, module: nn.Module, f: Factors, coef: torch.Tensor, grads: dict[str, torch.Tensor], accumulate: bool
+    ) -> None:
         """``grads[attr] (+)= sum_n coef[n] * (sample n's gradient)`` for the wanted attrs."""
         raise NotImplementedError
 

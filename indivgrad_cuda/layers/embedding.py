@@ -52,8 +52,9 @@ class EmbeddingRule(LayerRule):
                 dst.zero_()
             dst.index_add_(0, ids, rows)
         else:  # half types add up in float32, rounded once
-            write_or_add(dst, torch.zeros(dst.shape, dtype=rows.dtype, device=rows.device).index_add_(0, ids, rows),
-                         accumulate)
+            write_or_add(
+                dst, torch.zeros(dst.shape, dtype=rows.dtype, device=rows.device).index_add_(0, ids, rows), accumulate
+            )
 
 
 RULE = (nn.Embedding, EmbeddingRule())

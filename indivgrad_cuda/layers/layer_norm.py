@@ -5,7 +5,6 @@ Sample n's gradients are ``sum_t x̂_t ⊙ g_t`` (weight) and ``sum_t g_t`` (bia
 activations, so norms and the clipped sum are formed from them directly.
 """
 
-
 import torch
 from torch import nn
 

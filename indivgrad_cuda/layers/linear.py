@@ -6,7 +6,6 @@ multiply-adds (``indivgrad_cuda._C.linear_norm_uses_ghost``); the clipped sum is
 over the N·T rows, each scaled by its sample's coefficient.
 """
 
-
 import torch
 from torch import nn
 

@@ -178,8 +178,8 @@ inline void run_block(unsigned threads) {
     if (done == threads) return;
     if (done != 0)
       throw std::runtime_error("divergent __syncthreads: block " + std::to_string(blockIdx.x) + ", phase " +
-                               std::to_string(phase) + ": " + std::to_string(done) + " of " +
-                               std::to_string(threads) + " threads returned while others wait at a barrier");
+                               std::to_string(phase) + ": " + std::to_string(done) + " of " + std::to_string(threads) +
+                               " threads returned while others wait at a barrier");
   }
 }
 

@@ -36,8 +36,8 @@ using indivgrad::OuterPlan;
 
 namespace {
 
-constexpr int64_t kL2Bytes = 50 << 20;  // an H100's
-constexpr size_t kGuardBytes = 64;      // a multiple of 16: misalignment comes only from the offset
+constexpr int64_t kL2Bytes = 50 << 20;   // an H100's
+constexpr size_t kGuardBytes = 64;       // a multiple of 16: misalignment comes only from the offset
 constexpr unsigned char kPoison = 0xFF;  // NaN in every float type, so never an expected value
 
 enum class DType { Float32, Float64, Float16, BFloat16 };
@@ -53,8 +53,8 @@ const char* dtype_name(DType d) {
 int dtype_size(DType d) { return d == DType::Float64 ? 8 : d == DType::Float32 ? 4 : 2; }
 
 const std::pair<Activation, const char*> kActivations[] = {
-    {Activation::Identity, "identity"}, {Activation::Relu, "relu"},         {Activation::LeakyRelu, "leaky_relu"},
-    {Activation::Elu, "elu"},           {Activation::Tanh, "tanh"},         {Activation::Sigmoid, "sigmoid"},
+    {Activation::Identity, "identity"}, {Activation::Relu, "relu"},          {Activation::LeakyRelu, "leaky_relu"},
+    {Activation::Elu, "elu"},           {Activation::Tanh, "tanh"},          {Activation::Sigmoid, "sigmoid"},
     {Activation::Gelu, "gelu"},         {Activation::GeluTanh, "gelu_tanh"}, {Activation::Silu, "silu"},
     {Activation::Softplus, "softplus"}};
 constexpr int kNumActivations = sizeof(kActivations) / sizeof(kActivations[0]);
@@ -71,11 +71,10 @@ struct Case {
   bool quick;               // part of the --quick subset
 
   std::string name() const {
-    std::string s = std::string(dtype_name(dtype)) + "/" + (out_in ? "out_in" : "in_out") + "/" +
-                    std::to_string(N) + "x" + std::to_string(d_in) + "x" + std::to_string(d_out) + "/mis" +
-                    std::to_string(out_mis) + "," + std::to_string(bias_mis) + "/" +
-                    (with_pre ? kActivations[act].second : "outer") + (with_bias ? "/bias" : "") + "/sms" +
-                    std::to_string(num_sms);
+    std::string s = std::string(dtype_name(dtype)) + "/" + (out_in ? "out_in" : "in_out") + "/" + std::to_string(N) +
+                    "x" + std::to_string(d_in) + "x" + std::to_string(d_out) + "/mis" + std::to_string(out_mis) + "," +
+                    std::to_string(bias_mis) + "/" + (with_pre ? kActivations[act].second : "outer") +
+                    (with_bias ? "/bias" : "") + "/sms" + std::to_string(num_sms);
     if (last_row_blocks) s += "/last" + std::to_string(last_row_blocks);
     return s;
   }
@@ -116,9 +115,7 @@ class Buffer {
     if (m == MAP_FAILED) throw std::runtime_error("mmap failed");
     map_ = static_cast<unsigned char*>(m);
     data_ = map_ + page + kGuardBytes + misalign * elem_size;
-    const auto page_down = [&](unsigned char* p) {
-      return map_ + (static_cast<size_t>(p - map_) / page) * page;
-    };
+    const auto page_down = [&](unsigned char* p) { return map_ + (static_cast<size_t>(p - map_) / page) * page; };
     window_begin_ = page_down(data_ + window_first_elem * elem_size - kGuardBytes);
     window_end_ = page_down(data_ + bytes + kGuardBytes + page - 1);
     if (mprotect(window_begin_, window_end_ - window_begin_, PROT_READ | PROT_WRITE) != 0)
@@ -139,7 +136,8 @@ class Buffer {
     for (const unsigned char* p = window_begin_; p < data_; ++p)
       if (*p != kPoison) return "guard byte " + std::to_string(data_ - p) + " before the buffer was written";
     for (const unsigned char* p = data_ + elem_size_ * count_; p < window_end_; ++p)
-      if (*p != kPoison) return "guard byte " + std::to_string(p - data_ - elem_size_ * count_) + " after it was written";
+      if (*p != kPoison)
+        return "guard byte " + std::to_string(p - data_ - elem_size_ * count_) + " after it was written";
     return "";
   }
   bool poisoned(int64_t i) const {
@@ -184,10 +182,10 @@ std::string run_case(const Case& c, uint64_t seed) {
 
   // Buffer puts out at c.out_mis elements past a 16-byte boundary; the plan sees only that.
   const auto out_offset = static_cast<uintptr_t>(c.out_mis * sizeof(T));
-  const OuterPlan p = indivgrad::make_outer_plan(N, R, C, c.out_in, sizeof(T), sizeof(acc_t), out_offset, c.num_sms,
-                                                 kL2Bytes);
+  const OuterPlan p =
+      indivgrad::make_outer_plan(N, R, C, c.out_in, sizeof(T), sizeof(acc_t), out_offset, c.num_sms, kL2Bytes);
   const int64_t pitch = C * static_cast<int64_t>(sizeof(T));
-  const int want_store = out_offset % 16 == 0 && pitch % 16 == 0                        ? 16
+  const int want_store = out_offset % 16 == 0 && pitch % 16 == 0                   ? 16
                          : sizeof(T) == 2 && out_offset % 8 == 0 && pitch % 8 == 0 ? 8
                                                                                    : 0;
   if (p.store_bytes != want_store) return "plan chose the wrong path";
@@ -208,8 +206,8 @@ std::string run_case(const Case& c, uint64_t seed) {
     if (p.store_bytes == 8)
       kernel = p.streaming ? indivgrad::outer_kernel<T, acc_t, 8, true> : indivgrad::outer_kernel<T, acc_t, 8, false>;
   try {
-    cuda_emulation::launch(static_cast<unsigned>(p.blocks()), indivgrad::kOuterThreads, smem, blocks, kernel,
-                           x.data(), up.data(), c.with_pre ? pre.data() : nullptr, out.as<T>(),
+    cuda_emulation::launch(static_cast<unsigned>(p.blocks()), indivgrad::kOuterThreads, smem, blocks, kernel, x.data(),
+                           up.data(), c.with_pre ? pre.data() : nullptr, out.as<T>(),
                            c.with_bias ? bias.as<T>() : nullptr, p, act);
   } catch (const std::exception& e) {
     return e.what();
@@ -262,10 +260,10 @@ std::vector<Case> all_cases() {
   const DType dtypes[] = {DType::Float32, DType::Float64, DType::Float16, DType::BFloat16};
   const int sms[] = {132, 1, 7};
   // (N, d_in, d_out): odd and large widths both ways, exact tile sizes +-1, many tiny samples.
-  const int64_t shapes[][3] = {{1, 1, 1},    {3, 7, 5},     {2, 257, 3},    {2, 3, 257},   {2, 2047, 2},
-                               {2, 2, 2047}, {2, 2048, 3},  {2, 3, 2048},   {1, 2049, 2},  {1, 2, 2049},
-                               {1, 4097, 1}, {1, 1, 4097},  {1, 40000, 1},  {1, 1, 40000}, {37, 16, 24},
-                               {300, 3, 5},  {4, 64, 96},   {5, 12, 20},    {2, 300, 100}};
+  const int64_t shapes[][3] = {{1, 1, 1},    {3, 7, 5},    {2, 257, 3},   {2, 3, 257},   {2, 2047, 2},
+                               {2, 2, 2047}, {2, 2048, 3}, {2, 3, 2048},  {1, 2049, 2},  {1, 2, 2049},
+                               {1, 4097, 1}, {1, 1, 4097}, {1, 40000, 1}, {1, 1, 40000}, {37, 16, 24},
+                               {300, 3, 5},  {4, 64, 96},  {5, 12, 20},   {2, 300, 100}};
   int k = 0;
   // Every dtype, layout, misalignment and shape; activations, pre/bias and SM counts rotate.
   for (DType d : dtypes) {
@@ -273,8 +271,19 @@ std::vector<Case> all_cases() {
     for (bool out_in : {false, true})
       for (int mis = 0; mis < vec; ++mis)
         for (const auto& s : shapes) {
-          Case c{d, s[0], s[1], s[2], out_in, mis, (mis + k) % vec, k % kNumActivations, k % 5 != 4, k % 3 != 2,
-                 sms[k % 3], 0, mis <= 1 && k % 2 == 0};
+          Case c{d,
+                 s[0],
+                 s[1],
+                 s[2],
+                 out_in,
+                 mis,
+                 (mis + k) % vec,
+                 k % kNumActivations,
+                 k % 5 != 4,
+                 k % 3 != 2,
+                 sms[k % 3],
+                 0,
+                 mis <= 1 && k % 2 == 0};
           cases.push_back(c);
           ++k;
         }
@@ -286,15 +295,15 @@ std::vector<Case> all_cases() {
       for (int a = -1; a < kNumActivations; ++a)
         for (bool with_bias : {false, true}) {
           const int64_t d_in = out_in ? 2100 : 600, d_out = out_in ? 40 : 24;
-          cases.push_back(Case{d, out_in ? 2 : 3, d_in, d_out, out_in, 0, 1, a < 0 ? 0 : a, a >= 0, with_bias, 132,
-                               0, a % 3 == 0});
+          cases.push_back(
+              Case{d, out_in ? 2 : 3, d_in, d_out, out_in, 0, 1, a < 0 ? 0 : a, a >= 0, with_bias, 132, 0, a % 3 == 0});
         }
   // Outputs over 2^32 elements, fast path (16- and 8-byte stores) and run path: the
   // last two row blocks, which hold the largest offsets (an int or uint32 offset wraps).
   const int64_t big[][4] = {// dtype index, d_in, d_out, out_in
                             {3, 32768, 32770, 0}, {3, 32770, 32768, 1}, {3, 32776, 32768, 1}, {3, 32768, 32776, 0},
-                            {0, 32768, 32772, 0}, {0, 32772, 32768, 1}, {0, 32768, 32769, 0},
-                            {3, 32768, 32772, 0}, {3, 32772, 32768, 1}};  // the last two: 8-byte stores
+                            {0, 32768, 32772, 0}, {0, 32772, 32768, 1}, {0, 32768, 32769, 0}, {3, 32768, 32772, 0},
+                            {3, 32772, 32768, 1}};  // the last two: 8-byte stores
   for (const auto& b : big)
     cases.push_back(Case{dtypes[b[0]], 5, b[1], b[2], b[3] != 0, 0, 3, 8, true, true, 132, 2, true});
   return cases;
