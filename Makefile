@@ -2,6 +2,10 @@
 # Both create or reuse the virtual environment $(VENV), install torch there if it has none
 # (the CUDA 13.0 build of torch 2.14.1 when nvcc is present, so the CUDA kernels get
 # compiled; else the CPU build of torch 2.13.0), build the extension against it, and run.
+#   make lint        ruff and clang-format over the tree (.pre-commit-config.yaml pins them)
+#   make hooks       the same checks as a git pre-commit hook
+#   make wheel       dist/indivgrad_cuda-<version>+pt<torch><cuda>-*.whl, built against $(VENV)'s torch
+#   make wheel-test  that wheel installed into a fresh venv, imported and run (tests/test_wheel.py)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
@@ -9,8 +13,9 @@ TORCH_WITH_NVCC ?= torch==2.14.1
 TORCH_WITHOUT_NVCC ?= torch==2.13.0
 BUILT := $(VENV)/.indivgrad-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
+PRE_COMMIT := pre-commit==4.7.0
 
-.PHONY: test bench build clean
+.PHONY: test bench build lint hooks wheel wheel-test clean
 
 test: $(BUILT)
 	$(PY) -m pytest -q tests
@@ -20,6 +25,25 @@ bench: $(BUILT)
 	$(PY) bench/kernels.py
 
 build: $(BUILT)
+
+$(VENV)/.pre-commit:
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install $(PRE_COMMIT)
+	touch $@
+
+# The hooks fix what they can (formatting, import order), so a red run leaves the fix in the tree.
+lint: $(VENV)/.pre-commit
+	$(VENV)/bin/pre-commit run --all-files --show-diff-on-failure
+
+hooks: $(VENV)/.pre-commit
+	$(VENV)/bin/pre-commit install
+
+wheel: $(VENV)/.torch
+	rm -f dist/indivgrad_cuda-*.whl
+	$(PIP) wheel --no-build-isolation --no-deps -w dist .
+
+wheel-test: wheel $(BUILT)
+	INDIVGRAD_WHEEL="$$(ls dist/indivgrad_cuda-*.whl)" $(PY) -m pytest -q tests/test_wheel.py
 
 $(VENV)/.torch:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,4 +58,4 @@ $(BUILT): $(VENV)/.torch $(SOURCES)
 	touch $@
 
 clean:
-	rm -rf build *.egg-info indivgrad_cuda/_C*.so indivgrad_cuda/_build_info.json $(BUILT)
+	rm -rf build dist *.egg-info indivgrad_cuda/_C*.so indivgrad_cuda/_build_info.json $(BUILT)

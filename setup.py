@@ -9,6 +9,10 @@ Environment:
                          nvcc is found (a visible GPU is not needed).
   CUDA_HOME / CUDA_PATH  the CUDA toolkit to use (else found from nvcc, then /usr/local/cuda).
   TORCH_CUDA_ARCH_LIST   GPU architectures; unset and no GPU visible: "8.0;9.0+PTX".
+
+The package's version carries a local label naming the torch and CUDA it was built against
+(0.2.0+pt2.14.1cu130; "cpu" for a build without the CUDA kernels), and its metadata requires
+exactly that torch release, so pip refuses to install a wheel beside another torch.
 """
 
 import json
@@ -24,6 +28,7 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).resolve().parent
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "indivgrad_cuda" / "_version.py").read_text()).group(1)
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"  # A100, H100/H200, plus PTX for newer cards
+MIN_TORCH = (2, 4)  # torch.library.register_fake, which the op registration uses
 
 
 def _fail(msg):
@@ -54,6 +59,24 @@ def find_cuda_home():
             pass
     candidates.append("/usr/local/cuda")
     return next((str(Path(c).resolve()) for c in candidates if _is_toolkit(c)), None)
+
+
+def torch_release(torch_version):
+    """The public release of a torch version string: "2.14.1+cu130" -> "2.14.1"."""
+    return torch_version.split("+")[0]
+
+
+def build_version(info):
+    """VERSION plus a local label for the torch and CUDA of this build, as flash-attn and
+    torchao label their wheels: 0.2.0+pt2.14.1cu130, or 0.2.0+pt2.13.0cpu without CUDA kernels."""
+    accel = "cu" + info["torch_cuda"].replace(".", "") if info["cuda_kernels"] else "cpu"
+    return f"{VERSION}+pt{torch_release(info['torch'])}{accel}"
+
+
+def check_torch_version(torch_version):
+    release = tuple(int(p) for p in re.findall(r"\d+", torch_release(torch_version))[:2])
+    if release < MIN_TORCH:
+        _fail(f"torch {torch_version} is installed; indivgrad_cuda needs torch >= {'.'.join(map(str, MIN_TORCH))}")
 
 
 def nvcc_version(cuda_home):
@@ -94,6 +117,7 @@ def decide_cuda():
 def build_extension():
     import torch
 
+    check_torch_version(torch.__version__)
     build_cuda, cuda_home, reason = decide_cuda()
     if build_cuda:
         # cpp_extension reads CUDA_HOME when it is imported, so set it first.
@@ -126,6 +150,7 @@ def build_extension():
         "why": reason,
         "python": sys.version.split()[0],
     }
+    info["build_version"] = build_version(info)
     print(f"indivgrad_cuda build: CUDA kernels {'on' if build_cuda else 'off'} ({reason})")
 
     class BuildExt(cpp_extension.BuildExtension):
@@ -136,14 +161,15 @@ def build_extension():
             target = Path(self.get_ext_fullpath("indivgrad_cuda._C")).parent / "_build_info.json"
             target.write_text(json.dumps(info, indent=2) + "\n")
 
-    return ext, BuildExt.with_options(use_ninja=shutil.which("ninja") is not None)
+    return ext, BuildExt.with_options(use_ninja=shutil.which("ninja") is not None), info
 
 
 if __name__ == "__main__":  # pip / setuptools run this file as __main__; tests import it
-    ext, build_ext_cls = build_extension()
+    ext, build_ext_cls, info = build_extension()
     setup(
         name="indivgrad_cuda",
-        version=VERSION,
+        version=info["build_version"],
+        install_requires=[f"torch=={torch_release(info['torch'])}"],  # the torch it was compiled against
         packages=find_packages(include=["indivgrad_cuda", "indivgrad_cuda.*"]),
         ext_modules=[ext],
         cmdclass={"build_ext": build_ext_cls},

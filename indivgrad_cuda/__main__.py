@@ -7,7 +7,7 @@ import indivgrad_cuda
 
 def main():
     info = indivgrad_cuda.build_info()
-    print(f"indivgrad_cuda {info['version']}")
+    print(f"indivgrad_cuda {info['build_version']}")
     for key in ("torch", "torch_cuda", "nvcc", "cuda_arch_list", "cuda_kernels", "why", "python"):
         print(f"  built with {key}: {info.get(key)}")
     print(f"  running torch: {torch.__version__} (CUDA {torch.version.cuda})")

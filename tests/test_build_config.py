@@ -1,6 +1,7 @@
 """setup.py's toolchain decisions: forced modes, toolkit discovery, version checks."""
 
 import importlib.util
+import re
 import shutil
 from pathlib import Path
 
@@ -60,3 +61,27 @@ def test_cuda_home_env_wins_when_valid(setup_module, monkeypatch, tmp_path):
     (tmp_path / "include" / "cuda_runtime.h").write_text("")
     monkeypatch.setenv("CUDA_HOME", str(tmp_path))
     assert setup_module.find_cuda_home() == str(tmp_path.resolve())
+
+
+@pytest.mark.parametrize(
+    "torch_version, torch_cuda, cuda_kernels, label",
+    [
+        ("2.14.1+cu130", "13.0", True, "pt2.14.1cu130"),
+        ("2.14.1+cu130", "13.0", False, "pt2.14.1cpu"),  # a CUDA torch, kernels not built
+        ("2.13.0+cpu", None, False, "pt2.13.0cpu"),
+        ("2.8.0", "12.8", True, "pt2.8.0cu128"),  # PyPI's default build carries no local label
+    ],
+)
+def test_build_version_names_the_torch_and_cuda_built_against(
+    setup_module, torch_version, torch_cuda, cuda_kernels, label
+):
+    info = {"torch": torch_version, "torch_cuda": torch_cuda, "cuda_kernels": cuda_kernels}
+    version = setup_module.build_version(info)
+    assert version == f"{setup_module.VERSION}+{label}"
+    assert re.fullmatch(r"[0-9.]+\+[a-z0-9]+(\.[a-z0-9]+)*", version)  # a PEP 440 local version
+
+
+def test_old_torch_is_refused_by_name(setup_module):
+    setup_module.check_torch_version("2.4.0+cpu")
+    with pytest.raises(SystemExit, match=r"torch 2\.3\.1 is installed; indivgrad_cuda needs torch >= 2\.4"):
+        setup_module.check_torch_version("2.3.1")

@@ -56,8 +56,11 @@ def test_build_info_and_main():
     info = ig.build_info()
     assert info["version"] == ig.__version__
     assert info["torch"] == torch.__version__
+    accel = f"cu{torch.version.cuda.replace('.', '')}" if info["cuda_kernels"] else "cpu"
+    assert info["build_version"] == f"{ig.__version__}+pt{torch.__version__.split('+')[0]}{accel}"
     assert isinstance(info["cuda_kernels"], bool)
     out = subprocess.run([sys.executable, "-m", "indivgrad_cuda"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith(f"indivgrad_cuda {info['build_version']}\n")
     assert f"built with torch: {torch.__version__}" in out and "GPU:" in out
 
 
