@@ -18,7 +18,6 @@ import copy
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the checkout and tests/
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 import common
+import console
 import indivgrad_cuda as ig
 import indivgrad_cuda.opacus as ig_opacus
 from tests.models import FeatureEncoder
@@ -178,13 +178,13 @@ def main(argv=None):
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accountant", default="prv", help="Opacus's accountant (its make_private default: prv)")
+    console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
+    console.silence_peer_warnings()
     defaults = {"mlp": (10, 0.1), "sequence": (20, 0.5)}[args.model]
     args.epochs = defaults[0] if args.epochs is None else args.epochs
     args.lr = defaults[1] if args.lr is None else args.lr
     device = torch.device(args.device)
-    warnings.filterwarnings("ignore", module="opacus")  # its note on secure RNG
-    warnings.filterwarnings("ignore", message="Full backward hook is firing")  # Opacus hooks on a leaf input
     (x_tr, y_tr), (x_te, y_te) = load_data(device)
     train_data, test_data = (as_model_input(x_tr, args.model), y_tr), (as_model_input(x_te, args.model), y_te)
     torch.manual_seed(args.seed)
@@ -212,10 +212,14 @@ def main(argv=None):
         ("opacus + indivgrad backend", lambda: train(model, train_data, test_data, True, args, device)),
         ("indivgrad engine", lambda: train_engine(model, train_data, test_data, args, device)),
     )
+    progress = console.Progress(len(runs), args.quiet, unit="method")
     for label, run in runs:
+        progress.start(f"training with {label}")
         ms, acc, eps, steps = run()
         results[label] = ms
-        print(f"  {label:<26} {ms:>17.3f} {steps:>6} {acc:>9.3f} {eps:>8.2f}")
+        with progress.paused():
+            print(f"  {label:<26} {ms:>17.3f} {steps:>6} {acc:>9.3f} {eps:>8.2f}")
+    progress.close()
     base = results["opacus (its own samplers)"]
     print(
         f"  step rate against Opacus's own: backend {base / results['opacus + indivgrad backend']:.2f}x, "

@@ -287,7 +287,7 @@ step_sanitizer_initcheck() { sanitize initcheck; }
 step_sanitizer_synccheck() { sanitize synccheck; }
 
 step_kernels() {
-    local args=(bench/kernels.py --device cuda --layouts out_in in_out --results-dir "$OUTDIR/results")
+    local args=(bench/kernels.py --device cuda --layouts out_in in_out --results-dir "$OUTDIR/results" --quiet)
     if ((QUICK)); then args+=(--quick --no-compile); fi
     x "$PY" "${args[@]}"
 }
@@ -307,7 +307,7 @@ step_profile() {
 }
 
 step_run() {
-    local args=(bench/run.py --device cuda --results-dir "$OUTDIR/results")
+    local args=(bench/run.py --device cuda --results-dir "$OUTDIR/results" --quiet)
     if ((QUICK)); then args+=(--quick); fi
     x "$PY" "${args[@]}"
 }

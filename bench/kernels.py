@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 import torch
 
 import common
+import console
 import indivgrad_cuda as ig
 from tests.reference import act_outer_ref, broadcast_outer, outer_ref
 
@@ -113,26 +114,29 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to warm up)")
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--no-plot", action="store_true")
+    console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
+    console.silence_peer_warnings()
     device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     context = common.run_context(device)
     print(f"bench/kernels.py on {context['device']}, torch {context['torch']}, commit {context['commit']}")
     print(f"  {'shape/dtype':<30} {'method':<24} {'µs':>10} {'GB/s':>8} {'% fill':>7}  note")
+    cases = [(lay, getattr(torch, d), s) for lay in args.layouts for d in args.dtypes for s in shapes]
+    progress = console.Progress(len(cases), args.quiet, unit="shape")
     all_rows = []
-    for layout, dtype, shape in [
-        (lay, getattr(torch, d), s) for lay in args.layouts for d in args.dtypes for s in shapes
-    ]:
-        print(f"\r  running {shape} {dtype} {layout}", end="", file=sys.stderr, flush=True)
+    for layout, dtype, shape in cases:
+        progress.start(f"{shape} {str(dtype).removeprefix('torch.')} {layout}")
         rows = bench_shape(shape, dtype, device, not args.no_compile, layout)
-        print("\r" + " " * 60 + "\r", end="", file=sys.stderr)
-        for r in rows:
-            us = r["median_ms"] * 1e3 if "median_ms" in r else None
-            print(
-                f"  {r['setup']:<30} {r['method']:<24} {common.fmt(us):>10} {common.fmt(r.get('gbps')):>8} "
-                f"{common.fmt(r.get('roofline_pct')):>7}  {r.get('note', '')}"
-            )
+        with progress.paused():
+            for r in rows:
+                us = r["median_ms"] * 1e3 if "median_ms" in r else None
+                print(
+                    f"  {r['setup']:<30} {r['method']:<24} {common.fmt(us):>10} {common.fmt(r.get('gbps')):>8} "
+                    f"{common.fmt(r.get('roofline_pct')):>7}  {r.get('note', '')}"
+                )
         all_rows += [{**context, "bench": "kernels", **r} for r in rows]
+    progress.close()
     path = common.append_rows(all_rows, args.results_dir)
     print(f"\n{len(all_rows)} rows appended to {path}")
     if not args.no_plot:

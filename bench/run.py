@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import common
+import console
 from methods import METHODS, Skip, Task
 from tests.models import ResidualMLP, TinyEncoder, token_batch
 from tests.reference import clipped_sum_ref, func_module_grads
@@ -245,7 +246,9 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two small setups, for smoke tests")
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--no-plot", action="store_true")
+    console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
+    console.silence_peer_warnings()
     device = torch.device(args.device)
     setups = args.setups or (
         QUICK_SETUPS if args.quick else SEED_SETUPS + MODEL_SETUPS + (GPU_SETUPS if device.type == "cuda" else [])
@@ -255,15 +258,15 @@ def main(argv=None):
     context = common.run_context(device)
     print(f"bench/run.py on {context['device']}, torch {context['torch']}, commit {context['commit']}")
 
-    def progress(msg):
-        print(f"\r  running {msg:<60}", end="", file=sys.stderr, flush=True)
-
+    # a step per method and setup, and one for timing each setup's methods together
+    progress = console.Progress(len(setups) * (len(args.methods) + 1), args.quiet)
     all_rows = []
     for setup in setups:
-        rows = bench_setup(setup, device, args.methods, progress)
-        print("\r" + " " * 72 + "\r", end="", file=sys.stderr)
-        print_table(setup, rows)
+        rows = bench_setup(setup, device, args.methods, progress.start)
+        with progress.paused():
+            print_table(setup, rows)
         all_rows += [{**context, "bench": "run", **r} for r in rows]
+    progress.close()
     skipped = sorted({f"{r['method']} ({r['note'][9:]})" for r in all_rows if r.get("note", "").startswith("skipped")})
     if skipped:
         print("\nskipped: " + "; ".join(skipped))

@@ -1,5 +1,6 @@
 """The benches run (quick mode, on CPU and, where a GPU is usable, on CUDA), check every
-method and write their CSV and plots, so they cannot rot."""
+method and write their CSV and plots, so they cannot rot; their console stays clean: tables
+on stdout, a progress bar on stderr (nothing with --quiet), no peer's warnings."""
 
 import csv
 import re
@@ -43,15 +44,20 @@ def run_bench(script, tmp_path, device, *extra):
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "\r" not in proc.stdout and "Warning" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    if "--quiet" in extra:
+        assert proc.stderr == ""
     with (tmp_path / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert set(rows[0]) >= REQUIRED
     assert all(r["device"].startswith("CPU ") == (device == "cpu") for r in rows), "rows name the wrong device"
-    return proc.stdout, rows
+    return proc, rows
 
 
 def test_run_quick(tmp_path, device):
-    out, rows = run_bench("run.py", tmp_path, device)
+    proc, rows = run_bench("run.py", tmp_path, device)
+    out = proc.stdout
+    assert "tfm:4x8x32x1 opacus" in proc.stderr  # the progress bar names the running method
     timed = {r["method"] for r in rows if r["median_ms"]}
     assert {"summed", "indivgrad", "indivgrad_norms", "indivgrad_clipped", "seed_bmm", "torch_func"} <= timed
     assert not [r for r in rows if "WRONG" in r["note"]]
@@ -89,6 +95,7 @@ def test_kernels_quick(tmp_path, device):
         "--dtypes",
         "float32",
         "bfloat16",
+        "--quiet",
     )
     methods = {r["method"] for r in rows}
     assert {

@@ -94,8 +94,8 @@ def test_dry_run_plans_every_step_and_creates_nothing(tmp_path):
         assert ("--kernel-name kns=indivgrad" in line) == (tool in ("racecheck", "synccheck"))
     profile = next(ln for ln in plan.splitlines() if "bench/ncu_outer.py" in ln)
     assert "--kernel-name regex:outer_kernel" in profile and f"--log-file {out}/ncu.csv" in profile
-    assert f"bench/kernels.py --device cuda --layouts out_in in_out --results-dir {out}/results\n" in plan
-    assert f"bench/run.py --device cuda --results-dir {out}/results\n" in plan
+    assert f"bench/kernels.py --device cuda --layouts out_in in_out --results-dir {out}/results --quiet\n" in plan
+    assert f"bench/run.py --device cuda --results-dir {out}/results --quiet\n" in plan
     assert "--quick" not in plan
     assert worst_case(plan) <= NINE_MINUTES
     assert not out.exists()
@@ -113,7 +113,7 @@ def test_dry_run_quick_with_wheels(tmp_path):
         "bench/kernels.py --device cuda --layouts out_in in_out --results-dir" in plan
         and "--quick --no-compile\n" in plan
     )
-    assert re.search(r"bench/run\.py --device cuda --results-dir \S+ --quick\n", plan)
+    assert re.search(r"bench/run\.py --device cuda --results-dir \S+ --quiet --quick\n", plan)
     selections = {tool: re.search(rf"--tool {tool} .* -k ('[^']*')", plan).group(1) for tool in TOOLS}
     assert selections["memcheck"] != selections["racecheck"] == selections["initcheck"] == selections["synccheck"]
     assert all("not 2_31" in k for k in selections.values())

@@ -157,12 +157,14 @@ def test_dp_sgd_example_runs(device, model):
             device,
             "--model",
             model,
+            "--quiet",
         ],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == ""  # no progress bar with --quiet, and Opacus's known warnings silenced
     assert "max relative difference" in proc.stdout and "opacus + indivgrad backend" in proc.stdout
     eps = [line.split()[-1] for line in proc.stdout.splitlines() if line.startswith(("  opacus", "  indivgrad engine"))]
     assert len(eps) == 3 and len(set(eps)) == 1  # the same epsilon for the same noise, sampling and steps
