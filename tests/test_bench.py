@@ -9,24 +9,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = set(  # the CSV columns every row must have (bench/common.py writes them)
-    [
-        "date",
-        "commit",
-        "device",
-        "torch",
-        "cuda",
-        "bench",
-        "setup",
-        "method",
-        "median_ms",
-        "ratio_vs_summed",
-        "peak_mem_mb",
-        "gbps",
-        "roofline_pct",
-        "max_rel_err",
-    ]
-)
+REQUIRED = {  # the CSV columns every row must have (bench/common.py writes them)
+    "date",
+    "commit",
+    "device",
+    "torch",
+    "cuda",
+    "bench",
+    "setup",
+    "method",
+    "median_ms",
+    "ratio_vs_summed",
+    "peak_mem_mb",
+    "gbps",
+    "roofline_pct",
+    "max_rel_err",
+}
 
 
 def run_bench(script, tmp_path, device, *extra):
