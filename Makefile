@@ -26,8 +26,10 @@ bench: $(BUILT)
 
 build: $(BUILT)
 
-$(VENV)/.pre-commit:
-	test -x $(PY) || python3 -m venv $(VENV)
+$(PY):
+	python3 -m venv $(VENV)
+
+$(VENV)/.pre-commit: | $(PY)
 	$(PIP) install $(PRE_COMMIT)
 	touch $@
 
@@ -45,8 +47,7 @@ wheel: $(VENV)/.torch
 wheel-test: wheel $(BUILT)
 	INDIVGRAD_WHEEL="$$(ls dist/indivgrad_cuda-*.whl)" $(PY) -m pytest -q tests/test_wheel.py
 
-$(VENV)/.torch:
-	test -x $(PY) || python3 -m venv $(VENV)
+$(VENV)/.torch: | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || \
 	  $(PIP) install $$(command -v nvcc >/dev/null && echo $(TORCH_WITH_NVCC) || echo $(TORCH_WITHOUT_NVCC))
 	$(PIP) install setuptools wheel ninja
