@@ -135,9 +135,10 @@ def main(argv=None):
                     f"  {r['setup']:<30} {r['method']:<24} {common.fmt(us):>10} {common.fmt(r.get('gbps')):>8} "
                     f"{common.fmt(r.get('roofline_pct')):>7}  {r.get('note', '')}"
                 )
-        all_rows += [{**context, "bench": "kernels", **r} for r in rows]
+        rows = [{**context, "bench": "kernels", **r} for r in rows]
+        path = common.append_rows(rows, args.results_dir)  # at once: a run stopped early keeps what it measured
+        all_rows += rows
     progress.close()
-    path = common.append_rows(all_rows, args.results_dir)
     print(f"\n{len(all_rows)} rows appended to {path}")
     if not args.no_plot:
         import plot

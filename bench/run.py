@@ -265,12 +265,13 @@ def main(argv=None):
         rows = bench_setup(setup, device, args.methods, progress.start)
         with progress.paused():
             print_table(setup, rows)
-        all_rows += [{**context, "bench": "run", **r} for r in rows]
+        rows = [{**context, "bench": "run", **r} for r in rows]
+        path = common.append_rows(rows, args.results_dir)  # at once: a run stopped early keeps what it measured
+        all_rows += rows
     progress.close()
     skipped = sorted({f"{r['method']} ({r['note'][9:]})" for r in all_rows if r.get("note", "").startswith("skipped")})
     if skipped:
         print("\nskipped: " + "; ".join(skipped))
-    path = common.append_rows(all_rows, args.results_dir)
     print(f"\n{len(all_rows)} rows appended to {path}")
     if not args.no_plot:
         import plot
