@@ -79,6 +79,38 @@ def check_torch_version(torch_version):
         _fail(f"torch {torch_version} is installed; indivgrad_cuda needs torch >= {'.'.join(map(str, MIN_TORCH))}")
 
 
+def needed_libraries(path):
+    """The shared libraries an ELF file names as needed (its DT_NEEDED entries), from readelf;
+    None when binutils' readelf is not on PATH."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    out = subprocess.run([readelf, "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+def check_shared_libstdcxx(path, compiler):
+    """Refuses an extension that carries its own copy of libstdc++ (a compiler that links it
+    statically, like the /opt/gcc wrapper of an H200 image): beside torch's libstdc++ the two
+    copies disagree on the stream facets, so an error the ops raise in C++ crashes Python or
+    loses the numbers in its message. Deletes the file so that nothing imports it."""
+    needed = needed_libraries(path)
+    if needed is None:
+        print(
+            "indivgrad_cuda build: warning: readelf not found, so the check that libstdc++ is linked dynamically "
+            "was skipped"
+        )
+    elif not any(lib.startswith("libstdc++") for lib in needed):
+        Path(path).unlink()
+        _fail(
+            f"the C++ compiler {compiler!r} linked libstdc++ statically into {Path(path).name} (it needs only "
+            f"{', '.join(needed) or 'nothing'}). Beside torch's own libstdc++ that copy breaks the errors the ops "
+            "raise: they crash Python (seen on an H200 image) or lose the numbers in their message. Build with a "
+            "compiler that links libstdc++ dynamically, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc pip install "
+            "--no-build-isolation -e ."
+        )
+
+
 def nvcc_version(cuda_home):
     out = subprocess.run([str(Path(cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True, text=True).stdout
     m = re.search(r"release (\d+)\.(\d+)", out)
@@ -154,11 +186,14 @@ def build_extension():
     print(f"indivgrad_cuda build: CUDA kernels {'on' if build_cuda else 'off'} ({reason})")
 
     class BuildExt(cpp_extension.BuildExtension):
-        """Writes _build_info.json beside the compiled module so import can check it."""
+        """Checks that libstdc++ is linked dynamically, then writes _build_info.json beside the
+        compiled module so import can check it."""
 
         def run(self):
             super().run()
-            target = Path(self.get_ext_fullpath("indivgrad_cuda._C")).parent / "_build_info.json"
+            built = Path(self.get_ext_fullpath("indivgrad_cuda._C"))
+            check_shared_libstdcxx(built, (getattr(self.compiler, "compiler_cxx", None) or ["c++"])[0])
+            target = built.parent / "_build_info.json"
             target.write_text(json.dumps(info, indent=2) + "\n")
 
     return ext, BuildExt.with_options(use_ninja=shutil.which("ninja") is not None), info

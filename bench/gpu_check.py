@@ -3,7 +3,7 @@
 python bench/gpu_check.py verify-build   # exit 1 unless the CUDA kernels are built and a GPU works
 python bench/gpu_check.py env            # versions, device, build_info (for env.txt)
 python bench/gpu_check.py wheels         # versions of the benches' optional competitors
-python bench/gpu_check.py pick-compiler FILE  # a C++ compiler whose errors reach Python: CXX=, CC= lines into FILE
+python bench/gpu_check.py pick-compiler FILE  # a C++ compiler that links libstdc++ dynamically: CXX=, CC= into FILE
 """
 
 import importlib.metadata
@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's indivgrad_cuda, as the tests use
@@ -78,50 +77,11 @@ def compilers():
         print(f"compiler {name} ({path}): {version} | default _GLIBCXX_USE_CXX11_ABI {abi}")
 
 
-# pick-compiler: on the first H200 run an error our ops raised in C++ killed the process (SIGSEGV)
-# instead of reaching Python, with the image's default compiler (/opt/gcc). Each candidate
-# compiler builds the same tiny extension the way setup.py builds ours (setuptools +
-# BuildExtension, so the same flags), whose op raises a ValueError in C++; the first candidate
-# whose error reaches Python builds the real extension. A SIGSEGV handler in the probe prints
-# the native stack (glibc's backtrace), and the probe prints which libstdc++ and libgcc_s it loaded.
-PROBE_CPP = r"""
-#include <execinfo.h>
-#include <signal.h>
-#include <unistd.h>
-#include <torch/extension.h>
-#include <torch/library.h>
-
-at::Tensor probe_check(const at::Tensor& x) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x: expected a 2-D tensor, got ", x.dim(), "-D");
-  return x;
-}
-TORCH_LIBRARY(igprobe, m) { m.def("check(Tensor x) -> Tensor", &probe_check); }
-
-static void on_segv(int) {
-  void* frames[64];
-  int n = backtrace(frames, 64);
-  static const char kHead[] = "SIGSEGV; native stack:\n";
-  write(2, kHead, sizeof(kHead) - 1);
-  backtrace_symbols_fd(frames, n, 2);
-  _exit(139);
-}
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { signal(SIGSEGV, on_segv); }
-"""
-PROBE_SETUP = """from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension
-setup(name="igprobe", ext_modules=[CppExtension("igprobe", ["probe.cpp"], extra_compile_args=["-O3"])],
-      cmdclass={"build_ext": BuildExtension})
-"""
-PROBE_CALL = """import torch, igprobe
-libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l or "libgcc_s" in l})
-print("loaded:", ", ".join(libs))
-try:
-    torch.ops.igprobe.check(torch.randn(3))
-except ValueError as e:
-    print("ValueError:", str(e).splitlines()[0])
-"""
-
-
+# pick-compiler: on the first H200 runs an error our ops raised in C++ killed the process
+# (SIGSEGV) when the extension was built with the image's default compiler, /opt/gcc/bin/g++: it
+# links libstdc++ statically (its copy's stream facets disagree with torch's libstdc++; the crash
+# was in std::ostream::_M_insert<long> inside our library). setup.py now refuses such a build;
+# this picks a compiler that links libstdc++ dynamically, tested on a one-line library.
 def compiler_candidates():
     """(label, extra environment) for the default compiler and each system g++ beside it."""
     default = os.environ.get("CXX") or shutil.which("c++") or "c++"
@@ -137,40 +97,38 @@ def compiler_candidates():
     return found
 
 
-def probe_compiler(label, extra, workdir):
-    """Builds the probe with one compiler; returns (ok, report lines)."""
-    env = {**os.environ, **extra, "MAX_JOBS": "1"}
-    workdir.mkdir(parents=True)
-    (workdir / "probe.cpp").write_text(PROBE_CPP)
-    (workdir / "setup.py").write_text(PROBE_SETUP)
-    cxx = extra.get("CXX") or os.environ.get("CXX") or "c++"
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    report = [f"compiler {label}: {version}"]
-    build = subprocess.run(
-        [sys.executable, "setup.py", "build_ext", "--inplace"], cwd=workdir, env=env, capture_output=True, text=True
-    )
-    if build.returncode != 0:
-        return False, [*report, f"  probe build FAILED (exit {build.returncode}): {build.stderr.strip()[-600:]}"]
-    call = subprocess.run([sys.executable, "-c", PROBE_CALL], cwd=workdir, env=env, capture_output=True, text=True)
-    ok = call.returncode == 0 and "ValueError: x: expected a 2-D tensor" in call.stdout
-    verdict = "the C++ error reaches Python" if ok else f"FAILED, exit {call.returncode} (negative: a signal)"
-    report += [f"  {verdict}", *("  " + line for line in (call.stdout + call.stderr).strip().splitlines()[-40:])]
-    return ok, report
+def links_libstdcxx_dynamically(cxx, workdir):
+    """(ok, what) for a one-line shared library that uses C++ streams, linked by cxx."""
+    from setup import needed_libraries
+
+    source, lib = workdir / "streams.cpp", workdir / f"streams{len(list(workdir.iterdir()))}.so"
+    source.write_text("#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n")
+    link = subprocess.run([cxx, "-shared", "-fPIC", str(source), "-o", str(lib)], capture_output=True, text=True)
+    if link.returncode != 0:
+        return False, f"cannot link a shared library: {link.stderr.strip()[-300:]}"
+    needed = needed_libraries(lib)
+    if needed is None:
+        return True, "readelf not found: not checked"
+    ok = any(n.startswith("libstdc++") for n in needed)
+    return ok, f"links libstdc++ {'dynamically' if ok else 'STATICALLY'} (needs {', '.join(needed)})"
 
 
 def pick_compiler(out_file):
-    """Writes the CXX=/CC= lines of the first candidate whose C++ errors reach Python into
+    """Writes the CXX=/CC= lines of the first candidate that links libstdc++ dynamically into
     out_file (empty for the default compiler, or when none does)."""
-    candidates = compiler_candidates()
     print("torch was built with:", next((x.strip() for x in torch_config() if "GCC" in x or "clang" in x), "?"))
-    with tempfile.TemporaryDirectory(prefix="igprobe") as tmp, ThreadPoolExecutor(len(candidates)) as pool:
-        results = list(pool.map(lambda c: probe_compiler(*c[1], Path(tmp) / str(c[0])), enumerate(candidates)))
-    for _, report in results:
-        print("\n".join(report))
-    chosen = next((c for c, (ok, _) in zip(candidates, results) if ok), None)
+    chosen = None
+    with tempfile.TemporaryDirectory(prefix="igcxx") as tmp:
+        for label, extra in compiler_candidates():
+            cxx = extra.get("CXX") or os.environ.get("CXX") or "c++"
+            version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+            ok, what = links_libstdcxx_dynamically(cxx, Path(tmp))
+            print(f"compiler {label}: {version}: {what}")
+            if ok and chosen is None:
+                chosen = (label, extra)
     lines = [f"{k}={v}" for k, v in (chosen[1] if chosen else {}).items()]
     Path(out_file).write_text("".join(line + "\n" for line in lines))
-    print("build with:", chosen[0] if chosen else "the default (no candidate's C++ errors reach Python)")
+    print("build with:", chosen[0] if chosen else "the default (no candidate links libstdc++ dynamically)")
     return 0
 
 

@@ -30,18 +30,18 @@ CONCURRENT_STEPS=" tests$SANITIZER_STEPS"  # run at the same time unless --seria
 
 # Time budgets in seconds, enforced with `timeout`. The tests and the four sanitizer steps run
 # at the same time (one GPU, 16 cores; --serial: one after another), so the worst case is
-#   full:  build 120 + env 20 + wheels 15 + max(tests, sanitizers) 180 + kernels 60 + profile 45 + run 100 = 540 s
-#   quick: build 120 + env 20 + wheels 15 + max(tests, sanitizers)  60 + kernels 25 + profile 60 + run 30 = 330 s
-# Measured on the lent H200 (2026-11-28, steps run one after another, tests without xdist):
-# build 51 s, env 4, wheels 1, memcheck 77, racecheck 37, synccheck 20, kernels 20, run 50;
-# the tests passed 150 s with a third left, initcheck 150 s with its output flooded. The run
-# step has 100 s since bench/run.py gained the transformer setups (not yet timed on a GPU),
-# taken from kernels (22 s measured for one layout) and profile (16 s measured). The build's
-# compiler probe (pick-compiler) adds about 30 s; the tests grew with the any-model engine.
-declare -A BUDGET_FULL=([build]=120 [env]=20 [wheels]=15 [tests]=180 [sanitizer-memcheck]=150
-                        [sanitizer-racecheck]=150 [sanitizer-initcheck]=180 [sanitizer-synccheck]=150
-                        [kernels]=60 [profile]=45 [run]=100)
-declare -A BUDGET_QUICK=([build]=120 [env]=20 [wheels]=15 [tests]=60 [sanitizer-memcheck]=60
+#   full:  build 80 + env 15 + wheels 10 + max(tests, sanitizers) 210 + kernels 40 + profile 45 + run 140 = 540 s
+#   quick: build 80 + env 15 + wheels 10 + max(tests, sanitizers)  60 + kernels 25 + profile 60 + run 30 = 280 s
+# Measured on the lent H200 (2026-11-28, e14e716, the steps of the group at the same time): build
+# 53 s, env 4, wheels 1, racecheck 122, synccheck 35, kernels 29 (both layouts), profile 16
+# (ncu alone, c8943bd); tests, memcheck and initcheck ran past 180, 150 and 180 s (97%, 74% and
+# 90% done), run.py past 100 s (the seed MLPs and the transformers done, about 40 s left by its
+# pace). The kernel-emulation tests, one worker's ~135 s of that run, now build and run their
+# binaries at once.
+declare -A BUDGET_FULL=([build]=80 [env]=15 [wheels]=10 [tests]=210 [sanitizer-memcheck]=210
+                        [sanitizer-racecheck]=180 [sanitizer-initcheck]=210 [sanitizer-synccheck]=150
+                        [kernels]=40 [profile]=45 [run]=140)
+declare -A BUDGET_QUICK=([build]=80 [env]=15 [wheels]=10 [tests]=60 [sanitizer-memcheck]=60
                          [sanitizer-racecheck]=60 [sanitizer-initcheck]=60 [sanitizer-synccheck]=60
                          [kernels]=25 [profile]=60 [run]=30)
 
@@ -253,7 +253,8 @@ step_wheels() {
 }
 
 step_tests() {
-    local args=(-m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml "$OUTDIR/tests-junit.xml")
+    # -v: one line per test as it ends, so a run stopped by its budget still names what failed
+    local args=(-m pytest -v -p no:cacheprovider -rfEs --durations=15 --junitxml "$OUTDIR/tests-junit.xml")
     if ((QUICK)); then
         say "quick: the tests with CUDA in their name or module, CUDA params only"
         args+=(-k "$TESTS_K_QUICK")
@@ -291,15 +292,26 @@ step_sanitizer_racecheck() { sanitize racecheck; }
 step_sanitizer_initcheck() { sanitize initcheck; }
 step_sanitizer_synccheck() { sanitize synccheck; }
 
+load() {  # before a bench: the load and the busiest processes (the H200's third run had a slow host)
+    say "load average, and the processes using the most CPU"
+    x cat /proc/loadavg
+    x ps -eo pcpu,etimes,args --sort=-pcpu --cols 160 | head -n 6 || true  # informational: never fails the step
+}
+
 step_kernels() {
+    load
     local args=(bench/kernels.py --device cuda --layouts out_in in_out --results-dir "$OUTDIR/results" --quiet)
     if ((QUICK)); then args+=(--quick --no-compile); fi
     x "$PY" "${args[@]}"
 }
 
-# Nsight Compute over one launch of the kernel per path (bench/ncu_outer.py): DRAM throughput,
-# shared-memory bank conflicts, issue-slot use and occupancy, as CSV, for bench/NOTES.md.
+# Where an engine call's time goes (bench/profile_engine.py: torch.profiler, the transformer setup
+# whose hooks capture took 2x the summed step), then Nsight Compute over one launch of the kernel
+# per path (bench/ncu_outer.py): DRAM throughput, shared-memory bank conflicts, issue-slot use and
+# occupancy, as CSV, for bench/NOTES.md.
 step_profile() {
+    if ((QUICK)); then x "$PY" bench/profile_engine.py --device cuda --setup tfm:4,8,32,1 --calls 2
+    else x "$PY" bench/profile_engine.py --device cuda; fi
     local args=(--csv --page details --kernel-name regex:outer_kernel --log-file "$OUTDIR/ncu.csv") sec
     for sec in SpeedOfLight MemoryWorkloadAnalysis MemoryWorkloadAnalysis_Tables SchedulerStats Occupancy LaunchStats; do
         args+=(--section "$sec")
@@ -312,6 +324,7 @@ step_profile() {
 }
 
 step_run() {
+    load
     local args=(bench/run.py --device cuda --results-dir "$OUTDIR/results" --quiet)
     if ((QUICK)); then args+=(--quick); fi
     x "$PY" "${args[@]}"
@@ -364,7 +377,7 @@ trap 'rm -rf "$STATE"' EXIT
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 export ROOT OUTDIR PY QUICK DRY WHEELS SAN NCU KERNEL_FILTER TEST_WORKERS MODE PROG SAN_K_FULL SAN_K_QUICK_MEMCHECK \
        SAN_K_QUICK_FEW TESTS_K_QUICK
-export -f q x say sanitize step_build step_env step_wheels step_tests step_kernels step_profile step_run \
+export -f q x say load sanitize step_build step_env step_wheels step_tests step_kernels step_profile step_run \
           step_sanitizer_memcheck step_sanitizer_racecheck step_sanitizer_initcheck step_sanitizer_synccheck
 
 now() { date +%s.%N; }

@@ -139,3 +139,23 @@ def test_rows_record_gpu_check_commit_where_set(monkeypatch):
     assert common.run_context(torch.device("cpu"))["commit"] == "0123456"
     monkeypatch.delenv("GPU_CHECK_COMMIT")
     assert common.run_context(torch.device("cpu"))["commit"] != "0123456"
+
+
+def test_profile_engine_quick(device):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "profile_engine.py"),
+            *("--device", device, "--setup", "tfm:2,4,16,1", "--calls", "1", "--top", "3"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("  indivgrad")}
+    assert set(rows) == {"indivgrad", "indivgrad_norms", "indivgrad_clipped"}, proc.stdout
+    for name, (ms, ratio, busy) in rows.items():
+        assert float(ms) > 0 and float(ratio) > 0, (name, ms, ratio)
+        assert busy == "-" if device == "cpu" else float(busy) > 0, busy  # the kernels' time, on a GPU only
+        assert f"## {name}: the top 3 by self_" in proc.stdout

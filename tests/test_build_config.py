@@ -3,6 +3,7 @@
 import importlib.util
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,22 @@ def test_old_torch_is_refused_by_name(setup_module):
     setup_module.check_torch_version("2.4.0+cpu")
     with pytest.raises(SystemExit, match=r"torch 2\.3\.1 is installed; indivgrad_cuda needs torch >= 2\.4"):
         setup_module.check_torch_version("2.3.1")
+
+
+@pytest.mark.skipif(not (shutil.which("g++") and shutil.which("readelf")), reason="needs g++ and readelf")
+def test_an_extension_with_its_own_libstdcxx_is_refused_and_deleted(setup_module, tmp_path):
+    """The image of the lent H200 had a g++ that links libstdc++ statically: an error raised in
+    C++ then crashed Python. The build refuses such a library (and deletes it) by its needs."""
+    source = tmp_path / "uses_streams.cpp"
+    source.write_text("#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n")
+    dynamic, static = tmp_path / "dynamic.so", tmp_path / "static.so"
+    for out, extra in ((dynamic, []), (static, ["-static-libstdc++"])):
+        subprocess.run(["g++", "-shared", "-fPIC", str(source), "-o", str(out), *extra], check=True)
+    assert "libstdc++.so.6" in setup_module.needed_libraries(dynamic)
+    setup_module.check_shared_libstdcxx(dynamic, "g++")  # passes, keeps the file
+    assert dynamic.exists()
+    with pytest.raises(
+        SystemExit, match=r"compiler 'g\+\+' linked libstdc\+\+ statically into static\.so .*CXX=/usr/bin/g\+\+"
+    ):
+        setup_module.check_shared_libstdcxx(static, "g++")
+    assert not static.exists()

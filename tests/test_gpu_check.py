@@ -83,7 +83,7 @@ def test_dry_run_plans_every_step_and_creates_nothing(tmp_path):
     assert "] wheels: skipped (no --wheels DIR)" in plan
     assert "pip install --no-index --no-build-isolation --no-deps -v -e ." in plan
     assert "INDIVGRAD_CUDA=1" in plan and "bench/gpu_check.py verify-build" in plan
-    tests = f"-m pytest -q -p no:cacheprovider -rfEs --durations=15 --junitxml {out}/tests-junit.xml"
+    tests = f"-m pytest -v -p no:cacheprovider -rfEs --durations=15 --junitxml {out}/tests-junit.xml"
     assert re.search(re.escape(tests) + r"( -n 6 --dist loadfile)? tests\n", plan)  # xdist where installed
     for tool in TOOLS:
         line = next(ln for ln in plan.splitlines() if f"--tool {tool} " in ln)

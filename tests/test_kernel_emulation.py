@@ -80,30 +80,36 @@ def _build(source_dir, binary):
     return binary
 
 
-@pytest.fixture(scope="module")
-def binaries(tmp_path_factory):
-    """The harness on the real kernel and on every mutant, compiled in parallel."""
-    if shutil.which(CXX) is None:
-        pytest.skip(f"no C++ compiler {CXX!r} to build the kernel harness")
-    root = tmp_path_factory.mktemp("harness")
-    text = KERNEL.read_text()
-    jobs = {"kernel": (ROOT / "csrc", root / "kernel")}
-    for name, old, new, _ in MUTANTS:
-        assert text.count(old) == 1, f"mutant {name}: {old!r} must occur once in {KERNEL.name}; update the mutant"
-        (root / name).mkdir()
-        (root / name / KERNEL.name).write_text(text.replace(old, new))
-        jobs[name] = (root / name, root / f"{name}.bin")
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        futures = {name: pool.submit(_build, *job) for name, job in jobs.items()}
-        return {name: f.result() for name, f in futures.items()}
-
-
 def _run(binary, *args):
     return subprocess.run([str(binary), *args], capture_output=True, text=True, env=RUN_ENV, timeout=900)
 
 
-def test_kernel_passes_every_case(binaries):
-    proc = _run(binaries["kernel"])
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Builds the harness on the real kernel and on every mutant and runs each (the kernel on
+    every case, the mutants on the quick set), all at once: name -> (binary, CompletedProcess)."""
+    if shutil.which(CXX) is None:
+        pytest.skip(f"no C++ compiler {CXX!r} to build the kernel harness")
+    root = tmp_path_factory.mktemp("harness")
+    text = KERNEL.read_text()
+    jobs = {"kernel": (ROOT / "csrc", root / "kernel", ())}
+    for name, old, new, _ in MUTANTS:
+        assert text.count(old) == 1, f"mutant {name}: {old!r} must occur once in {KERNEL.name}; update the mutant"
+        (root / name).mkdir()
+        (root / name / KERNEL.name).write_text(text.replace(old, new))
+        jobs[name] = (root / name, root / f"{name}.bin", ("--quick",))
+
+    def build_and_run(source_dir, binary, args):
+        _build(source_dir, binary)
+        return binary, _run(binary, *args)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        futures = {name: pool.submit(build_and_run, *job) for name, job in jobs.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+def test_kernel_passes_every_case(runs):
+    proc = runs["kernel"][1]
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and " 0 failed" in proc.stdout, output[-6000:]
     passed = int(proc.stdout.strip().splitlines()[-1].split()[0])
@@ -111,13 +117,13 @@ def test_kernel_passes_every_case(binaries):
 
 
 @pytest.mark.parametrize("name,expected", [(m[0], m[3]) for m in MUTANTS], ids=[m[0] for m in MUTANTS])
-def test_harness_catches_planted_bug(binaries, name, expected):
-    proc = _run(binaries[name], "--quick")
+def test_harness_catches_planted_bug(runs, name, expected):
+    proc = runs[name][1]
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0, f"mutant {name} passed the harness:\n{output[-3000:]}"
     assert expected in output, f"mutant {name} failed, but not with {expected!r}:\n{output[-3000:]}"
 
 
-def test_harness_rejects_unknown_arguments(binaries):
-    proc = _run(binaries["kernel"], "--frobnicate")
+def test_harness_rejects_unknown_arguments(runs):
+    proc = _run(runs["kernel"][0], "--frobnicate")
     assert proc.returncode == 2 and "usage:" in proc.stderr
