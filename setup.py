@@ -89,6 +89,10 @@ def needed_libraries(path):
     return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
 
 
+def loads_libstdcxx(needed):
+    return any(lib.startswith("libstdc++") for lib in needed)
+
+
 def check_shared_libstdcxx(path, compiler):
     """Refuses an extension that carries its own copy of libstdc++ (a compiler that links it
     statically, like the /opt/gcc wrapper of an H200 image): beside torch's libstdc++ the two
@@ -100,7 +104,7 @@ def check_shared_libstdcxx(path, compiler):
             "indivgrad_cuda build: warning: readelf not found, so the check that libstdc++ is linked dynamically "
             "was skipped"
         )
-    elif not any(lib.startswith("libstdc++") for lib in needed):
+    elif not loads_libstdcxx(needed):
         Path(path).unlink()
         _fail(
             f"the C++ compiler {compiler!r} linked libstdc++ statically into {Path(path).name} (it needs only "

@@ -97,19 +97,20 @@ def compiler_candidates():
     return found
 
 
-def links_libstdcxx_dynamically(cxx, workdir):
-    """(ok, what) for a one-line shared library that uses C++ streams, linked by cxx."""
-    from setup import needed_libraries
+STREAMS_CPP = "#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n"
 
-    source, lib = workdir / "streams.cpp", workdir / f"streams{len(list(workdir.iterdir()))}.so"
-    source.write_text("#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n")
+
+def links_libstdcxx_dynamically(cxx, source, lib):
+    """(ok, what) for a one-line shared library that uses C++ streams, linked by cxx."""
+    from setup import loads_libstdcxx, needed_libraries
+
     link = subprocess.run([cxx, "-shared", "-fPIC", str(source), "-o", str(lib)], capture_output=True, text=True)
     if link.returncode != 0:
         return False, f"cannot link a shared library: {link.stderr.strip()[-300:]}"
     needed = needed_libraries(lib)
     if needed is None:
         return True, "readelf not found: not checked"
-    ok = any(n.startswith("libstdc++") for n in needed)
+    ok = loads_libstdcxx(needed)
     return ok, f"links libstdc++ {'dynamically' if ok else 'STATICALLY'} (needs {', '.join(needed)})"
 
 
@@ -119,10 +120,12 @@ def pick_compiler(out_file):
     print("torch was built with:", next((x.strip() for x in torch_config() if "GCC" in x or "clang" in x), "?"))
     chosen = None
     with tempfile.TemporaryDirectory(prefix="igcxx") as tmp:
-        for label, extra in compiler_candidates():
+        source = Path(tmp) / "streams.cpp"
+        source.write_text(STREAMS_CPP)
+        for i, (label, extra) in enumerate(compiler_candidates()):
             cxx = extra.get("CXX") or os.environ.get("CXX") or "c++"
             version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-            ok, what = links_libstdcxx_dynamically(cxx, Path(tmp))
+            ok, what = links_libstdcxx_dynamically(cxx, source, Path(tmp) / f"streams{i}.so")
             print(f"compiler {label}: {version}: {what}")
             if ok and chosen is None:
                 chosen = (label, extra)

@@ -305,3 +305,25 @@ def test_all_ok_exits_zero(tmp_path, fakes):
     assert [s for s in STEPS if rows[s][0] == "ok"] == ["tests", "sanitizer-memcheck", "run"]
     log = (out / "tests.log").read_text()
     assert "-k cuda and not [cpu" in log  # quick: the CUDA tests only
+
+
+@pytest.mark.skipif(
+    not (shutil.which("g++") and shutil.which("readelf") and Path("/usr/bin/g++").exists()),
+    reason="needs g++, /usr/bin/g++ and readelf",
+)
+def test_pick_compiler_passes_over_one_that_links_libstdcxx_statically(tmp_path):
+    """The H200 image's default g++ linked libstdc++ statically (C++ errors then crashed Python):
+    the build step must pick another compiler, and keep a default that links it dynamically."""
+    static = tmp_path / "static-g++"
+    static.write_text('#!/bin/sh\nexec g++ "$@" -static-libstdc++\n')
+    static.chmod(static.stat().st_mode | stat.S_IXUSR)
+    script = str(ROOT / "bench" / "gpu_check.py")
+    for cxx, chosen in ((static, "CXX=/usr/bin/g++\nCC=/usr/bin/gcc\n"), (shutil.which("g++"), "")):
+        out = tmp_path / "compiler.env"
+        env = {**os.environ, "CXX": str(cxx)}
+        proc = subprocess.run(
+            [sys.executable, script, "pick-compiler", str(out)], capture_output=True, text=True, env=env
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert out.read_text() == chosen, proc.stdout
+    assert "links libstdc++ dynamically" in proc.stdout
