@@ -207,7 +207,7 @@ x() {  # print a command (into the step's log), then run it; in a dry run only p
 say() { if ((DRY)); then printf '      # %s\n' "$*"; else printf '# %s\n' "$*"; fi; }
 
 step_build() {
-    say "a C++ compiler whose errors reach Python (the image's default crashed on the first H200 run)"
+    say "a C++ compiler that links libstdc++ dynamically (the H200 image's default does not, and C++ errors crashed Python)"
     x "$PY" bench/gpu_check.py pick-compiler "$OUTDIR/compiler.env"
     local compiler=()
     if [[ -s $OUTDIR/compiler.env ]]; then mapfile -t compiler <"$OUTDIR/compiler.env"; fi
