@@ -137,3 +137,36 @@ def func_module_grads(model, inputs, target, loss_fn, reduction="mean"):
         return loss.sum()
 
     return vmap(grad(sample_loss), in_dims=(None, 0, None if target is None else 0))(trainable, inputs, target)
+
+
+def dp_sgd_reference(model, logical_steps, loss_fn, *, max_grad_norm, noise_multiplier, expected_batch_size, seed, lr):
+    """DP-SGD from materialised float64 torch.func per-sample gradients, on a float64 copy of
+    the model: per logical step (a list of physical batches (inputs, target)), clip each
+    sample, sum, add N(0, (noise_multiplier * max_grad_norm)^2) noise once (one torch.normal
+    per trainable parameter, in named_parameters() order, from a generator seeded with
+    `seed`), divide by expected_batch_size and take a plain SGD step of `lr`. Returns the
+    model's final parameters and each physical batch's per-sample norms."""
+    import copy
+
+    ref = copy.deepcopy(model).double()
+    generator = torch.Generator(device=next(ref.parameters()).device).manual_seed(seed)
+    params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
+    all_norms = []
+    for batches in logical_steps:
+        total = {n: torch.zeros_like(p) for n, p in params.items()}
+        for inputs, target in batches:
+            if len(target) == 0:
+                continue
+            inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
+            grads = func_module_grads(ref, inputs if len(inputs) > 1 else inputs[0], target, loss_fn)
+            sums, norms = clipped_sum_ref(grads, max_grad_norm)
+            all_norms.append(norms)
+            for n in total:
+                total[n] += sums[n]
+        with torch.no_grad():
+            for n, p in params.items():
+                noise = torch.normal(
+                    0.0, noise_multiplier * max_grad_norm, p.shape, generator=generator, dtype=p.dtype, device=p.device
+                )
+                p -= lr * (total[n] + noise) / expected_batch_size
+    return {n: p.detach() for n, p in ref.named_parameters()}, all_norms

@@ -1,9 +1,34 @@
 """From ``loss_fn`` to the gradient that starts the per-sample backward, scaled so that
 sample n's part is the gradient of sample n's own loss (see PerSampleGrads's docs)."""
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+# (loss, n) of every loss_fn call while losses_tallied() is active (the DP-SGD step reports
+# the batch's loss without a second forward); None otherwise.
+_TALLY: ContextVar[Optional[list]] = ContextVar("indivgrad_loss_tally", default=None)
+
+
+@contextlib.contextmanager
+def losses_tallied():
+    """Collects ``(detached loss, n)`` of every ``loss_fn`` call (one per chunk) in the block."""
+    tally = []
+    token = _TALLY.set(tally)
+    try:
+        yield tally
+    finally:
+        _TALLY.reset(token)
+
+
+def per_sample_loss_sum(tally: list, reduction: str) -> Optional[torch.Tensor]:
+    """The sum of the per-sample losses of a tally (a scalar ``"mean"`` loss of n samples
+    stands for n times itself); None when no loss_fn call was made."""
+    parts = [loss.sum() if loss.dim() else (loss * n if reduction == "mean" else loss) for loss, n in tally]
+    return torch.stack(parts).sum() if parts else None
 
 
 @dataclass
@@ -23,6 +48,9 @@ def run_loss(output, target, loss_fn, n: int) -> torch.Tensor:
         raise ValueError(
             f"loss_fn: expected a scalar or per-sample losses of shape [{n}], got shape {list(loss.shape)}"
         )
+    tally = _TALLY.get()
+    if tally is not None:
+        tally.append((loss.detach(), n))
     return loss
 
 

@@ -1,0 +1,322 @@
+"""The DP-SGD step (indivgrad_cuda.privacy) in one process: against a float64 reference from
+torch.func per-sample gradients, accumulation, empty steps, Poisson sampling, the
+accountant against Opacus's, and every refusal. Across processes: test_privacy_distributed.py."""
+
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from indivgrad_cuda.privacy import DPSGD, PoissonBatchSampler, epsilon, poisson_loader
+from indivgrad_cuda.privacy.distributed import check_backend
+from tests.models import TinyEncoder, token_batch
+from tests.reference import dp_sgd_reference, func_module_grads
+
+SETTINGS = dict(max_grad_norm=0.7, noise_multiplier=1.3, expected_batch_size=6.0, seed=1234)
+LR = 0.05
+
+
+def mlp(device):
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double().to(device)
+
+
+def encoder(device):
+    return TinyEncoder(vocab=13, d_model=8, heads=2, layers=1, max_len=9, classes=3).double().to(device).eval()
+
+
+def mlp_batch(n, device):
+    return (torch.randn(n, 5, dtype=torch.float64, device=device),), torch.randint(0, 3, (n,), device=device)
+
+
+def encoder_batch(n, device):
+    ids, mask, labels = token_batch(n, 6, 13, 3, device=device)
+    return (ids, mask), labels
+
+
+MODELS = {"mlp": (mlp, mlp_batch), "encoder": (encoder, encoder_batch)}
+
+
+def _inputs(t):
+    return t[0] if len(t) == 1 else t
+
+
+def run_dp(model, logical_steps, loss_fn, **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dp = DPSGD(model, opt, **{**SETTINGS, **kw})
+    stats = []
+    for batches in logical_steps:
+        for inputs, target in batches[:-1]:
+            stats.append(dp.accumulate(_inputs(inputs), target, loss_fn))
+        if batches:
+            inputs, target = batches[-1]
+            stats.append(dp.step(_inputs(inputs), target, loss_fn))
+        else:
+            assert dp.step() is None
+    return dp, stats
+
+
+@pytest.mark.parametrize("kind", sorted(MODELS))
+@pytest.mark.parametrize("sizes", [[[6], [5], [7]], [[3, 4], [2, 0, 5], []]], ids=["one_batch", "accumulated"])
+def test_step_matches_float64_reference(kind, sizes, device):
+    make, batch = MODELS[kind]
+    model = make(device)
+    steps = [[batch(n, device) for n in sizes_of_step] for sizes_of_step in sizes]
+    loss_fn = nn.CrossEntropyLoss()
+    want, want_norms = dp_sgd_reference(model, steps, loss_fn, lr=LR, **SETTINGS)
+    dp, stats = run_dp(model, steps, loss_fn)
+    got = dict(model.named_parameters())
+    for name, p in want.items():
+        torch.testing.assert_close(got[name].detach(), p, rtol=1e-10, atol=1e-12, msg=name)
+    nonempty = [s for s in stats if s is not None and len(s.norms)]
+    assert len(nonempty) == len(want_norms)
+    for s, norms in zip(nonempty, want_norms):
+        torch.testing.assert_close(s.norms, norms, rtol=1e-10, atol=1e-12)
+    assert dp.steps == len(sizes)
+    assert dp.history == []  # no sample rate: nothing to account
+
+
+def test_step_returns_the_mean_per_sample_loss(device):
+    model = mlp(device)
+    (x,), y = mlp_batch(9, device)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dp = DPSGD(model, opt, **SETTINGS, max_chunk=4)  # three chunks: the loss is still the batch's mean
+    want = nn.CrossEntropyLoss(reduction="none")(model(x), y).mean()
+    sum_loss = lambda out, t: nn.functional.cross_entropy(out, t, reduction="sum")  # noqa: E731
+    for loss_fn, reduction in ((nn.CrossEntropyLoss(), "mean"), (sum_loss, "sum")):
+        stats = dp.accumulate(x, y, loss_fn, reduction=reduction)
+        torch.testing.assert_close(stats.loss, want)
+    per_sample = dp.accumulate(x, y, nn.CrossEntropyLoss(reduction="none"))
+    torch.testing.assert_close(per_sample.loss, want)
+    empty = dp.accumulate(x[:0], y[:0], nn.CrossEntropyLoss())
+    assert empty.norms.shape == (0,) and math.isnan(empty.loss.item())
+
+
+def test_accumulating_equals_one_batch_without_noise(device):
+    """Split or whole, a logical step applies the same update (noise off: nothing random)."""
+    (x,), y = mlp_batch(10, device)
+    models = [mlp(device) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    before = models[0][0].weight.detach().clone()
+    a = DPSGD(models[0], torch.optim.SGD(models[0].parameters(), lr=LR), **{**SETTINGS, "noise_multiplier": 0.0})
+    b = DPSGD(models[1], torch.optim.SGD(models[1].parameters(), lr=LR), **{**SETTINGS, "noise_multiplier": 0.0})
+    a.step(x, y, nn.CrossEntropyLoss())
+    for n0, n1 in ((0, 3), (3, 3), (3, 10)):
+        b.accumulate(x[n0:n1], y[n0:n1], nn.CrossEntropyLoss())
+    b.step()
+    for pa, pb in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(models[0][0].weight, before)  # the step did move the weights
+
+
+def test_empty_step_applies_the_noise_alone(device):
+    model = mlp(device)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), **SETTINGS)
+    dp.step()
+    g = torch.Generator(device=device).manual_seed(SETTINGS["seed"])
+    std = SETTINGS["noise_multiplier"] * SETTINGS["max_grad_norm"]
+    for n, p in model.named_parameters():
+        noise = torch.normal(0.0, std, p.shape, generator=g, dtype=p.dtype, device=p.device)
+        torch.testing.assert_close(p.detach(), before[n] - LR * noise / SETTINGS["expected_batch_size"])
+
+
+def test_frozen_parameters_get_nothing(device):
+    model = mlp(device)
+    model[0].weight.requires_grad_(False)
+    frozen = model[0].weight.detach().clone()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    dp = DPSGD(model, opt, **SETTINGS)
+    (x,), y = mlp_batch(4, device)
+    dp.step(x, y, nn.CrossEntropyLoss())
+    assert torch.equal(model[0].weight, frozen) and model[0].weight.grad is None
+
+
+def test_checkpoint_resumes_the_same_noise(device):
+    (x,), y = mlp_batch(5, device)
+    model = mlp(device)
+    copy = mlp(device)
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), **SETTINGS, dataset_size=60)
+    dp.step(x, y, nn.CrossEntropyLoss())
+    copy.load_state_dict(model.state_dict())
+    resumed = DPSGD(copy, torch.optim.SGD(copy.parameters(), lr=LR), **{**SETTINGS, "seed": 99}, dataset_size=60)
+    resumed.load_state_dict(dp.state_dict())
+    dp.step(x, y, nn.CrossEntropyLoss())
+    resumed.step(x, y, nn.CrossEntropyLoss())
+    for a, b in zip(model.parameters(), copy.parameters()):
+        assert torch.equal(a, b)
+    assert resumed.history == dp.history == [(SETTINGS["noise_multiplier"], 0.1, 2)]
+
+
+# ---------------------------------------------------------------- the accountant
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp", "gdp"])
+def test_epsilon_equals_opacus(accountant):
+    from opacus.accountants import create_accountant
+
+    model = mlp("cpu")
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=1.1, max_grad_norm=1.0,
+               expected_batch_size=64, dataset_size=6400)
+    theirs = create_accountant(mechanism=accountant)
+    changes = accountant != "gdp"  # Opacus's Gaussian accountant takes one noise level only
+    for k in range(30):
+        if k == 20 and changes:  # a change of noise starts a new entry of the history
+            dp.noise_multiplier = 1.5
+        dp.step()
+        theirs.step(noise_multiplier=dp.noise_multiplier, sample_rate=0.01)
+    assert dp.history == ([(1.1, 0.01, 20), (1.5, 0.01, 10)] if changes else [(1.1, 0.01, 30)])
+    want = theirs.get_epsilon(delta=1e-5)
+    assert dp.epsilon(1e-5, accountant) == pytest.approx(want, rel=1e-9)
+    assert 0.1 < want < 50  # a real epsilon, not a degenerate one
+    assert epsilon([], 1e-5) == 0.0
+
+
+def test_epsilon_without_opacus_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "opacus", None)
+    monkeypatch.setitem(sys.modules, "opacus.accountants", None)
+    with pytest.raises(ImportError, match=r"indivgrad_cuda\[opacus\]"):
+        epsilon([(1.0, 0.01, 5)], 1e-5)
+
+
+def test_epsilon_bad_arguments():
+    with pytest.raises(ValueError, match="accountant: expected one of"):
+        epsilon([(1.0, 0.01, 5)], 1e-5, "moments")
+    with pytest.raises(ValueError, match=r"delta: expected a float in \(0, 1\), got 0.0"):
+        epsilon([(1.0, 0.01, 5)], 0.0)
+    with pytest.raises(ValueError, match="'gdp' needs one noise multiplier and sample rate throughout"):
+        epsilon([(1.0, 0.01, 5), (2.0, 0.01, 5)], 1e-5, "gdp")
+    model = mlp("cpu")
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=1.0, max_grad_norm=1.0,
+               expected_batch_size=8)
+    with pytest.raises(ValueError, match="epsilon: needs the sample rate"):
+        dp.epsilon(1e-5)
+
+
+# ---------------------------------------------------------------- Poisson sampling
+
+
+def test_poisson_sampler_rate_and_determinism():
+    sampler = PoissonBatchSampler(2000, 0.03, steps=200, seed=5)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 200
+    sizes = torch.tensor([len(b) for b in batches], dtype=torch.float64)
+    # each size is Binomial(2000, 0.03): mean 60, sd 7.6; the mean of 200 has sd 0.54
+    assert abs(sizes.mean().item() - 60) < 3 and 5 < sizes.std().item() < 10.5
+    counts = torch.zeros(2000)
+    for b in batches:
+        assert len(set(b)) == len(b) and all(0 <= i < 2000 for i in b)
+        counts[b] += 1
+    assert abs(counts.mean().item() - 6) < 0.3  # each sample joins 200 * 0.03 = 6 times in expectation
+    assert batches == list(PoissonBatchSampler(2000, 0.03, steps=200, seed=5))
+    assert batches != list(PoissonBatchSampler(2000, 0.03, steps=200, seed=6))
+    assert PoissonBatchSampler(1000, 0.01).steps == 100
+
+
+def test_poisson_shards_partition_the_single_process_batch():
+    whole = list(PoissonBatchSampler(101, 0.2, steps=5, seed=3))
+    for world in (2, 3):
+        shards = [list(PoissonBatchSampler(101, 0.2, steps=5, seed=3, rank=r, world_size=world)) for r in range(world)]
+        for step, batch in enumerate(whole):
+            assert sorted(i for shard in shards for i in shard[step]) == batch
+
+
+def test_poisson_loader_gives_empty_batches_their_shape():
+    ds = torch.utils.data.TensorDataset(torch.randn(30, 4, 2), torch.randint(0, 3, (30,)))
+    loader = poisson_loader(ds, 0.02, steps=40, seed=0)
+    shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in loader]
+    assert ((0, 4, 2), (0,)) in shapes and any(s[0][0] > 0 for s in shapes)
+    assert loader.batch_sampler.expected_batch_size == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_samples=0, sample_rate=0.1), "num_samples: expected a positive int, got 0"),
+        (dict(num_samples=10, sample_rate=0.0), r"sample_rate: expected a number in \(0, 1\], got 0.0"),
+        (dict(num_samples=10, sample_rate=0.1, steps=0), "steps: expected a positive int or None, got 0"),
+        (dict(num_samples=10, sample_rate=0.1, rank=2, world_size=2), "expected 0 <= rank < world_size, got 2, 2"),
+    ],
+)
+def test_poisson_sampler_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PoissonBatchSampler(**kwargs)
+
+
+# ---------------------------------------------------------------- refusals
+
+
+def _dp(model=None, **kw):
+    model = model if model is not None else mlp("cpu")
+    opt = kw.pop("optimizer", None) or torch.optim.SGD(model.parameters(), lr=LR)
+    return DPSGD(model, opt, **{**dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8), **kw})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_grad_norm=0.0), "max_grad_norm: expected a finite number > 0, got 0.0"),
+        (dict(max_grad_norm=float("inf")), "max_grad_norm: expected a finite number > 0, got inf"),
+        (dict(noise_multiplier=-0.5), "noise_multiplier: expected a finite number >= 0, got -0.5"),
+        (dict(expected_batch_size=0), "expected_batch_size: expected a number > 0, got 0"),
+        (dict(expected_batch_size=None), "expected_batch_size: expected a number > 0, or sample_rate with dataset_size"),
+        (dict(expected_batch_size=None, sample_rate=0.1), "dataset_size: needed with sample_rate"),
+        (dict(sample_rate=0.1, dataset_size=100), "give one of them"),
+        (dict(expected_batch_size=None, sample_rate=1.5, dataset_size=10), r"sample_rate: expected a number in \(0, 1\]"),
+        (dict(expected_batch_size=20, dataset_size=10), "expected_batch_size: 20 is more than dataset_size"),
+        (dict(dataset_size=0), "dataset_size: expected a positive int, got 0"),
+        (dict(seed=-1), "seed: expected an int >= 0 or None, got -1"),
+        (dict(capture="magic"), "capture: expected one of"),
+    ],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _dp(**kwargs)
+
+
+def test_optimizer_must_update_exactly_the_trainable_parameters():
+    model = mlp("cpu")
+    with pytest.raises(ValueError, match=r"optimizer: does not update the model's trainable parameters \['2.bias'\]"):
+        _dp(model, optimizer=torch.optim.SGD(list(model.parameters())[:3], lr=LR))
+    stray = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="optimizer: updates 1 tensor"):
+        _dp(model, optimizer=torch.optim.SGD([*model.parameters(), stray], lr=LR))
+    with pytest.raises(TypeError, match="optimizer: expected a torch.optim.Optimizer, got list"):
+        DPSGD(model, [], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
+
+
+def test_step_with_inputs_needs_a_loss():
+    dp = _dp()
+    with pytest.raises(TypeError, match="loss_fn: needed with inputs"):
+        dp.step(torch.randn(2, 5, dtype=torch.float64), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize(
+    "config, device, match",
+    [
+        ("gloo", "cpu", None),
+        ("cpu:gloo,cuda:nccl", "cpu", None),
+        ("cpu:gloo,cuda:nccl", "cuda", None),
+        ("nccl", "cpu", "the model is on cpu, whose tensors need the gloo or mpi backend, but the group's backends are 'nccl'"),
+        ("cuda:nccl", "cpu", "need the gloo or mpi backend"),
+        ("gloo", "cuda", "the model is on cuda, whose tensors need the nccl backend, but the group's backends are 'gloo'"),
+        ("cpu:gloo,cuda:gloo", "cuda", "need the nccl backend"),
+        ("gloo", "meta", "supports models on"),
+    ],
+)
+def test_backend_must_serve_the_device(config, device, match):
+    if match is None:
+        check_backend(config, torch.device(device))
+    else:
+        with pytest.raises(ValueError, match=match):
+            check_backend(config, torch.device(device))
+
+
+def test_reference_is_independent_of_the_engine():
+    """The reference's per-sample gradients are torch.func's, not the engine's: a sanity
+    check that they change with the sample (so the comparisons above can fail)."""
+    model = mlp("cpu")
+    (x,), y = mlp_batch(3, "cpu")
+    grads = func_module_grads(model, x, y, nn.CrossEntropyLoss())
+    assert not torch.allclose(grads["0.weight"][0], grads["0.weight"][1])

@@ -1,0 +1,184 @@
+"""The DP-SGD step across processes: 2 and 3 CPU processes with gloo, spawned from the test,
+each with a shard of the same batches. Every rank must end bit-identical to the others and
+equal to the single-process run on the whole batches (to float64 rounding), with uneven
+shards (a rank with no samples), a DistributedDataParallel-wrapped model, no seed given,
+and replicas that differ refused on every rank."""
+
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from indivgrad_cuda.privacy import DPSGD, PoissonBatchSampler
+from tests.models import TinyEncoder, token_batch
+
+SETTINGS = dict(max_grad_norm=0.5, noise_multiplier=0.8, expected_batch_size=7.0)
+SEED, LR, STEPS = 77, 0.1, 3
+
+
+def make_model(kind, init_seed=0):
+    torch.manual_seed(init_seed)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return TinyEncoder(vocab=11, d_model=8, heads=2, layers=1, max_len=5, classes=3).double().eval()
+
+
+def global_batches(kind):
+    """STEPS logical batches of 7, the same in every process."""
+    g = torch.Generator().manual_seed(123)
+    out = []
+    for _ in range(STEPS):
+        if kind == "mlp":
+            out.append(((torch.randn(7, 6, dtype=torch.float64, generator=g),), torch.randint(0, 3, (7,), generator=g)))
+        else:
+            ids, mask, labels = token_batch(7, 5, 11, 3, generator=g)
+            out.append(((ids, mask), labels))
+    return out
+
+
+def shard(batch, rows):
+    inputs, target = batch
+    inputs = tuple(t[rows] for t in inputs)
+    return (inputs[0] if len(inputs) == 1 else inputs), target[rows]
+
+
+# rows of each rank, by world size: interleaved, and uneven with an empty rank
+SHARDS = {
+    "interleaved": lambda rank, world: list(range(rank, 7, world)),
+    "uneven": lambda rank, world: [[], [0, 1, 2], [3, 4, 5, 6]][rank] if world == 3 else [[], list(range(7))][rank],
+}
+
+
+def train(model, batches, rows, group_model=None, seed=SEED):
+    """STEPS DP-SGD steps on this process's rows of each batch; the final parameters."""
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    dp = DPSGD(group_model if group_model is not None else model, opt, **SETTINGS, seed=seed)
+    for batch in batches:
+        dp.step(*shard(batch, rows), nn.CrossEntropyLoss())
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for kind in ("mlp", "encoder"):
+            batches = global_batches(kind)
+            for name, rows_of in SHARDS.items():
+                results[(kind, name)] = train(make_model(kind), batches, rows_of(rank, world))
+        rows = SHARDS["interleaved"](rank, world)
+        batches = global_batches("mlp")
+        # rank 0's seed is used everywhere when none is given: the replicas still agree
+        results[("mlp", "no_seed")] = train(make_model("mlp"), batches, rows, seed=None)
+        # DDP-wrapped, each rank initialised differently: DDP broadcasts rank 0's weights
+        model = make_model("mlp", init_seed=rank)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        results[("mlp", "ddp")] = train(model, batches, rows, group_model=ddp)
+        with torch.no_grad():
+            ddp(batches[0][0][0])  # evaluation through the DDP wrapper still works
+        # replicas that differ are refused at the first step, on every rank
+        try:
+            train(make_model("mlp", init_seed=rank), batches, rows)
+            results["differ"] = None
+        except ValueError as e:
+            results["differ"] = str(e)
+        # Poisson sampling with no seed: rank 0's, so the shards partition one global batch
+        sampler = PoissonBatchSampler(50, 0.2, steps=3)
+        results["poisson"] = list(sampler)
+    except Exception:
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2_processes", "3_processes"])
+def runs(request, tmp_path_factory):
+    world = request.param
+    out = tmp_path_factory.mktemp(f"dp{world}")
+    mp.spawn(worker, args=(world, str(out / "init"), str(out)), nprocs=world, join=True)
+    results = [torch.load(out / f"rank{r}.pt") for r in range(world)]
+    for r, res in enumerate(results):
+        assert "error" not in res, f"rank {r}:\n{res.get('error')}"
+    return world, results
+
+
+def single_process(kind):
+    return train(make_model(kind), global_batches(kind), list(range(7)))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "encoder"])
+@pytest.mark.parametrize("shards", sorted(SHARDS))
+def test_ranks_bit_identical_and_equal_to_one_process(runs, kind, shards):
+    world, results = runs
+    want = single_process(kind)
+    first = results[0][(kind, shards)]
+    for rank, res in enumerate(results):
+        for name, p in res[(kind, shards)].items():
+            assert torch.equal(p, first[name]), f"rank {rank}'s {name} differs from rank 0's"
+    for name, p in first.items():
+        torch.testing.assert_close(p, want[name], rtol=1e-12, atol=1e-14, msg=name)
+    moved = make_model(kind).state_dict()
+    assert any(not torch.allclose(first[n], moved[n]) for n in first)  # the steps did something
+
+
+def test_no_seed_and_ddp_agree(runs):
+    world, results = runs
+    want = single_process("mlp")
+    for scenario in ("no_seed", "ddp"):
+        for rank, res in enumerate(results):
+            for name, p in res[("mlp", scenario)].items():
+                assert torch.equal(p, results[0][("mlp", scenario)][name]), f"{scenario}: rank {rank}, {name}"
+    for name, p in results[0][("mlp", "ddp")].items():  # DDP started every rank from rank 0's weights
+        torch.testing.assert_close(p, want[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_differing_replicas_refused_on_every_rank(runs):
+    world, results = runs
+    for rank, res in enumerate(results):
+        msg = res["differ"]
+        assert msg is not None and "model: the replicas differ at the first step: rank 1's parameters" in msg, msg
+        assert "DistributedDataParallel" in msg
+
+
+def test_poisson_sampler_shares_rank_zeros_seed(runs):
+    world, results = runs
+    for step in range(3):
+        parts = [set(res["poisson"][step]) for res in results]
+        assert sum(len(p) for p in parts) == len(set().union(*parts))  # disjoint shards
+        for rank, part in enumerate(parts):
+            assert all(i % world == rank for i in part)
+
+
+def nccl_worker(rank, world, init_file, out_dir):
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        batches = [(tuple(t.cuda() for t in inputs), target.cuda()) for inputs, target in global_batches("mlp")]
+        model = make_model("mlp").cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        dp = DPSGD(model, opt, **SETTINGS, seed=SEED, process_group=dist.group.WORLD)
+        for batch in batches:
+            dp.step(*shard(batch, list(range(7))), nn.CrossEntropyLoss())
+        result = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, os.path.join(out_dir, "nccl.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs a GPU and NCCL")
+def test_nccl_group_on_one_gpu(tmp_path):
+    """NCCL over one GPU (two ranks cannot share one): the all-reduce path runs on CUDA
+    tensors and gives the run without a group, bit for bit (CUDA's noise generator)."""
+    mp.spawn(nccl_worker, args=(1, str(tmp_path / "init"), str(tmp_path)), nprocs=1, join=True)
+    got = torch.load(tmp_path / "nccl.pt")
+    assert "error" not in got, got.get("error")
+    model = make_model("mlp").cuda()
+    want = train(model, [(tuple(t.cuda() for t in i), t.cuda()) for i, t in global_batches("mlp")], list(range(7)))
+    for name, p in want.items():
+        assert torch.equal(got[name], p.cpu()), name
