@@ -1,33 +1,47 @@
 """End-to-end DP-SGD on scikit-learn's digits (shipped with the package, no download):
-Opacus with its own samplers, Opacus with indivgrad_cuda as its nn.Linear backend, and
-indivgrad_cuda's own engine (PerSampleGrads.clipped_grad_sum: one forward, one backward,
-no per-sample gradient in memory) with Opacus's Poisson sampling and accountant.
+indivgrad_cuda.privacy.DPSGD (one forward and one backward per step, no per-sample gradient
+in memory) against Opacus in its hooks mode (with its own samplers, and with indivgrad_cuda
+as its nn.Linear backend) and its ghost clipping, all on the same Poisson batches (one
+seeded poisson_loader), the same model, hyper-parameters and accountant; then the same
+DPSGD training in 2 CPU processes with gloo (torch.multiprocessing), each loading its shard
+of every batch, against one process.
 
-    python bench/dp_sgd_digits.py [--model mlp|sequence] [--epochs 10] [--device cpu|cuda]
+    python bench/dp_sgd_digits.py [--model mlp|sequence] [--epochs 10] [--device cpu|cuda] [--processes 2]
 
 --model mlp: a 64-256-256-10 MLP on the flattened 8x8 images (10 epochs, lr 0.1).
 --model sequence: each image as 8 tokens (its rows) of 8 features into a small transformer
 encoder (tests/models.py: FeatureEncoder, d_model 32, 2 heads, 1 block; 20 epochs, lr 0.5).
-Both: SGD with momentum 0.9, expected batch 128. Prints the per-step time of each run, final
-test accuracy and epsilon (same noise, sampling rate and steps), and first checks that all
-three give the same per-sample gradients (or norms) on the first batch.
+Both: SGD with momentum 0.9, sample rate 1/round(1347 / 128) = 1/11, the sum divided by
+int(1347 / 11) = 122 (Opacus's make_private rounds the expected batch so), noise drawn from
+generators seeded alike (both draw one torch.normal per parameter in order), so every
+method trains the same model up to float rounding. Prints each run's median time per step,
+the memory its first step allocates (peak, beyond the model and data), the final test
+accuracy and epsilon; first checks that Opacus and indivgrad give the same per-sample
+gradients on the first batch. Exits 1 if they differ, or if the gloo run's weights differ
+from the single process's by more than float32 rounding.
 """
 
 import argparse
 import copy
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: the checkout and tests/
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 import common
 import console
 import indivgrad_cuda as ig
 import indivgrad_cuda.opacus as ig_opacus
+from indivgrad_cuda.privacy import DPSGD, poisson_loader
 from tests.models import FeatureEncoder
 
 
@@ -75,33 +89,33 @@ class _opacus_own:
             ig_opacus.install()
 
 
-def _setup(model, train_data, args, device):
-    """The same model copy, optimiser and (shuffled, seeded) loader for every method."""
-    torch.manual_seed(args.seed)
+def _loader(train_data, args, **kw):
+    """The Poisson batches every method trains on: the same seed, so the same batches."""
+    dataset = torch.utils.data.TensorDataset(*train_data)
+    return poisson_loader(dataset, 1 / args.steps_per_epoch, steps=args.steps_per_epoch, seed=args.seed, **kw)
+
+
+def _setup(model, device, args):
+    """The same model copy and optimiser for every method."""
     model = copy.deepcopy(model).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    loader = torch.utils.data.DataLoader(
-        torch.utils.data.TensorDataset(*train_data),
-        batch_size=args.batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    return model, optimizer, loader
+    return model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
 
 def _timed_steps(loader, step, args, device):
-    """Runs step(xb, yb) over every non-empty batch of every epoch; the steps' times in ms."""
-    step_ms = []
+    """Runs step(xb, yb) over every batch of every epoch (an empty one too: DP-SGD still adds
+    its noise); the steps' times in ms and the peak memory of the first step in MB."""
+    step_ms, peak_mb = [], None
     for _ in range(args.epochs):
         for xb, yb in loader:
-            if len(xb) == 0:
-                continue
             common.sync(device)
             t0 = time.perf_counter()
-            step(xb, yb)
+            if peak_mb is None:
+                peak_mb = common.peak_memory_mb(lambda xb=xb, yb=yb: step(xb, yb), device)
+            else:
+                step(xb, yb)
             common.sync(device)
             step_ms.append((time.perf_counter() - t0) * 1e3)
-    return step_ms
+    return step_ms, peak_mb
 
 
 def _accuracy(model, test_data):
@@ -109,61 +123,94 @@ def _accuracy(model, test_data):
         return (model(test_data[0]).argmax(1) == test_data[1]).float().mean().item()
 
 
-def train(model, train_data, test_data, backend, args, device):
-    """Opacus's make_private (its Poisson sampling, DPOptimizer and accountant), with or without
-    indivgrad as its nn.Linear backend."""
+def train_opacus(model, train_data, test_data, mode, args, device):
+    """Opacus's make_private on the shared Poisson batches (poisson_sampling=False: the loader
+    already samples; its accountant takes sample_rate = 1 / len(loader), the same rate), in
+    its "hooks" mode (its own samplers or indivgrad's) or its "ghost" clipping."""
     from opacus import PrivacyEngine
 
-    model, optimizer, loader = _setup(model, train_data, args, device)
+    model, optimizer = _setup(model, device, args)
     engine = PrivacyEngine(accountant=args.accountant)
-    model, optimizer, loader = engine.make_private(
+    loss_fn = nn.CrossEntropyLoss()
+    private = engine.make_private(
         module=model,
         optimizer=optimizer,
-        data_loader=loader,
+        data_loader=_loader(train_data, args),
+        criterion=loss_fn,
         noise_multiplier=args.noise_multiplier,
         max_grad_norm=args.max_grad_norm,
+        poisson_sampling=False,
+        noise_generator=torch.Generator(device=device).manual_seed(args.seed),
+        grad_sample_mode="ghost" if mode == "ghost" else "hooks",
     )
-    loss_fn = nn.CrossEntropyLoss()
+    if mode == "ghost":
+        model, optimizer, loss_fn, loader = private
+    else:
+        model, optimizer, loader = private
 
     def step(xb, yb):
         optimizer.zero_grad()
         loss_fn(model(xb), yb).backward()
         optimizer.step()
 
-    with ig_opacus.installed() if backend else _opacus_own():
-        step_ms = _timed_steps(loader, step, args, device)
-    return statistics.median(step_ms), _accuracy(model, test_data), engine.get_epsilon(delta=args.delta), len(step_ms)
+    with ig_opacus.installed() if mode == "indivgrad backend" else _opacus_own():
+        step_ms, peak_mb = _timed_steps(loader, step, args, device)
+    return Result(step_ms, peak_mb, _accuracy(model, test_data), engine.get_epsilon(delta=args.delta), model._module)
 
 
-def train_engine(model, train_data, test_data, args, device):
-    """DP-SGD with PerSampleGrads.clipped_grad_sum: Opacus's Poisson sampling, noise of std
-    noise_multiplier * max_grad_norm added once per step, the sum divided by the expected
-    batch size (as Opacus's DPOptimizer does), and Opacus's accountant."""
-    from opacus.accountants import create_accountant
-    from opacus.data_loader import DPDataLoader
-
-    model, optimizer, loader = _setup(model, train_data, args, device)
-    loader = DPDataLoader.from_data_loader(loader)
-    sample_rate = 1 / len(loader)
-    expected_batch = len(train_data[0]) * sample_rate
-    accountant = create_accountant(mechanism=args.accountant)
-    engine = ig.PerSampleGrads(model)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step(xb, yb):
-        engine.clipped_grad_sum(xb, yb, loss_fn, args.max_grad_norm, noise_multiplier=args.noise_multiplier)
-        for p in model.parameters():
-            p.grad.div_(expected_batch)
-        optimizer.step()
-        accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=sample_rate)
-
-    step_ms = _timed_steps(loader, step, args, device)
-    return (
-        statistics.median(step_ms),
-        _accuracy(model, test_data),
-        accountant.get_epsilon(delta=args.delta),
-        len(step_ms),
+def train_dpsgd(model, train_data, test_data, args, device):
+    """indivgrad_cuda.privacy.DPSGD: one forward and one backward per step, the noise once,
+    the sum divided by the expected batch size; across processes when torch.distributed is
+    initialised (each rank then loads its shard of every Poisson batch)."""
+    model, optimizer = _setup(model, device, args)
+    loader = _loader(train_data, args)
+    dp = DPSGD(
+        model,
+        optimizer,
+        noise_multiplier=args.noise_multiplier,
+        max_grad_norm=args.max_grad_norm,
+        sample_rate=1 / args.steps_per_epoch,
+        expected_batch_size=len(train_data[0]) // args.steps_per_epoch,  # as Opacus's make_private rounds it
+        seed=args.seed,
     )
+    loss_fn = nn.CrossEntropyLoss()
+    step_ms, peak_mb = _timed_steps(loader, lambda xb, yb: dp.step(xb, yb, loss_fn), args, device)
+    return Result(step_ms, peak_mb, _accuracy(model, test_data), dp.epsilon(args.delta, args.accountant), model)
+
+
+class Result(NamedTuple):
+    step_ms: list
+    peak_mb: float
+    accuracy: float
+    epsilon: float
+    model: Optional[nn.Module] = None
+
+
+def _gloo_worker(rank, world, init_file, out_file, model, train_data, test_data, args):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    result = train_dpsgd(model, train_data, test_data, args, torch.device("cpu"))
+    if rank == 0:
+        torch.save(result._replace(model=result.model.state_dict())._asdict(), out_file)
+    dist.destroy_process_group()
+
+
+def train_dpsgd_processes(model, train_data, test_data, args, device):
+    """train_dpsgd in args.processes CPU processes (gloo), spawned here; rank 0's figures."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "rank0.pt")
+        cpu = lambda t: t.cpu()  # noqa: E731
+        data = [tuple(map(cpu, train_data)), tuple(map(cpu, test_data))]
+        mp.spawn(
+            _gloo_worker,
+            args=(args.processes, os.path.join(tmp, "init"), out, copy.deepcopy(model).cpu(), *data, args),
+            nprocs=args.processes,
+            join=True,
+        )
+        result = Result(**torch.load(out))
+    model = copy.deepcopy(model).cpu()
+    model.load_state_dict(result.model)
+    return result._replace(model=model)
 
 
 def main(argv=None):
@@ -171,13 +218,14 @@ def main(argv=None):
     parser.add_argument("--model", choices=["mlp", "sequence"], default="mlp")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--epochs", type=int, help="default: 10 (mlp), 20 (sequence)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="the expected batch size (sets the sample rate)")
     parser.add_argument("--lr", type=float, help="default: 0.1 (mlp), 0.5 (sequence)")
     parser.add_argument("--noise-multiplier", type=float, default=1.0)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accountant", default="prv", help="Opacus's accountant (its make_private default: prv)")
+    parser.add_argument("--processes", type=int, default=2, help="the gloo run's CPU processes (0: no such run)")
     console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
     console.silence_peer_warnings()
@@ -187,6 +235,7 @@ def main(argv=None):
     device = torch.device(args.device)
     (x_tr, y_tr), (x_te, y_te) = load_data(device)
     train_data, test_data = (as_model_input(x_tr, args.model), y_tr), (as_model_input(x_te, args.model), y_te)
+    args.steps_per_epoch = max(1, round(len(train_data[0]) / args.batch_size))  # sample rate 1 / steps_per_epoch
     torch.manual_seed(args.seed)
     model = make_model(args.model).to(device)
 
@@ -200,32 +249,72 @@ def main(argv=None):
         f"difference: Opacus + indivgrad backend {diff:.1e}, indivgrad engine {diff_engine:.1e}"
     )
 
+    n_train = len(train_data[0])
     print(
-        f"DP-SGD on digits, {args.model} model ({len(train_data[0])} train / {len(test_data[0])} test), "
-        f"{args.epochs} epochs, expected batch {args.batch_size}, noise {args.noise_multiplier}, clip "
-        f"{args.max_grad_norm}, {common.device_name(device)}"
+        f"DP-SGD on digits, {args.model} model ({n_train} train / {len(test_data[0])} test), {args.epochs} epochs of "
+        f"{args.steps_per_epoch} Poisson batches (sample rate 1/{args.steps_per_epoch}, the sum divided by "
+        f"{n_train // args.steps_per_epoch}), noise {args.noise_multiplier}, clip {args.max_grad_norm}, "
+        f"SGD lr {args.lr} momentum 0.9, {common.device_name(device)}"
     )
-    print(f"  {'method':<26} {'ms/step (median)':>17} {'steps':>6} {'test acc':>9} {'epsilon':>8}")
+    print(f"  {'method':<34} {'ms/step (median)':>17} {'peak MB':>8} {'steps':>6} {'test acc':>9} {'epsilon':>8}")
+    cpu = torch.device("cpu")
+    runs = {
+        "opacus hooks": lambda: train_opacus(model, train_data, test_data, "hooks", args, device),
+        "opacus ghost clipping": lambda: train_opacus(model, train_data, test_data, "ghost", args, device),
+        "opacus + indivgrad backend": lambda: train_opacus(
+            model, train_data, test_data, "indivgrad backend", args, device
+        ),
+        "indivgrad DPSGD": lambda: train_dpsgd(model, train_data, test_data, args, device),
+    }
+    if args.processes > 1:
+        if device.type != "cpu":  # the gloo run is on CPU: its single-process twin too
+            runs["indivgrad DPSGD, 1 process, cpu"] = lambda: train_dpsgd(
+                copy.deepcopy(model).cpu(), _on(train_data, cpu), _on(test_data, cpu), args, cpu
+            )
+        runs[f"indivgrad DPSGD, {args.processes} gloo processes"] = lambda: train_dpsgd_processes(
+            model, train_data, test_data, args, device
+        )
     results = {}
-    runs = (
-        ("opacus (its own samplers)", lambda: train(model, train_data, test_data, False, args, device)),
-        ("opacus + indivgrad backend", lambda: train(model, train_data, test_data, True, args, device)),
-        ("indivgrad engine", lambda: train_engine(model, train_data, test_data, args, device)),
-    )
     progress = console.Progress(len(runs), args.quiet, unit="method")
-    for label, run in runs:
+    for label, run in runs.items():
         progress.start(f"training with {label}")
-        ms, acc, eps, steps = run()
-        results[label] = ms
+        r = results[label] = run()
         with progress.paused():
-            print(f"  {label:<26} {ms:>17.3f} {steps:>6} {acc:>9.3f} {eps:>8.2f}")
+            print(
+                f"  {label:<34} {statistics.median(r.step_ms):>17.3f} {r.peak_mb:>8.2f} {len(r.step_ms):>6} "
+                f"{r.accuracy:>9.3f} {r.epsilon:>8.2f}"
+            )
     progress.close()
-    base = results["opacus (its own samplers)"]
+    ms = {label: statistics.median(r.step_ms) for label, r in results.items()}
     print(
-        f"  step rate against Opacus's own: backend {base / results['opacus + indivgrad backend']:.2f}x, "
-        f"engine {base / results['indivgrad engine']:.2f}x"
+        f"  time per step against DPSGD's: opacus hooks {ms['opacus hooks'] / ms['indivgrad DPSGD']:.2f}x, ghost "
+        f"{ms['opacus ghost clipping'] / ms['indivgrad DPSGD']:.2f}x, indivgrad backend "
+        f"{ms['opacus + indivgrad backend'] / ms['indivgrad DPSGD']:.2f}x"
     )
-    return 0 if max(diff, diff_engine) < 1e-4 else 1
+    gap = _max_rel_diff(results["indivgrad DPSGD"].model, results["opacus hooks"].model)
+    print(f"  DPSGD against Opacus hooks: final weights' max relative difference {gap:.1e}")
+    ok = max(diff, diff_engine) < 1e-4
+    if args.processes > 1:
+        single = results["indivgrad DPSGD" if device.type == "cpu" else "indivgrad DPSGD, 1 process, cpu"]
+        multi = results[f"indivgrad DPSGD, {args.processes} gloo processes"]
+        gap = _max_rel_diff(multi.model, single.model)
+        print(
+            f"  {args.processes} gloo processes against one process on cpu: final weights' max relative difference "
+            f"{gap:.1e}, test accuracy {multi.accuracy:.3f} against {single.accuracy:.3f}"
+        )
+        ok = ok and gap < 1e-3
+    return 0 if ok else 1
+
+
+def _max_rel_diff(model, ref):
+    return max(
+        ((a - b).abs().max() / b.abs().max()).item()
+        for a, b in zip(model.state_dict().values(), ref.state_dict().values())
+    )
+
+
+def _on(data, device):
+    return tuple(t.to(device) for t in data)
 
 
 if __name__ == "__main__":

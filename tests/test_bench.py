@@ -159,3 +159,36 @@ def test_profile_engine_quick(device):
         assert float(ms) > 0 and float(ratio) > 0, (name, ms, ratio)
         assert busy == "-" if device == "cpu" else float(busy) > 0, busy  # the kernels' time, on a GPU only
         assert f"## {name}: the top 3 by self_" in proc.stdout
+
+
+def test_dp_sgd_digits_one_epoch():
+    """The DP-SGD example: every method trains on the same batches and noise, so they end with
+    the same accuracy and epsilon; the per-sample gradients agree (else exit 1), and the
+    2-process gloo run ends where the single process does."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "dp_sgd_digits.py"), "--epochs", "1", "--device", "cpu", "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == "" and "Warning" not in proc.stdout, proc.stdout + proc.stderr
+    methods = (
+        "opacus hooks",
+        "opacus ghost clipping",
+        "opacus + indivgrad backend",
+        "indivgrad DPSGD",
+        "indivgrad DPSGD, 2 gloo processes",
+    )
+    table = {}
+    for line in proc.stdout.splitlines():
+        m = re.fullmatch(r"  (\S.*?)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line)
+        if m:
+            table[m.group(1)] = [float(v) for v in m.groups()[1:]]
+    assert sorted(table) == sorted(methods), proc.stdout
+    assert {row[2] for row in table.values()} == {11.0}, proc.stdout  # steps: one epoch of 11 Poisson batches
+    assert len({row[4] for row in table.values()}) == 1, proc.stdout  # one epsilon: same rate and steps
+    accuracy = [row[3] for row in table.values()]
+    assert max(accuracy) - min(accuracy) <= 0.01, proc.stdout  # the same training up to float rounding
+    match = re.search(r"final weights' max relative difference (\S+)", proc.stdout)
+    assert match and float(match.group(1)) < 1e-3, proc.stdout

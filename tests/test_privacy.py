@@ -157,8 +157,14 @@ def test_epsilon_equals_opacus(accountant):
     from opacus.accountants import create_accountant
 
     model = mlp("cpu")
-    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=1.1, max_grad_norm=1.0,
-               expected_batch_size=64, dataset_size=6400)
+    dp = DPSGD(
+        model,
+        torch.optim.SGD(model.parameters(), lr=LR),
+        noise_multiplier=1.1,
+        max_grad_norm=1.0,
+        expected_batch_size=64,
+        dataset_size=6400,
+    )
     theirs = create_accountant(mechanism=accountant)
     changes = accountant != "gdp"  # Opacus's Gaussian accountant takes one noise level only
     for k in range(30):
@@ -180,6 +186,17 @@ def test_epsilon_without_opacus_names_the_extra(monkeypatch):
         epsilon([(1.0, 0.01, 5)], 1e-5)
 
 
+def test_expected_batch_and_sample_rate_given_or_derived():
+    assert (_dp(expected_batch_size=8, dataset_size=80).sample_rate, _dp(expected_batch_size=8).sample_rate) == (
+        0.1,
+        None,
+    )
+    dp = _dp(expected_batch_size=None, sample_rate=0.25, dataset_size=40)
+    assert (dp.expected_batch_size, dp.sample_rate) == (10.0, 0.25)
+    dp = _dp(expected_batch_size=9, sample_rate=0.25)  # both as given (Opacus rounds the batch down)
+    assert (dp.expected_batch_size, dp.sample_rate) == (9.0, 0.25)
+
+
 def test_epsilon_bad_arguments():
     with pytest.raises(ValueError, match="accountant: expected one of"):
         epsilon([(1.0, 0.01, 5)], 1e-5, "moments")
@@ -188,8 +205,13 @@ def test_epsilon_bad_arguments():
     with pytest.raises(ValueError, match="'gdp' needs one noise multiplier and sample rate throughout"):
         epsilon([(1.0, 0.01, 5), (2.0, 0.01, 5)], 1e-5, "gdp")
     model = mlp("cpu")
-    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), noise_multiplier=1.0, max_grad_norm=1.0,
-               expected_batch_size=8)
+    dp = DPSGD(
+        model,
+        torch.optim.SGD(model.parameters(), lr=LR),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=8,
+    )
     with pytest.raises(ValueError, match="epsilon: needs the sample rate"):
         dp.epsilon(1e-5)
 
@@ -260,10 +282,17 @@ def _dp(model=None, **kw):
         (dict(max_grad_norm=float("inf")), "max_grad_norm: expected a finite number > 0, got inf"),
         (dict(noise_multiplier=-0.5), "noise_multiplier: expected a finite number >= 0, got -0.5"),
         (dict(expected_batch_size=0), "expected_batch_size: expected a number > 0, got 0"),
-        (dict(expected_batch_size=None), "expected_batch_size: expected a number > 0, or sample_rate with dataset_size"),
-        (dict(expected_batch_size=None, sample_rate=0.1), "dataset_size: needed with sample_rate"),
-        (dict(sample_rate=0.1, dataset_size=100), "give one of them"),
-        (dict(expected_batch_size=None, sample_rate=1.5, dataset_size=10), r"sample_rate: expected a number in \(0, 1\]"),
+        (
+            dict(expected_batch_size=None),
+            "expected_batch_size: expected a number > 0, or sample_rate with dataset_size",
+        ),
+        (dict(expected_batch_size=None, sample_rate=0.1), "or sample_rate with dataset_size; got sample_rate alone"),
+        (dict(expected_batch_size=None, dataset_size=10), "got dataset_size alone"),
+        (dict(sample_rate=0.1, dataset_size=100), "give two of them"),
+        (
+            dict(expected_batch_size=None, sample_rate=1.5, dataset_size=10),
+            r"sample_rate: expected a number in \(0, 1\]",
+        ),
         (dict(expected_batch_size=20, dataset_size=10), "expected_batch_size: 20 is more than dataset_size"),
         (dict(dataset_size=0), "dataset_size: expected a positive int, got 0"),
         (dict(seed=-1), "seed: expected an int >= 0 or None, got -1"),
@@ -282,7 +311,7 @@ def test_optimizer_must_update_exactly_the_trainable_parameters():
     stray = nn.Parameter(torch.zeros(3))
     with pytest.raises(ValueError, match="optimizer: updates 1 tensor"):
         _dp(model, optimizer=torch.optim.SGD([*model.parameters(), stray], lr=LR))
-    with pytest.raises(TypeError, match="optimizer: expected a torch.optim.Optimizer, got list"):
+    with pytest.raises(TypeError, match=r"optimizer: expected a torch\.optim\.Optimizer, got list"):
         DPSGD(model, [], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
 
 
@@ -298,9 +327,17 @@ def test_step_with_inputs_needs_a_loss():
         ("gloo", "cpu", None),
         ("cpu:gloo,cuda:nccl", "cpu", None),
         ("cpu:gloo,cuda:nccl", "cuda", None),
-        ("nccl", "cpu", "the model is on cpu, whose tensors need the gloo or mpi backend, but the group's backends are 'nccl'"),
+        (
+            "nccl",
+            "cpu",
+            "the model is on cpu, whose tensors need the gloo or mpi backend, but the group's backends are 'nccl'",
+        ),
         ("cuda:nccl", "cpu", "need the gloo or mpi backend"),
-        ("gloo", "cuda", "the model is on cuda, whose tensors need the nccl backend, but the group's backends are 'gloo'"),
+        (
+            "gloo",
+            "cuda",
+            "the model is on cuda, whose tensors need the nccl backend, but the group's backends are 'gloo'",
+        ),
         ("cpu:gloo,cuda:gloo", "cuda", "need the nccl backend"),
         ("gloo", "meta", "supports models on"),
     ],

@@ -87,10 +87,18 @@ def worker(rank, world, init_file, out_dir):
             results["differ"] = None
         except ValueError as e:
             results["differ"] = str(e)
+        # settings that differ too
+        try:
+            model = make_model("mlp")
+            dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), **{**SETTINGS, "max_grad_norm": 0.5 + rank})
+            dp.step(*shard(batches[0], rows), nn.CrossEntropyLoss())
+            results["settings"] = None
+        except ValueError as e:
+            results["settings"] = str(e)
         # Poisson sampling with no seed: rank 0's, so the shards partition one global batch
         sampler = PoissonBatchSampler(50, 0.2, steps=3)
         results["poisson"] = list(sampler)
-    except Exception:
+    except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
         results["error"] = traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -114,7 +122,7 @@ def single_process(kind):
 @pytest.mark.parametrize("kind", ["mlp", "encoder"])
 @pytest.mark.parametrize("shards", sorted(SHARDS))
 def test_ranks_bit_identical_and_equal_to_one_process(runs, kind, shards):
-    world, results = runs
+    _, results = runs
     want = single_process(kind)
     first = results[0][(kind, shards)]
     for rank, res in enumerate(results):
@@ -127,7 +135,7 @@ def test_ranks_bit_identical_and_equal_to_one_process(runs, kind, shards):
 
 
 def test_no_seed_and_ddp_agree(runs):
-    world, results = runs
+    _, results = runs
     want = single_process("mlp")
     for scenario in ("no_seed", "ddp"):
         for rank, res in enumerate(results):
@@ -138,11 +146,15 @@ def test_no_seed_and_ddp_agree(runs):
 
 
 def test_differing_replicas_refused_on_every_rank(runs):
-    world, results = runs
-    for rank, res in enumerate(results):
+    _, results = runs
+    for res in results:
         msg = res["differ"]
         assert msg is not None and "model: the replicas differ at the first step: rank 1's parameters" in msg, msg
         assert "DistributedDataParallel" in msg
+        msg = res["settings"]
+        assert msg is not None and "settings differ between rank 0 and rank 1: {'max_grad_norm': (0.5, 1.5)}" in msg, (
+            msg
+        )
 
 
 def test_poisson_sampler_shares_rank_zeros_seed(runs):
@@ -165,7 +177,7 @@ def nccl_worker(rank, world, init_file, out_dir):
         for batch in batches:
             dp.step(*shard(batch, list(range(7))), nn.CrossEntropyLoss())
         result = {n: p.detach().cpu() for n, p in model.named_parameters()}
-    except Exception:
+    except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
         result = {"error": traceback.format_exc()}
     torch.save(result, os.path.join(out_dir, "nccl.pt"))
     dist.destroy_process_group()

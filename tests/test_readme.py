@@ -24,3 +24,15 @@ def test_any_model_examples_run():
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
     exec(blocks[1], scope)
     assert scope["grads"]["0.weight"].shape == (1000, 100, 100)
+
+
+def test_dp_sgd_example_runs():
+    section = README.read_text().split("### DP-SGD", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 2  # the second needs torchrun: tests/test_privacy_distributed.py runs its setting
+    scope = {}
+    exec(blocks[0], scope)  # the documentation's own code
+    dp = scope["dp"]
+    assert dp.steps == 3 * 8 and dp.history == [(1.0, 0.125, 24)]
+    assert 0.5 < dp.epsilon(1e-5) < 20
+    assert scope["norms"].dim() == 1 and scope["loss"].dim() == 0

@@ -78,7 +78,11 @@ def check_ranks_agree(group, params: dict[str, torch.Tensor], settings: dict, se
     digests0, settings0, seed0 = gathered[0]
     for rank, (digests, rank_settings, _) in enumerate(gathered[1:], start=1):
         if rank_settings != settings0:
-            diff = {k: (settings0.get(k), rank_settings.get(k)) for k in settings0 if settings0.get(k) != rank_settings.get(k)}
+            diff = {
+                k: (settings0.get(k), rank_settings.get(k))
+                for k in settings0
+                if settings0.get(k) != rank_settings.get(k)
+            }
             raise ValueError(f"DP-SGD settings differ between rank 0 and rank {rank}: {diff} (rank 0, rank {rank})")
         if digests.keys() != digests0.keys():
             raise ValueError(

@@ -39,10 +39,12 @@ class DPSGD:
         optimizer: any ``torch.optim.Optimizer`` over exactly the model's trainable parameters.
         noise_multiplier: sigma, >= 0.
         max_grad_norm: the clipping norm C, > 0.
-        expected_batch_size: the expected size of a logical batch over all processes (the
-            sum is divided by it, as Opacus's ``loss_reduction="mean"``); or give
-            ``sample_rate`` and ``dataset_size`` instead. Accounting needs ``sample_rate``
-            (given, or ``expected_batch_size / dataset_size``).
+        expected_batch_size, sample_rate, dataset_size: two of them (the third follows from
+            ``expected_batch_size = sample_rate * dataset_size``), or ``expected_batch_size``
+            alone (then nothing is accounted). The sum is divided by the expected size of a
+            logical batch over all processes (as Opacus's ``loss_reduction="mean"``); the
+            accountant records ``sample_rate``. Given both, they are used as given (Opacus
+            divides by ``int(dataset_size * sample_rate)``, for instance).
         seed: seeds the noise generator (on the model's device); None draws one from the OS.
             Across processes rank 0's seed is used on every rank, so every rank adds the same
             noise and the replicas stay bit-identical.
@@ -218,24 +220,34 @@ def _is_number(v) -> bool:
 
 
 def _batch_and_rate(expected_batch_size, sample_rate, dataset_size):
-    """(expected batch size, sample rate or None) from what was given."""
+    """(expected batch size, sample rate or None) from two of the three (or the expected
+    batch size alone: no accounting)."""
     if dataset_size is not None and not (isinstance(dataset_size, int) and dataset_size > 0):
         raise ValueError(f"dataset_size: expected a positive int, got {dataset_size!r}")
     if sample_rate is not None and not (_is_number(sample_rate) and 0 < sample_rate <= 1):
         raise ValueError(f"sample_rate: expected a number in (0, 1], got {sample_rate!r}")
     if expected_batch_size is not None and not (_is_number(expected_batch_size) and expected_batch_size > 0):
         raise ValueError(f"expected_batch_size: expected a number > 0, got {expected_batch_size!r}")
-    if expected_batch_size is not None and sample_rate is not None:
-        raise ValueError("expected_batch_size, sample_rate: give one of them (with dataset_size), not both")
-    if expected_batch_size is not None:
-        rate = None if dataset_size is None else expected_batch_size / dataset_size
-        if rate is not None and rate > 1:
+    given = sum(v is not None for v in (expected_batch_size, sample_rate, dataset_size))
+    if given == 3:
+        raise ValueError(
+            "expected_batch_size, sample_rate, dataset_size: give two of them (the third follows), not all three"
+        )
+    if expected_batch_size is None:
+        if sample_rate is None or dataset_size is None:
             raise ValueError(
-                f"expected_batch_size: {expected_batch_size} is more than dataset_size ({dataset_size})"
+                "expected_batch_size: expected a number > 0, or sample_rate with dataset_size; got "
+                + (
+                    "dataset_size alone"
+                    if dataset_size is not None
+                    else "sample_rate alone"
+                    if sample_rate
+                    else "neither"
+                )
             )
-        return float(expected_batch_size), rate
-    if sample_rate is not None:
-        if dataset_size is None:
-            raise ValueError("dataset_size: needed with sample_rate (the expected batch is sample_rate * dataset_size)")
         return float(sample_rate * dataset_size), float(sample_rate)
-    raise ValueError("expected_batch_size: expected a number > 0, or sample_rate with dataset_size; got neither")
+    if dataset_size is not None:
+        if expected_batch_size > dataset_size:
+            raise ValueError(f"expected_batch_size: {expected_batch_size} is more than dataset_size ({dataset_size})")
+        sample_rate = expected_batch_size / dataset_size
+    return float(expected_batch_size), None if sample_rate is None else float(sample_rate)
