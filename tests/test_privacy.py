@@ -315,6 +315,16 @@ def test_optimizer_must_update_exactly_the_trainable_parameters():
         DPSGD(model, [], noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
 
 
+def test_trainable_set_fixed_within_a_logical_step():
+    model = mlp("cpu")
+    dp = _dp(model)
+    (x,), y = mlp_batch(3, "cpu")
+    dp.accumulate(x, y, nn.CrossEntropyLoss())
+    model[2].bias.requires_grad_(False)
+    with pytest.raises(RuntimeError, match="the trainable parameters changed within a logical step"):
+        dp.accumulate(x, y, nn.CrossEntropyLoss())
+
+
 def test_step_with_inputs_needs_a_loss():
     dp = _dp()
     with pytest.raises(TypeError, match="loss_fn: needed with inputs"):

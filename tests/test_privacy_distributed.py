@@ -2,9 +2,12 @@
 each with a shard of the same batches. Every rank must end bit-identical to the others and
 equal to the single-process run on the whole batches (to float64 rounding), with uneven
 shards (a rank with no samples), a DistributedDataParallel-wrapped model, no seed given,
-and replicas that differ refused on every rank."""
+and replicas or settings that differ refused on every rank. Also the README's recipe
+launched by torchrun, and (with a GPU) an NCCL group."""
 
 import os
+import subprocess
+import sys
 import traceback
 
 import pytest
@@ -194,3 +197,56 @@ def test_nccl_group_on_one_gpu(tmp_path):
     want = train(model, [(tuple(t.cuda() for t in i), t.cuda()) for i, t in global_batches("mlp")], list(range(7)))
     for name, p in want.items():
         assert torch.equal(got[name], p.cpu()), name
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch, torch.nn.functional as F, torch.distributed as dist
+from torch import nn
+from indivgrad_cuda.privacy import DPSGD, poisson_loader
+
+dist.init_process_group("gloo")  # torchrun's environment: rank, world size, rendezvous
+g = torch.Generator().manual_seed(1)
+dataset = torch.utils.data.TensorDataset(torch.randn(512, 10, generator=g), torch.randint(0, 3, (512,), generator=g))
+torch.manual_seed(dist.get_rank())  # replicas initialised apart: DDP broadcasts rank 0's
+model = nn.parallel.DistributedDataParallel(nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3)))
+q = 64 / len(dataset)
+loader = poisson_loader(dataset, sample_rate=q)  # no seed: rank 0's, so the shards make one batch
+dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), noise_multiplier=1.0,
+           max_grad_norm=1.0, sample_rate=q, dataset_size=len(dataset))  # no seed: rank 0's noise
+sizes = []
+for x, y in loader:
+    sizes.append(len(x))
+    dp.step(x, y, F.cross_entropy)
+torch.save({"params": model.module.state_dict(), "sizes": sizes, "eps": dp.epsilon(1e-5)},
+           f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_torchrun_launch(tmp_path):
+    """The README's torchrun recipe on CPU (gloo), launched by torchrun itself: no seeds
+    given anywhere, replicas initialised differently, and still bit-identical at the end."""
+    script = tmp_path / "train.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][name]), name
+    assert len(ranks[0]["sizes"]) == 8 and sum(ranks[0]["sizes"] + ranks[1]["sizes"]) > 0
+    assert ranks[0]["eps"] == ranks[1]["eps"] > 0

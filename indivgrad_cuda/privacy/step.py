@@ -103,6 +103,7 @@ class DPSGD:
         self.steps = 0
         self.history: list = []  # [(noise_multiplier, sample_rate, steps)], for the accountant
         self._sum: Optional[dict[str, torch.Tensor]] = None  # this logical step's clipped sums so far
+        self._ranks_agree = self.group is None  # checked once, at the first step across processes
 
     # ---------------------------------------------------------------- public API
 
@@ -144,8 +145,9 @@ class DPSGD:
         grads = self._sum if self._sum is not None else {n: torch.zeros_like(p) for n, p in self._trainable().items()}
         self._sum = None
         if self.group is not None:
-            if self.steps == 0:
+            if not self._ranks_agree:
                 self._agree_with_other_ranks()
+                self._ranks_agree = True
             distributed.all_reduce_sum(list(grads.values()), self.group)
         if self.noise_multiplier > 0:
             randomness.add_noise(list(grads.values()), self.noise_multiplier * self.max_grad_norm, self.noise_generator)
