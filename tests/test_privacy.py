@@ -250,6 +250,8 @@ def test_poisson_loader_gives_empty_batches_their_shape():
     shapes = [(tuple(x.shape), tuple(y.shape)) for x, y in loader]
     assert ((0, 4, 2), (0,)) in shapes and any(s[0][0] > 0 for s in shapes)
     assert loader.batch_sampler.expected_batch_size == pytest.approx(0.6)
+    spawned = poisson_loader(ds, 0.02, steps=40, seed=0, num_workers=2, multiprocessing_context="spawn")
+    assert [(tuple(x.shape), tuple(y.shape)) for x, y in spawned] == shapes  # workers: the same batches
 
 
 @pytest.mark.parametrize(
@@ -297,6 +299,7 @@ def _dp(model=None, **kw):
         (dict(dataset_size=0), "dataset_size: expected a positive int, got 0"),
         (dict(seed=-1), "seed: expected an int >= 0 or None, got -1"),
         (dict(capture="magic"), "capture: expected one of"),
+        (dict(process_group=object()), "process_group: given, but torch.distributed is not initialised"),
     ],
 )
 def test_bad_settings(kwargs, match):

@@ -74,12 +74,19 @@ def poisson_loader(dataset, sample_rate: float, **kwargs) -> DataLoader:
     fail on it), which the DP-SGD step takes as a batch without samples."""
     sampler_options = {k: kwargs.pop(k) for k in ("steps", "seed", "rank", "world_size") if k in kwargs}
     sampler = PoissonBatchSampler(len(dataset), sample_rate, **sampler_options)
-    collate = kwargs.pop("collate_fn", None) or default_collate
+    collate = _CollateOrEmpty(dataset, kwargs.pop("collate_fn", None) or default_collate)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, **kwargs)
 
-    def collate_or_empty(batch):
-        return collate(batch) if batch else _no_rows(collate([dataset[0]]))
 
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_or_empty, **kwargs)
+class _CollateOrEmpty:
+    """The collate function, and for an empty batch the first sample's collated to 0 rows (a
+    class, not a closure, so that DataLoader workers started by spawn can pickle it)."""
+
+    def __init__(self, dataset, collate):
+        self.dataset, self.collate = dataset, collate
+
+    def __call__(self, batch):
+        return self.collate(batch) if batch else _no_rows(self.collate([self.dataset[0]]))
 
 
 def _no_rows(batch):

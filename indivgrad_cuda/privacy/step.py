@@ -35,7 +35,7 @@ class DPSGD:
     Args:
         model: the ``nn.Module``, or a ``DistributedDataParallel`` wrapping it (its module is
             used and its process group is the default; DDP's own gradient all-reduce never
-            runs, since the step never calls DDP's forward: evaluate through it freely).
+            runs, since the step never calls DDP's forward: evaluate through it under no_grad).
         optimizer: any ``torch.optim.Optimizer`` over exactly the model's trainable parameters.
         noise_multiplier: sigma, >= 0.
         max_grad_norm: the clipping norm C, > 0.
