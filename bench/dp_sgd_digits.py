@@ -199,8 +199,8 @@ def train_dpsgd_processes(model, train_data, test_data, args, device):
     """train_dpsgd in args.processes CPU processes (gloo), spawned here; rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
-        cpu = lambda t: t.cpu()  # noqa: E731
-        data = [tuple(map(cpu, train_data)), tuple(map(cpu, test_data))]
+        cpu = torch.device("cpu")
+        data = [_on(train_data, cpu), _on(test_data, cpu)]
         mp.spawn(
             _gloo_worker,
             args=(args.processes, os.path.join(tmp, "init"), out, copy.deepcopy(model).cpu(), *data, args),
@@ -242,8 +242,7 @@ def main(argv=None):
     xb, yb = train_data[0][: args.batch_size], train_data[1][: args.batch_size]
     ours, theirs = (first_batch_grad_samples(model, xb, yb, backend) for backend in (True, False))
     engine = ig.PerSampleGrads(model)(xb, yb, nn.CrossEntropyLoss())
-    diff = max(((ours[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item() for k in theirs)
-    diff_engine = max(((engine[k] - theirs[k]).abs().max() / theirs[k].abs().max()).item() for k in theirs)
+    diff, diff_engine = _max_rel_diff(ours, theirs), _max_rel_diff(engine, theirs)
     print(
         f"first batch ({len(xb)} samples): per-sample gradients against Opacus's own samplers, max relative "
         f"difference: Opacus + indivgrad backend {diff:.1e}, indivgrad engine {diff_engine:.1e}"
@@ -291,13 +290,13 @@ def main(argv=None):
         f"{ms['opacus ghost clipping'] / ms['indivgrad DPSGD']:.2f}x, indivgrad backend "
         f"{ms['opacus + indivgrad backend'] / ms['indivgrad DPSGD']:.2f}x"
     )
-    gap = _max_rel_diff(results["indivgrad DPSGD"].model, results["opacus hooks"].model)
+    gap = _max_rel_diff(results["indivgrad DPSGD"].model.state_dict(), results["opacus hooks"].model.state_dict())
     print(f"  DPSGD against Opacus hooks: final weights' max relative difference {gap:.1e}")
     ok = max(diff, diff_engine) < 1e-4
     if args.processes > 1:
         single = results["indivgrad DPSGD" if device.type == "cpu" else "indivgrad DPSGD, 1 process, cpu"]
         multi = results[f"indivgrad DPSGD, {args.processes} gloo processes"]
-        gap = _max_rel_diff(multi.model, single.model)
+        gap = _max_rel_diff(multi.model.state_dict(), single.model.state_dict())
         print(
             f"  {args.processes} gloo processes against one process on cpu: final weights' max relative difference "
             f"{gap:.1e}, test accuracy {multi.accuracy:.3f} against {single.accuracy:.3f}"
@@ -306,11 +305,9 @@ def main(argv=None):
     return 0 if ok else 1
 
 
-def _max_rel_diff(model, ref):
-    return max(
-        ((a - b).abs().max() / b.abs().max()).item()
-        for a, b in zip(model.state_dict().values(), ref.state_dict().values())
-    )
+def _max_rel_diff(tensors, ref):
+    """The largest |a - b| relative to the largest |b| of each tensor, over two dicts of tensors."""
+    return max(((tensors[k] - b).abs().max() / b.abs().max()).item() for k, b in ref.items())
 
 
 def _on(data, device):

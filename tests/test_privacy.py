@@ -156,15 +156,7 @@ def test_checkpoint_resumes_the_same_noise(device):
 def test_epsilon_equals_opacus(accountant):
     from opacus.accountants import create_accountant
 
-    model = mlp("cpu")
-    dp = DPSGD(
-        model,
-        torch.optim.SGD(model.parameters(), lr=LR),
-        noise_multiplier=1.1,
-        max_grad_norm=1.0,
-        expected_batch_size=64,
-        dataset_size=6400,
-    )
+    dp = _dp(noise_multiplier=1.1, expected_batch_size=64, dataset_size=6400)
     theirs = create_accountant(mechanism=accountant)
     changes = accountant != "gdp"  # Opacus's Gaussian accountant takes one noise level only
     for k in range(30):
@@ -187,10 +179,8 @@ def test_epsilon_without_opacus_names_the_extra(monkeypatch):
 
 
 def test_expected_batch_and_sample_rate_given_or_derived():
-    assert (_dp(expected_batch_size=8, dataset_size=80).sample_rate, _dp(expected_batch_size=8).sample_rate) == (
-        0.1,
-        None,
-    )
+    assert _dp(expected_batch_size=8, dataset_size=80).sample_rate == 0.1
+    assert _dp(expected_batch_size=8).sample_rate is None
     dp = _dp(expected_batch_size=None, sample_rate=0.25, dataset_size=40)
     assert (dp.expected_batch_size, dp.sample_rate) == (10.0, 0.25)
     dp = _dp(expected_batch_size=9, sample_rate=0.25)  # both as given (Opacus rounds the batch down)
@@ -204,14 +194,7 @@ def test_epsilon_bad_arguments():
         epsilon([(1.0, 0.01, 5)], 0.0)
     with pytest.raises(ValueError, match="'gdp' needs one noise multiplier and sample rate throughout"):
         epsilon([(1.0, 0.01, 5), (2.0, 0.01, 5)], 1e-5, "gdp")
-    model = mlp("cpu")
-    dp = DPSGD(
-        model,
-        torch.optim.SGD(model.parameters(), lr=LR),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        expected_batch_size=8,
-    )
+    dp = _dp()
     with pytest.raises(ValueError, match="epsilon: needs the sample rate"):
         dp.epsilon(1e-5)
 

@@ -11,6 +11,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler, default_collate
 
 
+def check_sample_rate(sample_rate) -> None:
+    if not (isinstance(sample_rate, (int, float)) and not isinstance(sample_rate, bool) and 0 < sample_rate <= 1):
+        raise ValueError(f"sample_rate: expected a number in (0, 1], got {sample_rate!r}")
+
+
 class PoissonBatchSampler(Sampler):
     """Batches of indices into ``range(num_samples)``, each sample in each batch
     independently with probability ``sample_rate``; ``steps`` batches per pass (default
@@ -33,8 +38,7 @@ class PoissonBatchSampler(Sampler):
     ):
         if not (isinstance(num_samples, int) and num_samples > 0):
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
-        if not (isinstance(sample_rate, (int, float)) and 0 < sample_rate <= 1):
-            raise ValueError(f"sample_rate: expected a number in (0, 1], got {sample_rate!r}")
+        check_sample_rate(sample_rate)
         if steps is not None and not (isinstance(steps, int) and steps > 0):
             raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
         distributed = dist.is_available() and dist.is_initialized()

@@ -14,6 +14,7 @@ from indivgrad_cuda import randomness
 from indivgrad_cuda.capture.losses import losses_tallied, per_sample_loss_sum
 from indivgrad_cuda.engine import PerSampleGrads
 from indivgrad_cuda.privacy import accounting, distributed
+from indivgrad_cuda.privacy.sampling import check_sample_rate
 
 
 class StepStats(NamedTuple):
@@ -226,8 +227,8 @@ def _batch_and_rate(expected_batch_size, sample_rate, dataset_size):
     batch size alone: no accounting)."""
     if dataset_size is not None and not (isinstance(dataset_size, int) and dataset_size > 0):
         raise ValueError(f"dataset_size: expected a positive int, got {dataset_size!r}")
-    if sample_rate is not None and not (_is_number(sample_rate) and 0 < sample_rate <= 1):
-        raise ValueError(f"sample_rate: expected a number in (0, 1], got {sample_rate!r}")
+    if sample_rate is not None:
+        check_sample_rate(sample_rate)
     if expected_batch_size is not None and not (_is_number(expected_batch_size) and expected_batch_size > 0):
         raise ValueError(f"expected_batch_size: expected a number > 0, got {expected_batch_size!r}")
     given = sum(v is not None for v in (expected_batch_size, sample_rate, dataset_size))
