@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 
+#include "blocks.h"
 #include "checks.h"
 #include "layer_ops.h"
 
@@ -19,20 +20,6 @@ namespace indivgrad {
 namespace {
 
 using at::Tensor;
-
-constexpr int64_t kBlockBytes = int64_t{64} << 20;  // temporaries per block of samples
-
-at::ScalarType acc_type(at::ScalarType t) { return at::isReducedFloatingType(t) ? at::kFloat : t; }
-
-// Samples per block so that `per_sample` elements of `elem_size` bytes each fit kBlockBytes.
-int64_t block_size(int64_t n, int64_t per_sample, int64_t elem_size) {
-  return std::max<int64_t>(1, std::min<int64_t>(n, kBlockBytes / std::max<int64_t>(1, per_sample * elem_size)));
-}
-
-template <typename F>
-void for_blocks(int64_t n, int64_t block, F f) {
-  for (int64_t n0 = 0; n0 < n; n0 += block) f(n0, std::min(block, n - n0));
-}
 
 // x [N, T, D_in] and g [N, T, D_out] (a 2-D pair [N, D] counts as T = 1): same N, T,
 // dtype and device. Returns the 3-D views.
@@ -224,8 +211,6 @@ Tensor squared_rows(const Tensor& t) {
   return at::linalg_vector_norm(t, 2, {-1}, false, acc_type(t.scalar_type())).square();
 }
 
-namespace {
-// The method a caller forced (true: ghost), or none for "auto".
 std::optional<bool> forced_ghost(c10::string_view method) {
   if (method == "ghost") return true;
   if (method == "direct") return false;
@@ -233,7 +218,6 @@ std::optional<bool> forced_ghost(c10::string_view method) {
                     "\"");
   return std::nullopt;
 }
-}  // namespace
 
 bool linear_norm_uses_ghost(int64_t t, int64_t d_in, int64_t d_out, c10::string_view method) {
   if (const auto forced = forced_ghost(method)) return *forced;

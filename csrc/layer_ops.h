@@ -5,6 +5,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <optional>
+
 namespace indivgrad {
 
 // Embedding norms take the ghost form (T² pairs of tokens) up to this many tokens per
@@ -23,6 +25,9 @@ constexpr int64_t kElementCost = 128;
 // kElementCost. method: "auto", "ghost" or "direct".
 bool linear_norm_uses_ghost(int64_t t, int64_t d_in, int64_t d_out, c10::string_view method);
 bool embedding_norm_uses_ghost(int64_t t, c10::string_view method);
+
+// The method a caller forced (true: ghost), or none for "auto"; anything else is refused.
+std::optional<bool> forced_ghost(c10::string_view method);
 
 // [N, ..., D] -> [N, ...]: squared norms over the last dim; float16/bfloat16 accumulate in float32.
 at::Tensor squared_rows(const at::Tensor& t);

@@ -140,6 +140,27 @@ class MlpProgram {
     return walk_norms(grad_output, saved, weights, want_w, want_b, nullptr, nullptr);
   }
 
+  // Each wanted layer's factors: X_l (its input) and G_l = dL/dC_l (the gradient at its
+  // output), G formed by ATen; undefined for layers with no wanted parameter.
+  std::pair<std::vector<Tensor>, std::vector<Tensor>> factors(const Tensor& grad_output,
+                                                              const std::vector<OptTensor>& saved,
+                                                              const std::vector<Tensor>& weights,
+                                                              const std::vector<bool>& want_w,
+                                                              const std::vector<bool>& want_b) const {
+    const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
+    std::vector<Tensor> xs(num_linear()), gs(num_linear());
+    walk_backward(grad_output, saved, weights, want_w, want_b,
+                  [&](int64_t l, const Tensor& x, const Tensor& up, const Tensor& pre, const Step* act) {
+                    Tensor g = activation_backward(act ? act->act : kIdentity, up, pre);
+                    if (want_w[l] || want_b[l]) {
+                      xs[l] = x;
+                      gs[l] = g;
+                    }
+                    return g;
+                  });
+    return {xs, gs};
+  }
+
   // DP-SGD: grad_w[l] (+)= sum_n c_n g_n x_n^T (one GEMM per layer), with
   // c_n = min(1, max_norm / (||per-sample gradient n|| + 1e-6)). Returns the squared norms
   // [P, N]. The noise is the caller's: it is drawn once per batch, after all chunks.
@@ -292,7 +313,8 @@ void bind_mlp(pybind11::module& m) {
       .def("forward", &MlpProgram::forward, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("grads", &MlpProgram::grads, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("norms", &MlpProgram::norms, pybind11::call_guard<pybind11::gil_scoped_release>())
-      .def("clipped_sum", &MlpProgram::clipped_sum, pybind11::call_guard<pybind11::gil_scoped_release>());
+      .def("clipped_sum", &MlpProgram::clipped_sum, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("factors", &MlpProgram::factors, pybind11::call_guard<pybind11::gil_scoped_release>());
 }
 
 }  // namespace indivgrad

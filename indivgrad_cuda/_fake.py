@@ -67,3 +67,13 @@ def _embedding_sq_norms_fake(ids, g, padding_idx=None, method="auto"):
 def _layer_norm_grads_fake(x, g, normalized_shape, eps):
     shape = (x.shape[0], *normalized_shape)
     return x.new_empty(shape), x.new_empty(shape)
+
+
+@torch.library.register_fake("indivgrad_cuda::linear_gram")
+def _linear_gram_fake(xa, ga, xb, gb, bias=0.0, method="auto"):
+    return xa.new_empty((xa.shape[0], xb.shape[0]), dtype=_acc(xa.dtype))
+
+
+@torch.library.register_fake("indivgrad_cuda::embedding_gram")
+def _embedding_gram_fake(ids_a, ga, ids_b, gb, padding_idx=None):
+    return ga.new_empty((ids_a.shape[0], ids_b.shape[0]), dtype=_acc(ga.dtype))

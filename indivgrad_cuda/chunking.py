@@ -36,7 +36,7 @@ def chunks(x: torch.Tensor, target, size: int):
 
 def batch_size(inputs) -> int:
     """N of a batch given as a Tensor, a tuple or a dict of them (dim 0 of every tensor)."""
-    tensors = _tensors(inputs)
+    tensors = named_tensors(inputs)
     if not tensors:
         raise TypeError(
             f"inputs: expected a Tensor, or a tuple or dict holding at least one Tensor, got {type(inputs).__name__}"
@@ -54,7 +54,8 @@ def batch_size(inputs) -> int:
     return n
 
 
-def _tensors(inputs):
+def named_tensors(inputs) -> list:
+    """[(where, tensor)] of the tensors in a batch given as a Tensor, a tuple or a dict."""
     if isinstance(inputs, torch.Tensor):
         return [("", inputs)]
     if isinstance(inputs, tuple):

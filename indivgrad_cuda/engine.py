@@ -13,13 +13,16 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from indivgrad_cuda import randomness, reducers
+from indivgrad_cuda import attribution, randomness, reducers
+from indivgrad_cuda import projection as projection_
 from indivgrad_cuda.buffers import allocate, check_out_buffers
 from indivgrad_cuda.capture.hooks import HooksCapture
 from indivgrad_cuda.capture.layers import UnsupportedModuleError
 from indivgrad_cuda.capture.native import NativeCapture
-from indivgrad_cuda.chunking import batch_size
+from indivgrad_cuda.chunking import batch_size, named_tensors
+from indivgrad_cuda.layers import acc_dtype
 from indivgrad_cuda.ops import LAYOUTS, NORM_METHODS
+from indivgrad_cuda.projection import Projection
 
 REDUCTIONS = ("mean", "sum")
 CAPTURES = ("auto", "native", "hooks")
@@ -127,6 +130,7 @@ class PerSampleGrads:
             self._hooks = HooksCapture(model)
         self._cached_key = None
         self._cached_results = None  # name -> buffer, reused by the next call with the same key
+        self._projection_key = self._projection = None  # the last projection(), reused while its key holds
 
     # ---------------------------------------------------------------- public API
 
@@ -255,7 +259,124 @@ class PerSampleGrads:
             randomness.add_noise(list(grads.values()), float(noise_multiplier) * max_norm, generator)
         return sq.sum(0).sqrt()
 
+    def inner_products(
+        self,
+        inputs_a,
+        target_a,
+        inputs_b,
+        target_b,
+        loss_fn: Callable,
+        *,
+        reduction: str = "mean",
+        per_param: bool = False,
+    ):
+        """Inner products ``K [N_a, N_b]`` between the per-sample gradients of two sets,
+        ``K[n, m] = <grad_a[n], grad_b[m]>`` summed over every parameter that requires grad,
+        never forming a per-sample gradient of the whole model.
+
+        Per layer, from its factors (input A, output gradient G) of both sets: a Linear on
+        2-D inputs gives ``(A_a A_bᵀ + 1) ⊙ (G_a G_bᵀ)`` (weight and bias; one fused kernel on
+        CUDA); a Linear on sequences the sum over both samples' positions, as ``T_a x T_b``
+        Grams or by contracting both sets' per-sample gradients, a block at a time, whichever
+        costs less (:func:`indivgrad_cuda.ops.linear_gram_uses_ghost`); an Embedding the sum
+        over pairs of equal tokens; a LayerNorm its small per-sample gradients' Gram.
+
+        Memory: set b is processed in blocks of ``max_chunk`` samples (all of it when None),
+        each block's factors kept while set a runs past them in chunks of ``max_chunk``; so
+        set a's forward and backward run once per block of b (pass the larger set as a). Each
+        layer's temporaries are bounded (64 MiB blocks); the result is ``[N_a, N_b]``.
+
+        Both sets go through the same ``loss_fn`` and ``reduction`` (see the class's docs);
+        ``inputs_b`` must have ``inputs_a``'s structure, dtypes and device. Dropout in train
+        mode is refused (put the model in eval mode). float16/bfloat16 models give float32.
+
+        Returns ``K``, or ``(K, {name: [N_a, N_b]})`` with ``per_param=True``."""
+        if not isinstance(per_param, bool):
+            raise TypeError(f"per_param: expected True or False, got {per_param!r}")
+        attribution.check_same_structure(inputs_a, inputs_b)
+        layers, device, dtype = self._attribution_setup(inputs_a, reduction, "inputs_a")
+        self._attribution_setup(inputs_b, reduction, "inputs_b")
+        return attribution.inner_products(
+            self._factor_runner(loss_fn, reduction),
+            (inputs_a, target_a),
+            (inputs_b, target_b),
+            layers,
+            per_param,
+            self.max_chunk,
+            acc_dtype(dtype),
+            device,
+        )
+
+    def projection(self, dim: int, *, seed: int = 0) -> Projection:
+        """The seeded Kronecker-factored projection :meth:`project` applies to the parameters
+        that require grad now: its per-parameter matrices, column slices and total dimension
+        ``D_proj`` (at most ``dim``; see :mod:`indivgrad_cuda.projection` for the rule)."""
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim: expected a positive int, got {dim!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed: expected an int, got {seed!r}")
+        layers = self._hooks.layers() if self._hooks is not None else self._native.layers()
+        params = [p for layer in layers for p in layer.trainable().values()]
+        dtype = params[0].dtype if params else torch.float32
+        device = params[0].device if params else torch.device("cpu")
+        key = (dim, seed, dtype, device, tuple((layer.path, tuple(layer.trainable())) for layer in layers))
+        if self._projection_key != key:
+            self._projection = projection_.build(layers, dim, seed, dtype, device)
+            self._projection_key = key
+        return self._projection
+
+    def project(self, inputs, target, loss_fn: Callable, *, dim: int, seed: int = 0, reduction: str = "mean"):
+        """Each sample's gradient, over every parameter that requires grad, randomly projected
+        to ``[N, D_proj]`` by :meth:`projection` ``(dim, seed=seed)``, layer by layer from its
+        factors (a Linear weight's ``P_out G_nᵀ A_n P_inᵀ`` as ``sum_t (P_out g_t) ⊗ (P_in
+        a_t)``), never forming a per-sample gradient. Inner products of the rows estimate the
+        gradients' inner products without bias. The same seed gives the same matrices on
+        every device, and a sample's projection does not depend on its batch. Dropout in train
+        mode is refused. float16/bfloat16 models give float32."""
+        proj = self.projection(dim, seed=seed)
+        layers, device, _ = self._attribution_setup(inputs, reduction, "inputs")
+        return attribution.project(self._factor_runner(loss_fn, reduction), inputs, target, proj, layers, device)
+
     # ---------------------------------------------------------------- internals
+
+    def _attribution_setup(self, inputs, reduction, name):
+        """Checks one set of the attribution methods; returns its capture's layers, the
+        model's device and its parameters' dtype."""
+        cap, _ = self._begin(inputs, reduction, None)
+        device = cap.device()
+        for where, t in named_tensors(inputs):
+            if t.device != device:
+                raise ValueError(f"{name}{where}: expected a tensor on {device} (the model's), got {t.device}")
+        training = [path for path, m in self.model.named_modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
+        if training:
+            raise ValueError(
+                f"modules {training} (Dropout) are in train mode: attribution needs each sample's gradient to be "
+                f"deterministic; call model.eval() first"
+            )
+        layers = cap.layers()
+        params = [p for layer in layers for p in layer.trainable().values()]
+        return layers, device, params[0].dtype if params else torch.float32
+
+    def _factor_runner(self, loss_fn, reduction):
+        """run(inputs, target, visit): one set's forward and backward, each layer's factors to
+        visit(layer, factors or None, n0, n1)."""
+
+        def run(inputs, target, visit):
+            cap, _ = self._begin(inputs, reduction, None)
+            layers = cap.layers()
+            cap.run(
+                layers,
+                inputs,
+                target,
+                loss_fn,
+                reduction,
+                None,
+                self.max_chunk,
+                lambda i, f, n0, n1: visit(layers[i], f, n0, n1),
+            )
+
+        return run
+
 
     def _begin(self, inputs, reduction, generator):
         """Checks what every method takes; returns the capture for these inputs and N."""

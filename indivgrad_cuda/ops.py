@@ -170,3 +170,50 @@ def linear_norm_uses_ghost(t: int, d_in: int, d_out: int) -> bool:
     ``T²(D_in + D_out + 2c) <= (T + c)·D_in·D_out``, counting multiply-adds per sample and
     ``c = 128`` for each element of a temporary written and read back (csrc/layer_ops.h)."""
     return _C.linear_norm_uses_ghost(t, d_in, d_out, "auto")
+
+
+# ---------------------------------------------------------------- inner products of two sets
+
+
+def linear_gram(
+    xa: torch.Tensor,
+    ga: torch.Tensor,
+    xb: torch.Tensor,
+    gb: torch.Tensor,
+    *,
+    bias: float = 0.0,
+    method: str = "auto",
+) -> torch.Tensor:
+    """Inner products ``[N_a, N_b]`` between set a's and set b's per-sample gradients of a
+    Linear layer, ``K[n, m] = sum_{t,s} (xa[n,t]·xb[m,s] + bias)(ga[n,t]·gb[m,s])``, never
+    forming them for more than a block of samples: ``bias=1`` adds the bias's (its
+    gradient is ``sum_t g_t``), ``bias=0`` gives the weight's alone.
+
+    Args:
+        xa, ga: set a's factors, ``[N_a, D_in]`` and ``[N_a, D_out]`` or ``[N_a, T_a, D_in]``
+            and ``[N_a, T_a, D_out]``; xb, gb: set b's, likewise (T_b may differ).
+        method: ``"ghost"`` (``T_a x T_b`` Grams of both factors, multiplied), ``"direct"``
+            (both sides' per-sample gradients, a block at a time, contracted), or ``"auto"``:
+            the cheaper (:func:`linear_gram_uses_ghost`); 2-D factors always take the Gram
+            form, fused into one kernel on CUDA.
+    """
+    return _ops.linear_gram(xa, ga, xb, gb, float(bias), method)
+
+
+def linear_gram_uses_ghost(t_a: int, t_b: int, n_a: int, n_b: int, d_in: int, d_out: int) -> bool:
+    """The cost rule of ``linear_gram(method="auto")``, counting multiply-adds and ``c = 128``
+    for each element of a temporary written and read back: the Gram form when
+    ``T_a·T_b·(D_in + D_out + 2c) <= D_in·D_out·(1 + (T_a + c)/N_b + (T_b + c)/N_a)``
+    (per pair of samples; the direct form forms each side's gradients once per block of the
+    other); one position on both sides always takes the Gram form (csrc/gram.h)."""
+    return _C.linear_gram_uses_ghost(t_a, t_b, n_a, n_b, d_in, d_out, "auto")
+
+
+def embedding_gram(
+    ids_a: torch.Tensor, ga: torch.Tensor, ids_b: torch.Tensor, gb: torch.Tensor, padding_idx: Optional[int] = None
+) -> torch.Tensor:
+    """Inner products ``[N_a, N_b]`` between two sets' per-sample gradients of an Embedding's
+    weight: the sum of ``ga[n,t]·gb[m,s]`` over token pairs with equal ids (``padding_idx``
+    tokens pair with none), from ``T_a x T_b`` Grams of blocks of samples. ids: ``[N, T]``
+    int64/int32; g: ``[N, T, D]``."""
+    return _ops.embedding_gram(ids_a, ga, ids_b, gb, padding_idx)

@@ -10,11 +10,13 @@ from typing import Optional
 import torch
 
 from indivgrad_cuda import randomness
+from indivgrad_cuda.capture.layers import Layer
 from indivgrad_cuda.capture.losses import grad_of_output
 from indivgrad_cuda.capture.mlp_plan import build_plan
 from indivgrad_cuda.capture.precision import no_autocast
 from indivgrad_cuda.chunking import chunk_size, chunks
 from indivgrad_cuda.cuda_graphs import GraphRunner, addresses, parameter_key
+from indivgrad_cuda.layers import Factors, rule_for
 
 
 class NativeCapture:
@@ -42,6 +44,17 @@ class NativeCapture:
                 out[w_name] = (w, w.shape if layout == "out_in" else w.shape[::-1])
             if b is not None and b.requires_grad:
                 out[b_name] = (b, b.shape)
+        return out
+
+    def layers(self) -> list[Layer]:
+        """The Linear layers with trainable parameters now, as the hooks capture names them."""
+        plan, rule = self.plan, rule_for(self.plan.linears[0])
+        out = []
+        for m, w_name, b_name in zip(plan.linears, plan.weight_names, plan.bias_names):
+            names = {"weight": w_name} if b_name is None else {"weight": w_name, "bias": b_name}
+            layer = Layer(w_name.rpartition(".")[0], m, rule, names)
+            if layer.wanted():
+                out.append(layer)
         return out
 
     def check_input(self, x):
@@ -126,6 +139,24 @@ class NativeCapture:
                 if dst is not None:
                     dst.copy_(src)
 
+    def run(self, layers: list[Layer], x, target, loss_fn, reduction, generator, max_chunk, visit, end_chunk=None):
+        """The hooks capture's contract (HooksCapture.run): ``visit(i, Factors, n0, n1)`` for each
+        of ``layers`` (from :meth:`layers`) and chunk, with T = 1; chunks of this capture's size."""
+        plan = self.plan
+        program, weights = plan.program, plan.weights()
+        want_w, want_b = self._wanted()
+        index = {id(layer.module): i for i, layer in enumerate(layers)}
+
+        def chunk_factors(grad_out, saved, n0, n1):
+            xs, gs = program.factors(grad_out, saved, weights, want_w, want_b)
+            for m, x_l, g_l in zip(plan.linears, xs, gs):
+                if id(m) in index and x_l is not None:
+                    visit(index[id(m)], Factors(x_l[:, None], g_l[:, None]), n0, n1)
+            if end_chunk is not None:
+                end_chunk(n0, n1)
+
+        self._run(x, target, loss_fn, reduction, generator, chunk_factors)
+
     # ---------------------------------------------------------------- internals
 
     def _wanted(self):
@@ -140,10 +171,11 @@ class NativeCapture:
             raise ValueError("the model's Dropout layers are in mixed train/eval modes; put them all in one")
         return bool(states) and states.pop()
 
-    def _run(self, x, target, loss_fn, reduction, generator, chunk_pass, graphed_pass, graph_key):
+    def _run(self, x, target, loss_fn, reduction, generator, chunk_pass, graphed_pass=None, graph_key=()):
         """Forward → dL/d(output) → backward over the batch. Eagerly, chunk by chunk, calling
-        chunk_pass(grad_out, saved, n0, n1): returns None. Or through CUDA graphs, where they
-        apply, as graphed_pass(grad_out, saved) on the whole batch: returns its results."""
+        chunk_pass(grad_out, saved, n0, n1): returns None. Or, given graphed_pass, through CUDA
+        graphs where they apply, as graphed_pass(grad_out, saved) on the whole batch: returns
+        its results."""
         plan = self.plan
         program, weights, biases = plan.program, plan.weights(), plan.biases()
         device = x.device.type
@@ -155,7 +187,7 @@ class NativeCapture:
             return grad_of_output(output, tc, loss_fn, reduction)
 
         graphs = self.graphs
-        if graphs is not None and size >= n and not any(m is not None for m in masks) and graphs.applies(x, weights[0]):
+        if graphs is not None and graphed_pass is not None and size >= n and not any(m is not None for m in masks) and graphs.applies(x, weights[0]):
 
             def forward(xs):
                 with no_autocast(device):

@@ -70,6 +70,37 @@ class LayerRule:
         """``grads[attr] (+)= sum_n coef[n] * (sample n's gradient)`` for the wanted attrs."""
         raise NotImplementedError
 
+    def gram(
+        self, module: nn.Module, fa: Factors, fb: Factors, want: list[str], per_param: bool
+    ) -> dict[tuple[str, ...], torch.Tensor]:
+        """Inner products [N_a, N_b] (acc_dtype) between set a's and set b's per-sample
+        gradients of the wanted attrs, keyed by the attrs each covers: one attr per key
+        when ``per_param``, else any grouping (the values add up to the layer's total)."""
+        raise NotImplementedError
+
+    def projection_dims(self, module: nn.Module, want: list[str], share: float) -> dict[str, tuple]:
+        """For each wanted attr, its projection's factor matrices as ``(key, k, d)``: a
+        ``[k, d]`` Gaussian matrix named ``key`` (shared by the attrs that name it), two for a
+        matrix-shaped gradient ``[R, C]`` (``P_R W P_Cᵀ``), one for a vector (``P w``), with
+        the layer's dims ``sum_attr prod(k)`` at most ``share`` (and at least 1 per attr)."""
+        raise NotImplementedError
+
+    def project(self, module: nn.Module, f: Factors, mats: dict[str, tuple]) -> dict[str, torch.Tensor]:
+        """Each attr's projected per-sample gradients [N, prod(k)] (acc_dtype) by its
+        matrices ``mats[attr]`` (as projection_dims ordered them), without forming them."""
+        raise NotImplementedError
+
+
+def fit(d: int, k: float) -> int:
+    """A projection's dimension: k rounded down, at least 1 and at most d."""
+    return max(1, min(d, int(k)))
+
+
+def gram_rows(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[N_a, N_b] inner products of the rows of u [N_a, ...] and v [N_b, ...], in acc_dtype."""
+    acc = acc_dtype(u.dtype)
+    return u.flatten(1).to(acc) @ v.flatten(1).to(acc).t()
+
 
 def write_or_add(dst: torch.Tensor, value: torch.Tensor, accumulate: bool) -> None:
     if accumulate:

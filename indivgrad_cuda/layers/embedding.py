@@ -7,11 +7,13 @@ over pairs of equal tokens, the direct form adds the gradients of equal tokens f
 ``index_add`` over the N·T tokens.
 """
 
+import math
+
 import torch
 from torch import nn
 
 from indivgrad_cuda import ops
-from indivgrad_cuda.layers.base import LayerRule, acc_dtype, write_or_add
+from indivgrad_cuda.layers.base import LayerRule, acc_dtype, fit, write_or_add
 
 
 class EmbeddingRule(LayerRule):
@@ -55,6 +57,25 @@ class EmbeddingRule(LayerRule):
             write_or_add(
                 dst, torch.zeros(dst.shape, dtype=rows.dtype, device=rows.device).index_add_(0, ids, rows), accumulate
             )
+
+    def gram(self, module, fa, fb, want, per_param):
+        if "weight" not in want:
+            return {}
+        return {("weight",): ops.embedding_gram(fa.a, fa.g, fb.a, fb.g, module.padding_idx)}
+
+    def projection_dims(self, module, want, share):
+        v, d = module.num_embeddings, module.embedding_dim
+        k_cols = fit(d, math.isqrt(int(share)))
+        return {"weight": (("rows", fit(v, share // k_cols), v), ("cols", k_cols, d))}
+
+    def project(self, module, f, mats):
+        p_rows, p_cols = mats["weight"]
+        acc = acc_dtype(f.g.dtype)
+        rows = p_rows.t()[f.a.reshape(-1)].view(*f.a.shape, -1)  # [N, T, k_rows]: P_rows e_id
+        g = f.g.to(acc)
+        if module.padding_idx is not None:  # padding tokens get no gradient, NaN or not
+            g = torch.where((f.a != module.padding_idx)[..., None], g, 0)
+        return {"weight": ops.seq_outer(rows, g @ p_cols.t(), layout="in_out").flatten(1)}
 
 
 RULE = (nn.Embedding, EmbeddingRule())

@@ -5,11 +5,13 @@ Sample n's gradients are ``sum_t x̂_t ⊙ g_t`` (weight) and ``sum_t g_t`` (bia
 activations, so norms and the clipped sum are formed from them directly.
 """
 
+import math
+
 import torch
 from torch import nn
 
 from indivgrad_cuda import ops
-from indivgrad_cuda.layers.base import Factors, LayerRule, squared_rows, write_or_add
+from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows, write_or_add
 
 
 class LayerNormRule(LayerRule):
@@ -40,6 +42,20 @@ class LayerNormRule(LayerRule):
         per_sample = self._grads(module, f)
         for attr, dst in grads.items():
             write_or_add(dst, torch.tensordot(coef.to(per_sample[attr].dtype), per_sample[attr], dims=1), accumulate)
+
+    def gram(self, module, fa, fb, want, per_param):
+        ga, gb = self._grads(module, fa), self._grads(module, fb)
+        return {(attr,): gram_rows(ga[attr], gb[attr]) for attr in want}
+
+    def projection_dims(self, module, want, share):
+        d = math.prod(module.normalized_shape)
+        return {attr: ((attr, fit(d, share // len(want)), d),) for attr in want}
+
+    def project(self, module, f, mats):
+        per_sample = self._grads(module, f)
+        return {
+            attr: per_sample[attr].flatten(1).to(acc_dtype(f.g.dtype)) @ p.t() for attr, (p,) in mats.items()
+        }
 
 
 RULE = (nn.LayerNorm, LayerNormRule())

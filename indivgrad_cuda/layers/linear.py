@@ -6,11 +6,13 @@ multiply-adds (``indivgrad_cuda._C.linear_norm_uses_ghost``); the clipped sum is
 over the N·T rows, each scaled by its sample's coefficient.
 """
 
+import math
+
 import torch
 from torch import nn
 
 from indivgrad_cuda import ops
-from indivgrad_cuda.layers.base import Factors, LayerRule, squared_rows, write_or_add
+from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows, write_or_add
 
 
 class LinearRule(LayerRule):
@@ -55,6 +57,41 @@ class LinearRule(LayerRule):
                 torch.mm(rows_g.t(), rows_a, out=w)
         if "bias" in grads:
             write_or_add(grads["bias"], c @ _bias_grads(f), accumulate)
+
+    def gram(self, module, fa: Factors, fb: Factors, want, per_param):
+        if "weight" in want and not per_param:  # (xa·xb + 1)(ga·gb): weight and bias in one pass
+            bias = 1.0 if "bias" in want else 0.0
+            return {tuple(want): ops.linear_gram(fa.a, fa.g, fb.a, fb.g, bias=bias)}
+        out = {}
+        if "weight" in want:
+            out[("weight",)] = ops.linear_gram(fa.a, fa.g, fb.a, fb.g)
+        if "bias" in want:
+            out[("bias",)] = gram_rows(_bias_grads(fa), _bias_grads(fb))
+        return out
+
+    def projection_dims(self, module, want, share):
+        d_out, d_in = module.out_features, module.in_features
+        dims = {}
+        if "weight" in want:  # k_out·(k_in + 1 for the bias) <= share, k_in ~ sqrt(share)
+            k_in = fit(d_in, math.isqrt(int(share)))
+            k_out = fit(d_out, share // (k_in + ("bias" in want)))
+            dims["weight"] = (("out", k_out, d_out), ("in", k_in, d_in))
+        else:
+            k_out = fit(d_out, share)
+        if "bias" in want:  # projected by the weight's P_out, as LoGra does
+            dims["bias"] = (("out", k_out, d_out),)
+        return dims
+
+    def project(self, module, f: Factors, mats):
+        acc = acc_dtype(f.g.dtype)
+        p_out = (mats.get("weight") or mats["bias"])[0]
+        g = f.g.to(acc) @ p_out.t()  # [N, T, k_out]: P_out g_t
+        out = {}
+        if "weight" in mats:  # P_out (sum_t g_t ⊗ a_t) P_inᵀ = sum_t (P_out g_t) ⊗ (P_in a_t)
+            out["weight"] = ops.seq_outer(f.a.to(acc) @ mats["weight"][1].t(), g, layout="out_in").flatten(1)
+        if "bias" in mats:
+            out["bias"] = g.sum(1)
+        return out
 
 
 def _bias_grads(f: Factors) -> torch.Tensor:
