@@ -1,4 +1,5 @@
-"""indivgrad_cuda: fast per-sample gradients, norms and clipped sums for PyTorch models.
+"""indivgrad_cuda: fast per-sample gradients, norms, clipped sums, inner products and
+projections for PyTorch models.
 
 See ``indivgrad_cuda.ops`` for the fused kernels and ``build_info()`` for how this copy
 was built.
@@ -18,6 +19,8 @@ from indivgrad_cuda.engine import (  # noqa: E402
     per_sample_grads,
 )
 from indivgrad_cuda.ops import act_outer, outer  # noqa: E402
+from indivgrad_cuda.projection import Projection  # noqa: E402
+from indivgrad_cuda.tracin import tracin_scores, tracin_self_influence  # noqa: E402
 
 
 def build_info() -> dict:
@@ -30,6 +33,7 @@ def build_info() -> dict:
 
 __all__ = [
     "PerSampleGrads",
+    "Projection",
     "UnsupportedModuleError",
     "__version__",
     "act_outer",
@@ -39,4 +43,6 @@ __all__ = [
     "outer",
     "per_sample_grad_norms",
     "per_sample_grads",
+    "tracin_scores",
+    "tracin_self_influence",
 ]

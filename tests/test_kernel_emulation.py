@@ -1,9 +1,9 @@
-"""The CUDA kernel's logic, run on the host: tests/harness compiles csrc/outer_kernel.cuh (the
-very text the GPU build compiles) with g++ under AddressSanitizer and UBSan, runs every block's
-threads as fibers split at each __syncthreads, and checks every element bit for bit (see
-tests/harness/outer_harness.cpp for the cases). The mutants below plant the bugs a kernel edit
-is likely to introduce in a copy of the header; the harness must catch every one, which shows
-that a pass means something."""
+"""The CUDA kernels' logic, run on the host: tests/harness compiles csrc/outer_kernel.cuh and
+csrc/gram_kernel.cuh (the very text the GPU build compiles) with g++ under AddressSanitizer and
+UBSan, runs every block's threads as fibers split at each __syncthreads, and checks every
+element (see tests/harness/*_harness.cpp for the cases). The mutants below plant the bugs a
+kernel edit is likely to introduce in a copy of the header; the harness must catch every one,
+which shows that a pass means something."""
 
 import concurrent.futures
 import os
@@ -15,8 +15,6 @@ import pytest
 import torch.utils.cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
-KERNEL = ROOT / "csrc" / "outer_kernel.cuh"
-HARNESS = ROOT / "tests" / "harness" / "outer_harness.cpp"
 CXX = os.environ.get("CXX", "g++")
 FLAGS = [
     "-std=c++20",
@@ -30,7 +28,7 @@ FLAGS = [
 RUN_ENV = dict(os.environ, ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="print_stacktrace=1")
 
 # (name, text in outer_kernel.cuh, its replacement, what the harness must report)
-MUTANTS = [
+OUTER_MUTANTS = [
     (
         "tail_off_by_one",
         "for (int e = tail + threadIdx.x; e < len; e += blockDim.x)",
@@ -70,11 +68,44 @@ MUTANTS = [
     ("missing_syncthreads", "  __syncthreads();\n", "\n", "wrong elements"),
 ]
 
+# The same for gram_kernel.cuh.
+GRAM_MUTANTS = [
+    (
+        "gram_depth_tail_dropped",
+        "const bool in_k = k0 + k < d;",
+        "const bool in_k = k0 + k < d - 1;",
+        "wrong elements",
+    ),
+    (
+        "gram_slab_overwritten_early",
+        "    __syncthreads();  // the slab is overwritten next step\n",
+        "\n",
+        "wrong elements",
+    ),
+    ("gram_column_guard", "if (m < p.nb) out", "if (m <= p.nb) out", "heap-buffer-overflow"),
+    ("gram_row_guard", "if (n >= p.na) continue;", "if (n > p.na) continue;", "heap-buffer-overflow"),
+    ("gram_row_stride", "out[n * p.ld_out + m]", "out[n * p.nb + m]", "FAIL"),
+    (
+        "gram_shared_memory_too_small",
+        "return 2 * int64_t{kGramTile} * kGramPad * acc_size;",
+        "return (2 * int64_t{kGramTile} - 1) * kGramPad * acc_size;",
+        "heap-buffer-overflow",
+    ),
+]
 
-def _build(source_dir, binary):
-    """g++ the harness with source_dir searched first for outer_kernel.cuh."""
+# kernel -> (its header, its harness, its mutants, the fewest cases a full run must pass)
+KERNELS = {
+    "outer": ("outer_kernel.cuh", "outer_harness.cpp", OUTER_MUTANTS, 800),
+    "gram": ("gram_kernel.cuh", "gram_harness.cpp", GRAM_MUTANTS, 400),
+}
+MUTANTS = [(kernel, *m) for kernel, (_, _, mutants, _) in KERNELS.items() for m in mutants]
+
+
+def _build(source_dir, binary, harness):
+    """g++ the harness with source_dir searched first for the kernel's header."""
     include = torch.utils.cpp_extension.include_paths()[0]  # c10's Half and BFloat16
-    cmd = [CXX, *FLAGS, "-I", str(source_dir), "-I", str(ROOT / "csrc"), "-I", include, str(HARNESS), "-o", str(binary)]
+    source = ROOT / "tests" / "harness" / harness
+    cmd = [CXX, *FLAGS, "-I", str(source_dir), "-I", str(ROOT / "csrc"), "-I", include, str(source), "-o", str(binary)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, f"building the harness failed:\n{' '.join(cmd)}\n{proc.stderr[-4000:]}"
     return binary
@@ -86,21 +117,22 @@ def _run(binary, *args):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Builds the harness on the real kernel and on every mutant and runs each (the kernel on
-    every case, the mutants on the quick set), all at once: name -> (binary, CompletedProcess)."""
+    """Builds each harness on its real kernel and on every mutant and runs each (the kernels
+    on every case, the mutants on the quick set), all at once: name -> (binary, CompletedProcess)."""
     if shutil.which(CXX) is None:
         pytest.skip(f"no C++ compiler {CXX!r} to build the kernel harness")
     root = tmp_path_factory.mktemp("harness")
-    text = KERNEL.read_text()
-    jobs = {"kernel": (ROOT / "csrc", root / "kernel", ())}
-    for name, old, new, _ in MUTANTS:
-        assert text.count(old) == 1, f"mutant {name}: {old!r} must occur once in {KERNEL.name}; update the mutant"
+    jobs = {kernel: (ROOT / "csrc", root / kernel, harness, ()) for kernel, (_, harness, _, _) in KERNELS.items()}
+    for kernel, name, old, new, _ in MUTANTS:
+        header, harness = KERNELS[kernel][:2]
+        text = (ROOT / "csrc" / header).read_text()
+        assert text.count(old) == 1, f"mutant {name}: {old!r} must occur once in {header}; update the mutant"
         (root / name).mkdir()
-        (root / name / KERNEL.name).write_text(text.replace(old, new))
-        jobs[name] = (root / name, root / f"{name}.bin", ("--quick",))
+        (root / name / header).write_text(text.replace(old, new))
+        jobs[name] = (root / name, root / f"{name}.bin", harness, ("--quick",))
 
-    def build_and_run(source_dir, binary, args):
-        _build(source_dir, binary)
+    def build_and_run(source_dir, binary, harness, args):
+        _build(source_dir, binary, harness)
         return binary, _run(binary, *args)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -108,15 +140,16 @@ def runs(tmp_path_factory):
         return {name: f.result() for name, f in futures.items()}
 
 
-def test_kernel_passes_every_case(runs):
-    proc = runs["kernel"][1]
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_kernel_passes_every_case(runs, kernel):
+    proc = runs[kernel][1]
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0 and " 0 failed" in proc.stdout, output[-6000:]
     passed = int(proc.stdout.strip().splitlines()[-1].split()[0])
-    assert passed >= 800, f"only {passed} cases ran:\n{output[-2000:]}"
+    assert passed >= KERNELS[kernel][3], f"only {passed} cases ran:\n{output[-2000:]}"
 
 
-@pytest.mark.parametrize("name,expected", [(m[0], m[3]) for m in MUTANTS], ids=[m[0] for m in MUTANTS])
+@pytest.mark.parametrize("name,expected", [(m[1], m[4]) for m in MUTANTS], ids=[m[1] for m in MUTANTS])
 def test_harness_catches_planted_bug(runs, name, expected):
     proc = runs[name][1]
     output = proc.stdout + proc.stderr
@@ -124,6 +157,7 @@ def test_harness_catches_planted_bug(runs, name, expected):
     assert expected in output, f"mutant {name} failed, but not with {expected!r}:\n{output[-3000:]}"
 
 
-def test_harness_rejects_unknown_arguments(runs):
-    proc = _run(runs["kernel"][0], "--frobnicate")
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_harness_rejects_unknown_arguments(runs, kernel):
+    proc = _run(runs[kernel][0], "--frobnicate")
     assert proc.returncode == 2 and "usage:" in proc.stderr

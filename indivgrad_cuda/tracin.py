@@ -1,0 +1,120 @@
+"""TracIn (Pruthi et al., arXiv 2002.08484) over training checkpoints:
+``score(train n, test m) = sum_c lr_c <grad_c(train n), grad_c(test m)>`` and the
+self-influence ``sum_c lr_c ||grad_c(train n)||²``, from the engine's inner products and
+norms (exact, never forming a per-sample gradient), or from projected gradients (TRAK-style,
+``projection_dim``)."""
+
+import os
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from indivgrad_cuda.engine import ENGINE_OPTIONS, PerSampleGrads
+
+Checkpoint = Union[dict, str, os.PathLike]
+
+
+def tracin_scores(
+    model: nn.Module,
+    checkpoints: Iterable[Checkpoint],
+    learning_rates: Union[float, Sequence[float]],
+    train: tuple,
+    test: tuple,
+    loss_fn: Callable,
+    *,
+    reduction: str = "mean",
+    projection_dim: Optional[int] = None,
+    seed: int = 0,
+    **engine_options,
+) -> torch.Tensor:
+    """TracIn scores ``[N_train, N_test]``.
+
+    Args:
+        model: the model; each checkpoint is loaded into it in turn (``load_state_dict``)
+            and its own state is restored afterwards.
+        checkpoints: state dicts, or paths to them (``torch.load``, weights only).
+        learning_rates: the learning rate at each checkpoint, or one for all.
+        train, test: ``(inputs, target)`` of each set (inputs as the engine takes them).
+        loss_fn, reduction: as :class:`PerSampleGrads` takes them.
+        projection_dim: None for exact inner products (:meth:`PerSampleGrads.inner_products`);
+            else inner products of gradients projected to at most this many dims
+            (:meth:`PerSampleGrads.project`, drawn from ``seed``; the same matrices at every
+            checkpoint).
+        engine_options: ``max_chunk``, ``capture``, ``norm_method`` for the engine.
+    """
+    engine = _engine(model, engine_options)
+    total = None
+    for lr in _each_checkpoint(model, checkpoints, learning_rates):
+        if projection_dim is None:
+            k = engine.inner_products(*train, *test, loss_fn, reduction=reduction)
+        else:
+            fa = engine.project(*train, loss_fn, dim=projection_dim, seed=seed, reduction=reduction)
+            fb = engine.project(*test, loss_fn, dim=projection_dim, seed=seed, reduction=reduction)
+            k = fa @ fb.t()
+        total = k.mul_(lr) if total is None else total.add_(k, alpha=lr)
+    return total
+
+
+def tracin_self_influence(
+    model: nn.Module,
+    checkpoints: Iterable[Checkpoint],
+    learning_rates: Union[float, Sequence[float]],
+    train: tuple,
+    loss_fn: Callable,
+    *,
+    reduction: str = "mean",
+    projection_dim: Optional[int] = None,
+    seed: int = 0,
+    **engine_options,
+) -> torch.Tensor:
+    """TracIn self-influence ``[N]``: ``sum_c lr_c ||grad_c(n)||²`` from the per-sample
+    norms (:meth:`PerSampleGrads.norms`), or from projected gradients with
+    ``projection_dim``. Arguments as :func:`tracin_scores`. High self-influence flags
+    samples the model found hard to fit: mislabelled or atypical ones."""
+    engine = _engine(model, engine_options)
+    total = None
+    for lr in _each_checkpoint(model, checkpoints, learning_rates):
+        if projection_dim is None:
+            sq = engine.norms(*train, loss_fn, reduction=reduction).square()
+        else:
+            sq = engine.project(*train, loss_fn, dim=projection_dim, seed=seed, reduction=reduction).square().sum(1)
+        total = sq.mul_(lr) if total is None else total.add_(sq, alpha=lr)
+    return total
+
+
+def _engine(model, options):
+    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {unknown}; engine options are {list(ENGINE_OPTIONS)}")
+    return PerSampleGrads(model, cuda_graphs=False, **options)
+
+
+def _each_checkpoint(model, checkpoints, learning_rates):
+    """Loads each checkpoint into model and yields its learning rate; restores the model."""
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise ValueError("checkpoints: expected at least one state dict or path, got none")
+    if isinstance(learning_rates, (int, float)):
+        learning_rates = [float(learning_rates)] * len(checkpoints)
+    learning_rates = list(learning_rates)
+    if len(learning_rates) != len(checkpoints):
+        raise ValueError(
+            f"learning_rates: expected one per checkpoint ({len(checkpoints)}) or a single number, "
+            f"got {len(learning_rates)}"
+        )
+    device = next(model.parameters()).device
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    try:
+        for i, (ckpt, lr) in enumerate(zip(checkpoints, learning_rates)):
+            if isinstance(ckpt, (str, os.PathLike)):
+                ckpt = torch.load(ckpt, map_location=device, weights_only=True)
+            if not isinstance(ckpt, dict):
+                raise TypeError(f"checkpoints[{i}]: expected a state dict or a path, got {type(ckpt).__name__}")
+            try:
+                model.load_state_dict(ckpt)
+            except RuntimeError as e:
+                raise ValueError(f"checkpoints[{i}]: does not fit the model: {e}") from e
+            yield float(lr)
+    finally:
+        model.load_state_dict(own)
