@@ -58,7 +58,7 @@ def inner_products(
     total = torch.zeros(na, nb, dtype=dtype, device=device)
     names = [layer.names[attr] for layer in layers for attr in layer.trainable()]
     per = {name: torch.zeros_like(total) for name in names} if per_param else {}
-    for m0, m1, chunk_b, tb in split_batch(inputs_b, target_b, nb, nb if block is None else block):
+    for m0, m1, chunk_b, tb in split_batch(inputs_b, target_b, nb, max(1, nb if block is None else block)):
         if na == 0:
             break
         held: dict[str, Factors] = {}
