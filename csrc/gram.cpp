@@ -1,5 +1,5 @@
-// indivgrad_cuda::linear_gram and embedding_gram. linear_gram: K[n, m] = sum_{t,s} (xa[n,t]·xb[m,s] + bias)(ga[n,t]·gb[m,s]),
-// the inner products between sample n of one set's and sample m of another's per-sample
+// indivgrad_cuda::linear_gram and embedding_gram. linear_gram: K[n, m] = sum_{t,s} (xa[n,t]·xb[m,s] +
+// bias)(ga[n,t]·gb[m,s]), the inner products between sample n of one set's and sample m of another's per-sample
 // gradients of a Linear layer (bias = 1 adds the bias's, whose gradient is sum_t g_t), from
 // the factors alone. ATen implementation for any device, registered for
 // CompositeExplicitAutograd; gram_cuda.cu overrides the 2-D case with a fused kernel.
@@ -21,8 +21,8 @@ namespace {
 void check_side(const at::Tensor& x, const at::Tensor& g, const char* xn, const char* gn, const at::Tensor& ref) {
   TORCH_CHECK_VALUE(x.dim() == 2 || x.dim() == 3, xn, ": expected [N, D_in] or [N, T, D_in], got shape ", x.sizes());
   TORCH_CHECK_VALUE(g.dim() == x.dim() && g.sizes().slice(0, x.dim() - 1) == x.sizes().slice(0, x.dim() - 1), gn,
-                    ": expected leading dims ", x.sizes().slice(0, x.dim() - 1), " (", xn, "'s) and a width, got shape ",
-                    g.sizes());
+                    ": expected leading dims ", x.sizes().slice(0, x.dim() - 1), " (", xn,
+                    "'s) and a width, got shape ", g.sizes());
   for (const auto& [t, name] : {std::pair{&x, xn}, std::pair{&g, gn}}) {
     check_float_dtype(*t, name);
     TORCH_CHECK_TYPE(t->scalar_type() == ref.scalar_type(), name, ": expected dtype ", ref.scalar_type(),
@@ -40,11 +40,11 @@ GramFactors check_gram_factors(const at::Tensor& xa, const at::Tensor& ga, const
                                double bias) {
   check_side(xa, ga, "xa", "ga", xa);
   check_side(xb, gb, "xb", "gb", xa);
-  TORCH_CHECK_VALUE(xb.size(-1) == xa.size(-1) && gb.size(-1) == ga.size(-1), "xb, gb: expected widths D_in=",
-                    xa.size(-1), " and D_out=", ga.size(-1), " (xa's and ga's), got ", xb.size(-1), " and ",
-                    gb.size(-1));
-  TORCH_CHECK_VALUE(bias == 0.0 || bias == 1.0, "bias: expected 0 (the weight's inner products) or 1 (weight and bias), got ",
-                    bias);
+  TORCH_CHECK_VALUE(xb.size(-1) == xa.size(-1) && gb.size(-1) == ga.size(-1),
+                    "xb, gb: expected widths D_in=", xa.size(-1), " and D_out=", ga.size(-1), " (xa's and ga's), got ",
+                    xb.size(-1), " and ", gb.size(-1));
+  TORCH_CHECK_VALUE(bias == 0.0 || bias == 1.0,
+                    "bias: expected 0 (the weight's inner products) or 1 (weight and bias), got ", bias);
   return {as_seq(xa), as_seq(ga), as_seq(xb), as_seq(gb)};
 }
 
@@ -118,8 +118,8 @@ void check_embedding_side(const at::Tensor& ids, const at::Tensor& g, const char
   check_float_dtype(g, gn);
   TORCH_CHECK_TYPE(g.scalar_type() == ref_g.scalar_type(), gn, ": expected dtype ", ref_g.scalar_type(),
                    " (ga's), got ", g.scalar_type());
-  TORCH_CHECK_VALUE(g.device() == ref_g.device() && ids.device() == ref_g.device(), in, ", ", gn,
-                    ": expected device ", ref_g.device(), " (ga's), got ", ids.device(), " and ", g.device());
+  TORCH_CHECK_VALUE(g.device() == ref_g.device() && ids.device() == ref_g.device(), in, ", ", gn, ": expected device ",
+                    ref_g.device(), " (ga's), got ", ids.device(), " and ", g.device());
 }
 
 // K[n, m] = sum over token pairs (t, s) with ids_a[n,t] == ids_b[m,s] != padding_idx of

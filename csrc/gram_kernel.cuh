@@ -21,18 +21,18 @@
 
 namespace indivgrad {
 
-constexpr int kGramTile = 64;      // outputs per block side
-constexpr int kGramDepth = 16;     // reduction elements staged per step
+constexpr int kGramTile = 64;   // outputs per block side
+constexpr int kGramDepth = 16;  // reduction elements staged per step
 constexpr int kGramPad = kGramDepth + 1;
 constexpr int kGramThreads = 256;  // 16 x 16
 constexpr int kGramSide = 16;
 constexpr int kGramPer = kGramTile / kGramSide;  // outputs per thread per side
 
 struct GramPlan {
-  int64_t na, nb;     // out is [na, nb] with row stride ld_out
-  int64_t d_x, d_g;   // widths of x (D_in) and g (D_out)
+  int64_t na, nb;    // out is [na, nb] with row stride ld_out
+  int64_t d_x, d_g;  // widths of x (D_in) and g (D_out)
   int64_t ld_out;
-  int64_t tiles_b;    // column tiles; blocks = tiles_a * tiles_b
+  int64_t tiles_b;  // column tiles; blocks = tiles_a * tiles_b
   int64_t blocks;
 };
 

@@ -2,6 +2,7 @@
 and their random projections, both from each layer's factors (the layer rules' ``gram`` and
 ``project``), never from per-sample gradients of the whole model."""
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -62,23 +63,25 @@ def inner_products(
         if na == 0:
             break
         held: dict[str, Factors] = {}
-
-        def keep(layer, f, n0, n1):
-            if f is not None:
-                held[layer.path] = f
-
-        def against_held(layer, f, n0, n1, m0=m0, m1=m1):
-            fb = held.get(layer.path)
-            if f is None or fb is None:  # no gradient reached the layer on one side: zeros
-                return
-            for attrs, k in layer.rule.gram(layer.module, f, fb, list(layer.trainable()), per_param).items():
-                total[n0:n1, m0:m1] += k
-                if per_param:
-                    per[layer.names[attrs[0]]][n0:n1, m0:m1] = k
-
-        run(chunk_b, tb, keep)
-        run(inputs_a, target_a, against_held)
+        run(chunk_b, tb, functools.partial(_hold, held))
+        run(inputs_a, target_a, functools.partial(_against_held, held, slice(m0, m1), total, per))
     return (total, per) if per_param else total
+
+
+def _hold(held, layer, f, n0, n1):
+    if f is not None:
+        held[layer.path] = f
+
+
+def _against_held(held, cols, total, per, layer, f, n0, n1):
+    """Adds the Grams of set a's rows n0..n1 against the held block of b (columns cols)."""
+    fb = held.get(layer.path)
+    if f is None or fb is None:  # no gradient reached the layer on one side: zeros
+        return
+    for attrs, k in layer.rule.gram(layer.module, f, fb, list(layer.trainable()), bool(per)).items():
+        total[n0:n1, cols] += k
+        if per:
+            per[layer.names[attrs[0]]][n0:n1, cols] = k
 
 
 def project(run: Callable, inputs, target, proj: projection_.Projection, layers: list[Layer], device):

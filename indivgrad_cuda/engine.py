@@ -347,7 +347,9 @@ class PerSampleGrads:
         for where, t in named_tensors(inputs):
             if t.device != device:
                 raise ValueError(f"{name}{where}: expected a tensor on {device} (the model's), got {t.device}")
-        training = [path for path, m in self.model.named_modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0]
+        training = [
+            path for path, m in self.model.named_modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0
+        ]
         if training:
             raise ValueError(
                 f"modules {training} (Dropout) are in train mode: attribution needs each sample's gradient to be "
@@ -376,7 +378,6 @@ class PerSampleGrads:
             )
 
         return run
-
 
     def _begin(self, inputs, reduction, generator):
         """Checks what every method takes; returns the capture for these inputs and N."""

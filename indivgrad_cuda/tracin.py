@@ -5,7 +5,8 @@ norms (exact, never forming a per-sample gradient), or from projected gradients 
 ``projection_dim``)."""
 
 import os
-from typing import Callable, Iterable, Optional, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn

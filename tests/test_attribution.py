@@ -39,7 +39,11 @@ def assert_inner_products(engine, a, b, ref, ref_per, loss=F.cross_entropy):
 
 def mlp(device, flatten=False):
     layers = [nn.Flatten()] if flatten else []
-    return nn.Sequential(*layers, nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 4)).double().to(device)
+    return (
+        nn.Sequential(*layers, nn.Linear(12, 9), nn.Tanh(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 4))
+        .double()
+        .to(device)
+    )
 
 
 def labelled(n, shape, device, classes=4):
@@ -107,7 +111,9 @@ def test_both_gram_forms_in_the_engine(monkeypatch):
     ref, _, _ = reference(model, a, b)
     original = ops.linear_gram
     for method in ("ghost", "direct"):
-        monkeypatch.setattr(ops, "linear_gram", lambda *f, bias=0.0, method=method: original(*f, bias=bias, method=method))
+        monkeypatch.setattr(
+            ops, "linear_gram", lambda *f, bias=0.0, method=method: original(*f, bias=bias, method=method)
+        )
         torch.testing.assert_close(ig.PerSampleGrads(model).inner_products(*a, *b, F.cross_entropy), ref, **F64)
 
 
@@ -212,7 +218,9 @@ def test_projection_is_seeded_and_batch_independent(device):
     ids, mask, y = token_batch(8, 9, 13, 3, device=device)
     a = ig.PerSampleGrads(model).project((ids, mask), y, F.cross_entropy, dim=300, seed=5)
     order = torch.randperm(8, device=device)[:5]
-    b = ig.PerSampleGrads(model, max_chunk=2).project((ids[order], mask[order]), y[order], F.cross_entropy, dim=300, seed=5)
+    b = ig.PerSampleGrads(model, max_chunk=2).project(
+        (ids[order], mask[order]), y[order], F.cross_entropy, dim=300, seed=5
+    )
     torch.testing.assert_close(b, a[order], **F64)  # another engine, batch, order and chunking
     other = ig.PerSampleGrads(model).project((ids, mask), y, F.cross_entropy, dim=300, seed=6)
     assert not torch.allclose(other, a)
@@ -277,8 +285,12 @@ def test_tracin_scores_and_self_influence(tmp_path):
     for i, ckpt in enumerate(checkpoints):
         paths.append(tmp_path / f"c{i}.pt")
         torch.save(ckpt, paths[-1])
-    torch.testing.assert_close(ig.tracin_scores(model, checkpoints, lrs, train, test, F.cross_entropy), ref_scores, **F64)
-    torch.testing.assert_close(ig.tracin_self_influence(model, paths, lrs, train, F.cross_entropy, max_chunk=2), ref_self, **F64)
+    torch.testing.assert_close(
+        ig.tracin_scores(model, checkpoints, lrs, train, test, F.cross_entropy), ref_scores, **F64
+    )
+    torch.testing.assert_close(
+        ig.tracin_self_influence(model, paths, lrs, train, F.cross_entropy, max_chunk=2), ref_self, **F64
+    )
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
     # TRAK-style: inner products of projected gradients, the same matrices at every checkpoint
@@ -286,12 +298,19 @@ def test_tracin_scores_and_self_influence(tmp_path):
     engine, expected = ig.PerSampleGrads(model), 0
     for ckpt in checkpoints:
         model.load_state_dict(ckpt)
-        expected = expected + 0.3 * engine.project(*train, F.cross_entropy, dim=64, seed=2) @ engine.project(
-            *test, F.cross_entropy, dim=64, seed=2
-        ).t()
+        expected = (
+            expected
+            + 0.3
+            * engine.project(*train, F.cross_entropy, dim=64, seed=2)
+            @ engine.project(*test, F.cross_entropy, dim=64, seed=2).t()
+        )
     torch.testing.assert_close(projected, expected, **F64)
     self_proj = ig.tracin_self_influence(model, checkpoints, 0.3, train, F.cross_entropy, projection_dim=64, seed=2)
-    torch.testing.assert_close(self_proj, ig.tracin_scores(model, checkpoints, 0.3, train, train, F.cross_entropy, projection_dim=64, seed=2).diagonal(), **F64)
+    torch.testing.assert_close(
+        self_proj,
+        ig.tracin_scores(model, checkpoints, 0.3, train, train, F.cross_entropy, projection_dim=64, seed=2).diagonal(),
+        **F64,
+    )
 
 
 def test_tracin_errors():
@@ -300,7 +319,11 @@ def test_tracin_errors():
     state = model.state_dict()
     cases = [
         (dict(checkpoints=[]), ValueError, "checkpoints: expected at least one state dict or path, got none"),
-        (dict(learning_rates=[0.1, 0.2]), ValueError, "learning_rates: expected one per checkpoint (1) or a single number, got 2"),
+        (
+            dict(learning_rates=[0.1, 0.2]),
+            ValueError,
+            "learning_rates: expected one per checkpoint (1) or a single number, got 2",
+        ),
         (dict(checkpoints=[{"1.weight": torch.zeros(3)}]), ValueError, "checkpoints[0]: does not fit the model"),
         (dict(checkpoints=[3]), TypeError, "checkpoints[0]: expected a state dict or a path, got int"),
         (dict(chunk=2), TypeError, "unexpected keyword arguments ['chunk']; engine options are"),
@@ -309,7 +332,9 @@ def test_tracin_errors():
         kw = dict(checkpoints=[state], learning_rates=0.1)
         kw.update(change)
         with pytest.raises(error) as info:
-            ig.tracin_self_influence(model, kw.pop("checkpoints"), kw.pop("learning_rates"), train, F.cross_entropy, **kw)
+            ig.tracin_self_influence(
+                model, kw.pop("checkpoints"), kw.pop("learning_rates"), train, F.cross_entropy, **kw
+            )
         assert message in str(info.value)
     assert torch.equal(model.state_dict()["0.weight"], state["0.weight"])
 
@@ -323,19 +348,51 @@ def test_bad_inputs():
     engine = ig.PerSampleGrads(model)
     loss = F.cross_entropy
     cases = [
-        (lambda: engine.inner_products((ids, mask), y, ids, y, loss), ValueError, "inputs_b: expected the structure of inputs_a (a tuple of 2), got a Tensor"),
-        (lambda: engine.inner_products((ids, mask), y, (ids, mask, mask), y, loss), ValueError, "inputs_b: expected the structure of inputs_a (a tuple of 2), got a tuple of 3"),
-        (lambda: engine.inner_products((ids, mask), y, (ids.int(), mask), y, loss), ValueError, "inputs_b[0]: expected a 2-D torch.int64 tensor on cpu (as inputs_a[0]), got a 2-D torch.int32"),
-        (lambda: engine.inner_products((ids, mask), y, (ids, None), y, loss), ValueError, "inputs_b[1]: expected a Tensor (as inputs_a[1]), got NoneType"),
-        (lambda: engine.inner_products({"ids": ids}, y, {"x": ids}, y, loss), ValueError, "inputs_b: expected the structure of inputs_a (a dict with keys ['ids']), got a dict with keys ['x']"),
-        (lambda: engine.inner_products((ids, mask), y, (ids, mask), y, loss, per_param=1), TypeError, "per_param: expected True or False, got 1"),
-        (lambda: engine.inner_products((ids, mask), y, (ids, mask), y, loss, reduction="avg"), ValueError, "reduction: expected one of"),
+        (
+            lambda: engine.inner_products((ids, mask), y, ids, y, loss),
+            ValueError,
+            "inputs_b: expected the structure of inputs_a (a tuple of 2), got a Tensor",
+        ),
+        (
+            lambda: engine.inner_products((ids, mask), y, (ids, mask, mask), y, loss),
+            ValueError,
+            "inputs_b: expected the structure of inputs_a (a tuple of 2), got a tuple of 3",
+        ),
+        (
+            lambda: engine.inner_products((ids, mask), y, (ids.int(), mask), y, loss),
+            ValueError,
+            "inputs_b[0]: expected a 2-D torch.int64 tensor on cpu (as inputs_a[0]), got a 2-D torch.int32",
+        ),
+        (
+            lambda: engine.inner_products((ids, mask), y, (ids, None), y, loss),
+            ValueError,
+            "inputs_b[1]: expected a Tensor (as inputs_a[1]), got NoneType",
+        ),
+        (
+            lambda: engine.inner_products({"ids": ids}, y, {"x": ids}, y, loss),
+            ValueError,
+            "inputs_b: expected the structure of inputs_a (a dict with keys ['ids']), got a dict with keys ['x']",
+        ),
+        (
+            lambda: engine.inner_products((ids, mask), y, (ids, mask), y, loss, per_param=1),
+            TypeError,
+            "per_param: expected True or False, got 1",
+        ),
+        (
+            lambda: engine.inner_products((ids, mask), y, (ids, mask), y, loss, reduction="avg"),
+            ValueError,
+            "reduction: expected one of",
+        ),
         (lambda: engine.project((ids, mask), y, loss, dim=0), ValueError, "dim: expected a positive int, got 0"),
         (lambda: engine.project((ids, mask), y, loss, dim=-3), ValueError, "dim: expected a positive int, got -3"),
         (lambda: engine.project((ids, mask), y, loss, dim=2.5), ValueError, "dim: expected a positive int, got 2.5"),
         (lambda: engine.project((ids, mask), y, loss, dim=True), ValueError, "dim: expected a positive int, got True"),
         (lambda: engine.project((ids, mask), y, loss, dim=8, seed="a"), TypeError, "seed: expected an int, got 'a'"),
-        (lambda: engine.projection(8).apply({}), ValueError, "grads: expected every projected parameter, missing ['tok.weight'"),
+        (
+            lambda: engine.projection(8).apply({}),
+            ValueError,
+            "grads: expected every projected parameter, missing ['tok.weight'",
+        ),
     ]
     for call, error, message in cases:
         with pytest.raises(error) as info:

@@ -67,7 +67,9 @@ def test_linear_gram_blocks_and_empty_sets():
 
 def test_linear_gram_cost_rule():
     assert ops.linear_gram_uses_ghost(1, 1, 10, 10, 4096, 4096)  # one position: always the Grams
-    assert ops.linear_gram_uses_ghost(16, 16, 64, 64, 512, 512)  # 256·(1024 + 256) = 0.33M <= 512²·(1 + 2·144/64) = 1.4M
+    assert ops.linear_gram_uses_ghost(
+        16, 16, 64, 64, 512, 512
+    )  # 256·(1024 + 256) = 0.33M <= 512²·(1 + 2·144/64) = 1.4M
     assert not ops.linear_gram_uses_ghost(512, 512, 64, 64, 256, 256)  # long sequences, narrow layer: direct
     assert ops.linear_gram_uses_ghost(64, 64, 64, 64, 4096, 4096)  # wide layer: the Grams
 
@@ -132,7 +134,12 @@ def test_linear_gram_errors(change, message):
     args.update(change)
     with pytest.raises((ValueError, TypeError, RuntimeError)) as info:
         ops.linear_gram(
-            args["xa"], args["ga"], args["xb"], args["gb"], bias=args.get("bias", 0.0), method=args.get("method", "auto")
+            args["xa"],
+            args["ga"],
+            args["xb"],
+            args["gb"],
+            bias=args.get("bias", 0.0),
+            method=args.get("method", "auto"),
         )
     assert message in str(info.value)
 
@@ -147,7 +154,10 @@ def test_linear_gram_errors(change, message):
 )
 def test_embedding_gram_errors(change, message):
     args = dict(
-        ids_a=torch.randint(0, 3, (3, 2)), ga=torch.randn(3, 2, 5), ids_b=torch.randint(0, 3, (4, 2)), gb=torch.randn(4, 2, 5)
+        ids_a=torch.randint(0, 3, (3, 2)),
+        ga=torch.randn(3, 2, 5),
+        ids_b=torch.randint(0, 3, (4, 2)),
+        gb=torch.randn(4, 2, 5),
     )
     args.update(change)
     with pytest.raises((ValueError, TypeError, RuntimeError)) as info:

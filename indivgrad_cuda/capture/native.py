@@ -187,7 +187,13 @@ class NativeCapture:
             return grad_of_output(output, tc, loss_fn, reduction)
 
         graphs = self.graphs
-        if graphs is not None and graphed_pass is not None and size >= n and not any(m is not None for m in masks) and graphs.applies(x, weights[0]):
+        if (
+            graphs is not None
+            and graphed_pass is not None
+            and size >= n
+            and not any(m is not None for m in masks)
+            and graphs.applies(x, weights[0])
+        ):
 
             def forward(xs):
                 with no_autocast(device):

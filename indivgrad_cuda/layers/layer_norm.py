@@ -53,9 +53,7 @@ class LayerNormRule(LayerRule):
 
     def project(self, module, f, mats):
         per_sample = self._grads(module, f)
-        return {
-            attr: per_sample[attr].flatten(1).to(acc_dtype(f.g.dtype)) @ p.t() for attr, (p,) in mats.items()
-        }
+        return {attr: per_sample[attr].flatten(1).to(acc_dtype(f.g.dtype)) @ p.t() for attr, (p,) in mats.items()}
 
 
 RULE = (nn.LayerNorm, LayerNormRule())

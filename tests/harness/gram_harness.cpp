@@ -32,13 +32,21 @@ constexpr int64_t kGuard = 37;  // elements before the output
 template <typename T>
 const char* type_name();
 template <>
-const char* type_name<float>() { return "float32"; }
+const char* type_name<float>() {
+  return "float32";
+}
 template <>
-const char* type_name<double>() { return "float64"; }
+const char* type_name<double>() {
+  return "float64";
+}
 template <>
-const char* type_name<c10::Half>() { return "float16"; }
+const char* type_name<c10::Half>() {
+  return "float16";
+}
 template <>
-const char* type_name<c10::BFloat16>() { return "bfloat16"; }
+const char* type_name<c10::BFloat16>() {
+  return "bfloat16";
+}
 
 template <typename acc_t>
 bool is_poison(acc_t v) {
@@ -85,14 +93,14 @@ std::string run(const Shape& s, uint64_t seed) {
     for (int64_t m = 0; m < s.nb; ++m) {
       long double kx = 0, kg = 0, ax = 0, ag = 0;
       for (int64_t i = 0; i < s.d_x; ++i) {
-        const long double t = static_cast<long double>(static_cast<acc_t>(xa[n * s.d_x + i])) *
-                              static_cast<acc_t>(xb[m * s.d_x + i]);
+        const long double t =
+            static_cast<long double>(static_cast<acc_t>(xa[n * s.d_x + i])) * static_cast<acc_t>(xb[m * s.d_x + i]);
         kx += t;
         ax += fabsl(t);
       }
       for (int64_t j = 0; j < s.d_g; ++j) {
-        const long double t = static_cast<long double>(static_cast<acc_t>(ga[n * s.d_g + j])) *
-                              static_cast<acc_t>(gb[m * s.d_g + j]);
+        const long double t =
+            static_cast<long double>(static_cast<acc_t>(ga[n * s.d_g + j])) * static_cast<acc_t>(gb[m * s.d_g + j]);
         kg += t;
         ag += fabsl(t);
       }
@@ -105,8 +113,8 @@ std::string run(const Shape& s, uint64_t seed) {
                ", expected " + std::to_string(double(ref)) + " (wrong elements)";
     }
     for (int64_t m = s.nb; m < ld; ++m)
-      if (!is_poison(out[n * ld + m])) return "padding column " + std::to_string(m) + " of row " + std::to_string(n) +
-                                              " was written (out of bounds)";
+      if (!is_poison(out[n * ld + m]))
+        return "padding column " + std::to_string(m) + " of row " + std::to_string(n) + " was written (out of bounds)";
   }
   for (int64_t i = 0; i < kGuard; ++i)
     if (!is_poison(buffer[i])) return "a guard element before out was written (out of bounds)";
