@@ -17,7 +17,8 @@ training sample's gradient projected to --dims dimensions (N = the first train s
 PerSampleGrads.project (Kronecker-factored, LoGra-style); torch.func gradients times a dense
 Gaussian matrix held in memory (not counted in the peak; its size is printed); traker's and
 dattri's projectors (their CPU "normal" projectors) on torch.func gradients. traker computes
-no exact inner products, so it appears in (b) only.
+no exact inner products, so it appears in (b) only. On CUDA, last, the fused 2-D Gram kernel
+against two GEMMs for a few layer shapes.
 
 Every result is checked against float64 before it is timed: (a) 200 train rows against
 every test column from float64 torch.func gradients; (b) the same projection applied to
@@ -32,7 +33,6 @@ every allocation over 64 KiB on free (CPU), or torch's peak allocation (CUDA).
 
 import argparse
 import ctypes
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -128,7 +128,10 @@ def mislabel(args, device):
         order = score.argsort(descending=True)
         found[label] = [is_flipped[order[: int(n * q)]].sum().item() / len(flipped) for q in (0.1, 0.2)]
         print(f"  {label:<48} {found[label][0]:>8.3f} {found[label][1]:>8.3f} {ms:>9.1f}")
-    print("  (found: the fraction of the flipped labels among the top-ranked training samples; random expects 0.1 and 0.2)")
+    print(
+        "  (found: the fraction of the flipped labels among the top-ranked training samples; "
+        "random expects 0.1 and 0.2)"
+    )
     return found
 
 
@@ -175,8 +178,12 @@ def _as(model, dtype):
 
 def func_inner_products(model, train, test, chunk=1000):
     g_test = flat_grads(model, *test)
-    return torch.cat([flat_grads(model, train[0][i : i + chunk], train[1][i : i + chunk]) @ g_test.t()
-                      for i in range(0, len(train[0]), chunk)])
+    return torch.cat(
+        [
+            flat_grads(model, train[0][i : i + chunk], train[1][i : i + chunk]) @ g_test.t()
+            for i in range(0, len(train[0]), chunk)
+        ]
+    )
 
 
 def dattri_inner_products(model, train, test, batch=1000):
@@ -211,6 +218,30 @@ def dattri_project(grads, dim, device):
     return lambda g: proj(g, ensemble_id=0)
 
 
+def inner_product_methods(model, engine, train, test):
+    return {
+        "indivgrad inner_products": lambda: engine.inner_products(*train, *test, F.cross_entropy),
+        "torch.func grads + matmul": lambda: func_inner_products(model, train, test),
+        "dattri TracInAttributor (no projection)": lambda: dattri_inner_products(model, train, test),
+    }
+
+
+def projection_methods(model, engine, train, dim, proj, dense, peers, chunk=1000):
+    """Ours, then torch.func gradients (chunk by chunk) through the dense matrix and each peer's projector."""
+
+    def through(project):
+        x, y = train
+        return torch.cat(
+            [project(flat_grads(model, x[i : i + chunk], y[i : i + chunk])) for i in range(0, len(x), chunk)]
+        )
+
+    return {
+        f"indivgrad project (D_proj {proj.dim})": lambda: engine.project(*train, F.cross_entropy, dim=dim),
+        "torch.func grads @ dense matrix": lambda: through(lambda g: g @ dense),
+        **{f"torch.func + {k}": (lambda p=p: through(p)) for k, p in peers.items()},
+    }
+
+
 def rel_err(got, ref):
     return ((got.double().cpu() - ref.double().cpu()).abs().max() / ref.abs().max()).item()
 
@@ -222,7 +253,9 @@ def speed(args, device, context):
 
     def pool(n):
         idx = torch.arange(n) % len(x)
-        return (x[idx] + 0.05 * torch.randn(n, 64, generator=g) * (idx >= len(x))[:, None]).to(device), y[idx].to(device)
+        return (x[idx] + 0.05 * torch.randn(n, 64, generator=g) * (idx >= len(x))[:, None]).to(device), y[idx].to(
+            device
+        )
 
     test = (x_te[: args.test_size].to(device), y_te[: args.test_size].to(device))
     engine = ig.PerSampleGrads(model)
@@ -240,7 +273,7 @@ def speed(args, device, context):
         errors, mem = {}, {}
         for name, fn in methods.items():
             result = []
-            mem[name] = peak_mb(lambda fn=fn: result.append(fn()), device)
+            mem[name] = peak_mb(lambda fn=fn, result=result: result.append(fn()), device)
             errors[name] = check(name, result.pop())
             ok = ok and errors[name] < TOLERANCE
         ms = common.time_interleaved(
@@ -254,55 +287,96 @@ def speed(args, device, context):
                     f"{errors[name]:>9.1e}"
                 )
                 rows.append(
-                    dict(context, bench="attribution", setup=setup, method=name, median_ms=ms[name],
-                         peak_mem_mb=mem[name], max_rel_err=errors[name], note=f"time vs ours {ms[name] / ms[ours]:.2f}x")
+                    dict(
+                        context,
+                        bench="attribution",
+                        setup=setup,
+                        method=name,
+                        median_ms=ms[name],
+                        peak_mem_mb=mem[name],
+                        max_rel_err=errors[name],
+                        note=f"time vs ours {ms[name] / ms[ours]:.2f}x",
+                    )
                 )
 
     print(f"  {'setup':<34} {'method':<40} {'ms':>10} {'vs ours':>8} {'peak MB':>9} {'rel err':>9}")
     for n in args.train_sizes:
         progress.start(f"inner products, N_train={n}")
         train = pool(n)
-        ref = func_inner_products(_as(model, torch.float64), (train[0][:CHECK_ROWS].double(), train[1][:CHECK_ROWS]),
-                                  (test[0].double(), test[1]))
-        methods = {
-            "indivgrad inner_products": lambda: engine.inner_products(*train, *test, F.cross_entropy),
-            "torch.func grads + matmul": lambda: func_inner_products(model, train, test),
-            "dattri TracInAttributor (no projection)": lambda: dattri_inner_products(model, train, test),
-        }
-        measure(f"inner products {n}x{args.test_size}", methods, lambda name, k: rel_err(k[:CHECK_ROWS], ref))
+        ref = func_inner_products(
+            _as(model, torch.float64),
+            (train[0][:CHECK_ROWS].double(), train[1][:CHECK_ROWS]),
+            (test[0].double(), test[1]),
+        )
+        methods = inner_product_methods(model, engine, train, test)
+        measure(f"inner products {n}x{args.test_size}", methods, lambda name, k, ref=ref: rel_err(k[:CHECK_ROWS], ref))
 
     n = args.train_sizes[0]
     train = pool(n)
     ref_grads = flat_grads(model, *train, dtype=torch.float64)
-    named = {k: v.flatten(1) for k, v in func_module_grads(_as(model, torch.float64), train[0].double(), train[1],
-                                                           F.cross_entropy).items()}
+    named = {
+        k: v.flatten(1)
+        for k, v in func_module_grads(_as(model, torch.float64), train[0].double(), train[1], F.cross_entropy).items()
+    }
     for dim in args.dims:
         progress.start(f"projections, dim {dim}")
         proj = engine.projection(dim)
         dense = torch.randn(params, dim, generator=torch.Generator().manual_seed(0)).div_(dim**0.5).to(device)
         grads = flat_grads(model, *train)
-        peers = {"traker BasicProjector": traker_project(grads, dim, device),
-                 "dattri random_project": dattri_project(grads, dim, device)}
+        peers = {
+            "traker BasicProjector": traker_project(grads, dim, device),
+            "dattri random_project": dattri_project(grads, dim, device),
+        }
         del grads
         refs = {
             f"indivgrad project (D_proj {proj.dim})": proj.apply({k: v.to(device) for k, v in named.items()}),
             "torch.func grads @ dense matrix": ref_grads.to(device) @ dense.double(),
             **{f"torch.func + {k}": p(ref_grads.float().to(device)) for k, p in peers.items()},
         }
-        methods = {
-            f"indivgrad project (D_proj {proj.dim})": lambda: engine.project(*train, F.cross_entropy, dim=dim),
-            "torch.func grads @ dense matrix": lambda: torch.cat(
-                [flat_grads(model, train[0][i : i + 1000], train[1][i : i + 1000]) @ dense for i in range(0, n, 1000)]
-            ),
-            **{f"torch.func + {k}": (lambda p=p: torch.cat(
-                [p(flat_grads(model, train[0][i : i + 1000], train[1][i : i + 1000])) for i in range(0, n, 1000)]
-            )) for k, p in peers.items()},
-        }
-        measure(f"project {n} to {dim} (dense {params * dim * 4 / 1e6:.0f} MB)", methods,
-                lambda name, got: rel_err(got, refs[name]))
+        methods = projection_methods(model, engine, train, dim, proj, dense, peers)
+        measure(
+            f"project {n} to {dim} (dense {params * dim * 4 / 1e6:.0f} MB)",
+            methods,
+            lambda name, got, refs=refs: rel_err(got, refs[name]),
+        )
         del dense
     progress.close()
     return rows, ok
+
+
+def gram_kernel_sweep(args, device):
+    """CUDA only: the fused 2-D Gram kernel (ig.ops.linear_gram) against the same inner
+    products from two GEMMs and two elementwise passes, for the bench MLP's layer shapes at
+    the largest train size (bench/NOTES.md has the prediction)."""
+    n_a, n_b = args.train_sizes[-1], args.test_size
+    print(f"\nthe fused Gram kernel against two GEMMs (FP32, no TF32), {n_a} x {n_b}, {common.device_name(device)}")
+    print(
+        f"  {'D_in -> D_out':<16} {'kernel ms':>10} {'GEMMs ms':>10} {'kernel MB':>10} {'GEMMs MB':>10} {'rel err':>9}"
+    )
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ok = True
+    for d_in, d_out in ((64, 256), (256, 256), (256, 10), (16, 16), (1024, 1024)):
+        fns, ref = _gram_pair(n_a, n_b, d_in, d_out, device)
+        err = max(rel_err(fn(), ref) for fn in fns.values())
+        ok = ok and err < TOLERANCE
+        ms = common.time_interleaved(fns, device)
+        mem = {k: common.peak_memory_mb(fn, device) for k, fn in fns.items()}
+        print(
+            f"  {f'{d_in} -> {d_out}':<16} {ms['kernel']:>10.3f} {ms['gemms']:>10.3f} {mem['kernel']:>10.1f} "
+            f"{mem['gemms']:>10.1f} {err:>9.1e}"
+        )
+    return ok
+
+
+def _gram_pair(n_a, n_b, d_in, d_out, device):
+    """({"kernel": fn, "gemms": fn}, the float64 reference) on random factors of one layer shape."""
+    xa, ga = torch.randn(n_a, d_in, device=device), torch.randn(n_a, d_out, device=device)
+    xb, gb = torch.randn(n_b, d_in, device=device), torch.randn(n_b, d_out, device=device)
+    fns = {
+        "kernel": lambda: ig.ops.linear_gram(xa, ga, xb, gb, bias=1.0),
+        "gemms": lambda: (xa @ xb.t()).add_(1.0).mul_(ga @ gb.t()),
+    }
+    return fns, (xa.double() @ xb.double().t() + 1) * (ga.double() @ gb.double().t())
 
 
 def main(argv=None):
@@ -314,7 +388,9 @@ def main(argv=None):
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--projection-dim", type=int, default=1024)
-    parser.add_argument("--train-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[2000, 5000, 10000, 20000])
+    parser.add_argument(
+        "--train-sizes", type=lambda s: [int(v) for v in s.split(",")], default=[2000, 5000, 10000, 20000]
+    )
     parser.add_argument("--test-size", type=int, default=500)
     parser.add_argument("--dims", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 2048, 4096, 8192])
     parser.add_argument("--repeats", type=int, default=3)
@@ -332,6 +408,8 @@ def main(argv=None):
         if device.type == "cpu":  # glibc: allocations over 64 KiB are mapped and unmapped, so RSS tracks them
             ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
         rows, speed_ok = speed(args, device, common.run_context(device))
+        if device.type == "cuda":
+            speed_ok = gram_kernel_sweep(args, device) and speed_ok
         path = common.append_rows(rows, args.results_dir)
         print(f"rows appended to {path}")
         ok = ok and speed_ok

@@ -69,8 +69,8 @@ def source_dir(rev, tmp):
     return out
 
 
-def compile_cubin(src, arch, tmp):
-    cubin = Path(tmp) / "outer.cubin"
+def compile_cubin(src, arch, tmp, source="outer_cuda.cu"):
+    cubin = Path(tmp) / f"{Path(source).stem}.cubin"
     includes = [f"-I{p}" for p in torch.utils.cpp_extension.include_paths(device_type="cuda")]
     cmd = [
         tool("nvcc"),
@@ -80,7 +80,7 @@ def compile_cubin(src, arch, tmp):
         "-v",
         *NVCC_FLAGS,
         *includes,
-        str(src / "outer_cuda.cu"),
+        str(src / source),
         "-o",
         str(cubin),
     ]

@@ -7,10 +7,10 @@ from typing import Callable, Optional
 
 import torch
 
-from indivgrad_cuda import projection as projection_
 from indivgrad_cuda.capture.layers import Layer
 from indivgrad_cuda.chunking import batch_size, split_batch
 from indivgrad_cuda.layers import Factors
+from indivgrad_cuda.projection import Projection
 
 # visit(layer, its Factors or None, n0, n1)
 LayerVisit = Callable[[Layer, Optional[Factors], int, int], None]
@@ -84,11 +84,10 @@ def _against_held(held, cols, total, per, layer, f, n0, n1):
             per[layer.names[attrs[0]]][n0:n1, cols] = k
 
 
-def project(run: Callable, inputs, target, proj: projection_.Projection, layers: list[Layer], device):
+def project(run: Callable, inputs, target, proj: Projection, layers: list[Layer], device):
     """``[N, D_proj]``: each sample's gradient projected by ``proj``, layer by layer."""
     n = batch_size(inputs)
-    dtype = next(iter(proj.matrices.values()))[0].dtype if proj.matrices else torch.float32
-    out = torch.zeros(n, proj.dim, dtype=dtype, device=device)
+    out = torch.zeros(n, proj.dim, dtype=proj.dtype, device=device)
     if n == 0:
         return out
     by_path = {layer.path: layer for layer in layers}

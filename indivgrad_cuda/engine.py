@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from indivgrad_cuda import attribution, randomness, reducers
-from indivgrad_cuda import projection as projection_
 from indivgrad_cuda.buffers import allocate, check_out_buffers
 from indivgrad_cuda.capture.hooks import HooksCapture
 from indivgrad_cuda.capture.layers import UnsupportedModuleError
@@ -22,7 +21,7 @@ from indivgrad_cuda.capture.native import NativeCapture
 from indivgrad_cuda.chunking import batch_size, named_tensors
 from indivgrad_cuda.layers import acc_dtype
 from indivgrad_cuda.ops import LAYOUTS, NORM_METHODS
-from indivgrad_cuda.projection import Projection
+from indivgrad_cuda.projection import Projection, build_projection
 
 REDUCTIONS = ("mean", "sum")
 CAPTURES = ("auto", "native", "hooks")
@@ -316,12 +315,10 @@ class PerSampleGrads:
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {seed!r}")
         layers = self._hooks.layers() if self._hooks is not None else self._native.layers()
-        params = [p for layer in layers for p in layer.trainable().values()]
-        dtype = params[0].dtype if params else torch.float32
-        device = params[0].device if params else torch.device("cpu")
+        dtype, device = _parameters_dtype_device(layers)
         key = (dim, seed, dtype, device, tuple((layer.path, tuple(layer.trainable())) for layer in layers))
         if self._projection_key != key:
-            self._projection = projection_.build(layers, dim, seed, dtype, device)
+            self._projection = build_projection(layers, dim, seed, dtype, device)
             self._projection_key = key
         return self._projection
 
@@ -356,8 +353,7 @@ class PerSampleGrads:
                 f"deterministic; call model.eval() first"
             )
         layers = cap.layers()
-        params = [p for layer in layers for p in layer.trainable().values()]
-        return layers, device, params[0].dtype if params else torch.float32
+        return layers, device, _parameters_dtype_device(layers)[0]
 
     def _factor_runner(self, loss_fn, reduction):
         """run(inputs, target, visit): one set's forward and backward, each layer's factors to
@@ -441,6 +437,14 @@ class PerSampleGrads:
         results = dict(self._cached_results)
         results.update(out)
         return {name: results[name] for name in specs}  # in named_parameters() order
+
+
+def _parameters_dtype_device(layers) -> tuple[torch.dtype, torch.device]:
+    """The trainable parameters' dtype and device (float32 on the CPU when there are none)."""
+    for layer in layers:
+        for p in layer.trainable().values():
+            return p.dtype, p.device
+    return torch.float32, torch.device("cpu")
 
 
 def _grad_tensor(p):

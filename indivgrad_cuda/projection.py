@@ -44,12 +44,14 @@ class Projection:
             row-major), ``(P,)`` for a vector ``w`` (projected to ``P w``). A Linear weight's
             are ``(P_out, P_in)`` in nn.Linear's [D_out, D_in] layout; its bias's ``(P_out,)``.
         columns: parameter name -> its slice of the ``D_proj`` columns (named_parameters() order).
+        dtype: the matrices' and the projections' dtype (the model's; float32 for half types).
     """
 
     dim: int
     seed: int
     matrices: dict[str, tuple[torch.Tensor, ...]]
     columns: dict[str, slice]
+    dtype: torch.dtype
 
     def apply(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """Projects materialised per-sample gradients ``{name: [N, *param.shape]}`` (every
@@ -59,22 +61,20 @@ class Projection:
         if missing:
             raise ValueError(f"grads: expected every projected parameter, missing {missing}")
         n = next(iter(grads.values())).shape[0] if grads else 0
-        dtype = next(iter(self.matrices.values()))[0].dtype if self.matrices else torch.float32
-        out = None
+        device = next(iter(self.matrices.values()))[0].device if self.matrices else torch.device("cpu")
+        out = torch.zeros(n, self.dim, dtype=self.dtype, device=device)
         for name, mats in self.matrices.items():
-            w = grads[name].to(dtype=mats[0].dtype, device=mats[0].device)
-            if out is None:
-                out = w.new_zeros(n, self.dim, dtype=dtype)
+            w = grads[name].to(dtype=self.dtype, device=device)
             if len(mats) == 2:
                 rows, cols = mats
                 w = rows @ w.reshape(n, rows.shape[1], cols.shape[1]) @ cols.t()
             else:
                 w = w.reshape(n, -1) @ mats[0].t()
             out[:, self.columns[name]] = w.flatten(1)
-        return out if out is not None else torch.zeros(n, 0)
+        return out
 
 
-def build(layers: list[Layer], dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> Projection:
+def build_projection(layers: list[Layer], dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> Projection:
     """The projection of ``layers``' trainable parameters (see the module's docs)."""
     trainable = [(layer, layer.trainable()) for layer in layers]
     total = sum(p.numel() for _, params in trainable for p in params.values())
@@ -94,7 +94,7 @@ def build(layers: list[Layer], dim: int, seed: int, dtype: torch.dtype, device: 
     for name in _parameter_order(layers, matrices):
         columns[name] = slice(start, start + dims[name])
         start += dims[name]
-    return Projection(start, seed, {name: matrices[name] for name in columns}, columns)
+    return Projection(start, seed, {name: matrices[name] for name in columns}, columns, acc)
 
 
 def _parameter_order(layers, names):

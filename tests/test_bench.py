@@ -192,3 +192,36 @@ def test_dp_sgd_digits_one_epoch():
     assert max(accuracy) - min(accuracy) <= 0.01, proc.stdout  # the same training up to float rounding
     match = re.search(r"final weights' max relative difference (\S+)", proc.stdout)
     assert match and float(match.group(1)) < 1e-3, proc.stdout
+
+
+def test_attribution_digits_smoke(tmp_path):
+    """The attribution example: TracIn self-influence finds more flipped labels than chance,
+    and every method's inner products and projections match float64 (else exit 1)."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "attribution_digits.py"),
+            *("--device", "cpu", "--epochs", "20", "--checkpoint-every", "10", "--train-sizes", "300"),
+            *("--test-size", "40", "--dims", "128", "--repeats", "1", "--results-dir", str(tmp_path), "--quiet"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr == "", proc.stderr
+    methods = {
+        "indivgrad inner_products",
+        "torch.func grads + matmul",
+        "dattri TracInAttributor (no projection)",
+        "torch.func grads @ dense matrix",
+        "torch.func + traker BasicProjector",
+        "torch.func + dattri random_project",
+    }
+    for method in methods:
+        assert f" {method} " in proc.stdout, proc.stdout
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 7 and all(float(r["max_rel_err"]) < 1e-3 for r in rows), rows
+    found = re.search(r"TracIn self-influence \(exact\)\s+([\d.]+)\s+([\d.]+)", proc.stdout)
+    assert found and float(found.group(2)) > 0.4, proc.stdout

@@ -1,4 +1,4 @@
-"""The README's "Any model" examples run as written, and their results are right."""
+"""The README's examples (Any model, DP-SGD, Data attribution) run as written, and their results are right."""
 
 import re
 from pathlib import Path
@@ -36,3 +36,24 @@ def test_dp_sgd_example_runs():
     assert dp.steps == 3 * 8 and dp.history == [(1.0, 0.125, 24)]
     assert 0.5 < dp.epsilon(1e-5) < 20
     assert scope["norms"].dim() == 1 and scope["loss"].dim() == 0
+
+
+def test_data_attribution_example_runs():
+    section = README.read_text().split("### Data attribution", 1)[1].split("\n### ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1
+    scope = {}
+    torch.manual_seed(0)
+    exec(blocks[0], scope)  # the documentation's own code
+    model, engine, proj = scope["model"], scope["engine"], scope["proj"]
+    x, y, x_te, y_te = (scope[k] for k in ("x_train", "y_train", "x_test", "y_test"))
+    loss = torch.nn.functional.cross_entropy
+    ga = func_module_grads(model, x[:64], y[:64], loss)
+    gb = func_module_grads(model, x_te, y_te, loss)
+    ref = sum(ga[k].flatten(1) @ gb[k].flatten(1).t() for k in ga)
+    torch.testing.assert_close(scope["K"][:64], ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+    assert list(scope["per_param"]) == list(ga) and proj.dim <= 1024 and scope["phi"].shape == (2000, proj.dim)
+    torch.testing.assert_close(scope["phi"][:64], proj.apply(ga), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(scope["scores"], 0.1 * scope["K"])
+    norms = engine.norms(x, y, loss)
+    torch.testing.assert_close(scope["self_influence"], 0.1 * norms.square())

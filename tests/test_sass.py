@@ -46,3 +46,13 @@ def test_no_spills_and_fast_loops_cheaper_per_byte_than_the_run_loop(kernels, dt
         if path in paths:
             fast = variants[f"{path}, plain"][2][0][0] * 16 / store_bytes
             assert fast < run, f"{dtype}: {path} loop {fast:.0f} instructions per 16 bytes, run loop {run:.0f}"
+
+
+def test_gram_kernel_has_no_spills(tmp_path):
+    """csrc/gram_cuda.cu's kernel, every dtype: registers only (64 for 4-byte accumulators,
+    so 4 blocks of 256 threads fit an SM; bench/NOTES.md)."""
+    _, log = sass.compile_cubin(sass.ROOT / "csrc", "sm_90", tmp_path, "gram_cuda.cu")
+    regs = {sass.demangle([k])[k]: v for k, v in sass.registers(log).items()}
+    assert len(regs) == 4, regs
+    for kernel, (count, spill) in regs.items():
+        assert spill == 0 and 0 < count <= (128 if "<double, double>" in kernel else 64), (kernel, count, spill)
