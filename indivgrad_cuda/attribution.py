@@ -12,9 +12,6 @@ from indivgrad_cuda.chunking import batch_size, split_batch
 from indivgrad_cuda.layers import Factors
 from indivgrad_cuda.projection import Projection
 
-# visit(layer, its Factors or None, n0, n1)
-LayerVisit = Callable[[Layer, Optional[Factors], int, int], None]
-
 
 def check_same_structure(inputs_a, inputs_b) -> None:
     """inputs_b must hold tensors where inputs_a does, of the same dtypes, devices and
@@ -84,16 +81,16 @@ def _against_held(held, cols, total, per, layer, f, n0, n1):
             per[layer.names[attrs[0]]][n0:n1, cols] = k
 
 
-def project(run: Callable, inputs, target, proj: Projection, layers: list[Layer], device):
-    """``[N, D_proj]``: each sample's gradient projected by ``proj``, layer by layer."""
+def project(run: Callable, inputs, target, proj: Projection, device):
+    """``[N, D_proj]``: each sample's gradient projected by ``proj``, layer by layer. ``run``
+    as :func:`inner_products` takes it."""
     n = batch_size(inputs)
     out = torch.zeros(n, proj.dim, dtype=proj.dtype, device=device)
     if n == 0:
         return out
-    by_path = {layer.path: layer for layer in layers}
 
     def visit(layer, f, n0, n1):
-        if f is None or layer.path not in by_path:
+        if f is None:  # no gradient reached the layer: zeros
             return
         mats = {attr: proj.matrices[name] for attr, name in layer.names.items() if name in proj.matrices}
         for attr, v in layer.rule.project(layer.module, f, mats).items():

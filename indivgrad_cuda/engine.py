@@ -331,8 +331,8 @@ class PerSampleGrads:
         every device, and a sample's projection does not depend on its batch. Dropout in train
         mode is refused. float16/bfloat16 models give float32."""
         proj = self.projection(dim, seed=seed)
-        layers, device, _ = self._attribution_setup(inputs, reduction, "inputs")
-        return attribution.project(self._factor_runner(loss_fn, reduction), inputs, target, proj, layers, device)
+        _, device, _ = self._attribution_setup(inputs, reduction, "inputs")
+        return attribution.project(self._factor_runner(loss_fn, reduction), inputs, target, proj, device)
 
     # ---------------------------------------------------------------- internals
 
