@@ -6,7 +6,7 @@
 // the padding columns and a guard before the output must keep their poison, and a write
 // past its end is an AddressSanitizer error.
 //
-//   gram_harness [--quick] [--filter SUBSTRING]
+//   gram_harness [--quick] [--filter SUBSTRING] [--list]
 //
 // Prints a line per failing case and ends with "N passed, M failed"; exits non-zero on
 // any failure (tests/test_kernel_emulation.py builds and runs it).
@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "gram_kernel.cuh"
+#include "harness_main.h"
 
 namespace {
 
@@ -162,35 +163,4 @@ std::string run_case(const Case& c, uint64_t seed) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  bool quick = false;
-  std::string filter;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--quick") {
-      quick = true;
-    } else if (a == "--filter" && i + 1 < argc) {
-      filter = argv[++i];
-    } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--filter SUBSTRING]\n", argv[0]);
-      return 2;
-    }
-  }
-  int passed = 0, failed = 0;
-  uint64_t seed = 1;
-  for (const Case& c : all_cases()) {
-    ++seed;
-    const std::string name = c.name();
-    if ((quick && !c.quick) || name.find(filter) == std::string::npos) continue;
-    const std::string error = run_case(c, seed);
-    if (error.empty()) {
-      ++passed;
-    } else {
-      ++failed;
-      std::printf("FAIL %s: %s\n", name.c_str(), error.c_str());
-      std::fflush(stdout);
-    }
-  }
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed || !passed ? 1 : 0;
-}
+int main(int argc, char** argv) { return harness::main(argc, argv, all_cases(), run_case); }

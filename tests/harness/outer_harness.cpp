@@ -24,11 +24,8 @@
 #include <string>
 #include <vector>
 
+#include "harness_main.h"
 #include "outer_kernel.cuh"
-
-#if defined(__SANITIZE_ADDRESS__)
-#include <sanitizer/common_interface_defs.h>
-#endif
 
 using indivgrad::Activation;
 using indivgrad::ActParams;
@@ -309,55 +306,6 @@ std::vector<Case> all_cases() {
   return cases;
 }
 
-// The case running when a sanitizer stops the process, named after its report.
-const char* g_running_case = nullptr;
-void name_the_running_case() {
-  if (g_running_case) std::fprintf(stderr, "FAIL %s: stopped by the sanitizer (report above)\n", g_running_case);
-}
-
 }  // namespace
 
-int main(int argc, char** argv) {
-#if defined(__SANITIZE_ADDRESS__)
-  __sanitizer_set_death_callback(name_the_running_case);
-#endif
-  bool quick = false, list = false;
-  std::string filter;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--quick") {
-      quick = true;
-    } else if (a == "--list") {
-      list = true;
-    } else if (a == "--filter" && i + 1 < argc) {
-      filter = argv[++i];
-    } else {
-      std::fprintf(stderr, "usage: %s [--quick] [--filter SUBSTRING] [--list]\n", argv[0]);
-      return 2;
-    }
-  }
-  int passed = 0, failed = 0;
-  uint64_t seed = 1;
-  for (const Case& c : all_cases()) {
-    ++seed;
-    const std::string name = c.name();
-    if ((quick && !c.quick) || name.find(filter) == std::string::npos) continue;
-    if (list) {
-      std::printf("%s\n", name.c_str());
-      continue;
-    }
-    g_running_case = name.c_str();
-    const std::string error = run(c, seed);
-    g_running_case = nullptr;
-    if (error.empty()) {
-      ++passed;
-    } else {
-      ++failed;
-      std::printf("FAIL %s: %s\n", name.c_str(), error.c_str());
-      std::fflush(stdout);
-    }
-  }
-  if (list) return 0;
-  std::printf("%d passed, %d failed\n", passed, failed);
-  return failed || !passed ? 1 : 0;
-}
+int main(int argc, char** argv) { return harness::main(argc, argv, all_cases(), run); }
