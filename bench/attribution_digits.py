@@ -16,9 +16,11 @@ with its projection off (one checkpoint, weight 1: the same inner products). (b)
 training sample's gradient projected to --dims dimensions (N = the first train size):
 PerSampleGrads.project (Kronecker-factored, LoGra-style); torch.func gradients times a dense
 Gaussian matrix held in memory (not counted in the peak; its size is printed); traker's and
-dattri's projectors (their CPU "normal" projectors) on torch.func gradients. traker computes
+dattri's "normal" projectors on torch.func gradients (traker's BasicProjector, on either
+device: its CudaProjector needs the fast_jl CUDA extension, which has no wheel; dattri's
+random_project, which on CUDA draws and holds its dense matrix on the GPU). traker computes
 no exact inner products, so it appears in (b) only. On CUDA, last, the fused 2-D Gram kernel
-against two GEMMs for a few layer shapes.
+against two GEMMs for a few layer shapes (rows with bench "gram_kernel").
 
 Every result is checked against float64 before it is timed: (a) 200 train rows against
 every test column from float64 torch.func gradients; (b) the same projection applied to
@@ -259,7 +261,7 @@ def speed(args, device, context):
 
     test = (x_te[: args.test_size].to(device), y_te[: args.test_size].to(device))
     engine = ig.PerSampleGrads(model)
-    rows, ok = [], True
+    ok = True
     params = sum(p.numel() for p in model.parameters())
     print(
         f"\nspeed: 64-256-256-10 MLP ({params:,} parameters), float32, {common.device_name(device)}, "
@@ -280,6 +282,7 @@ def speed(args, device, context):
             methods, device, warmup=0, min_repeats=args.repeats, max_repeats=args.repeats, budget_s=0, warm=0
         )
         ours = next(iter(methods))
+        rows = []
         with progress.paused():
             for name in methods:
                 print(
@@ -298,6 +301,7 @@ def speed(args, device, context):
                         note=f"time vs ours {ms[name] / ms[ours]:.2f}x",
                     )
                 )
+        common.append_rows(rows, args.results_dir)  # each setup's rows as measured: a run cut short keeps them
 
     print(f"  {'setup':<34} {'method':<40} {'ms':>10} {'vs ours':>8} {'peak MB':>9} {'rel err':>9}")
     for n in args.train_sizes:
@@ -341,13 +345,13 @@ def speed(args, device, context):
         )
         del dense
     progress.close()
-    return rows, ok
+    return ok
 
 
-def gram_kernel_sweep(args, device):
+def gram_kernel_sweep(args, device, context):
     """CUDA only: the fused 2-D Gram kernel (ig.ops.linear_gram) against the same inner
     products from two GEMMs and two elementwise passes, for the bench MLP's layer shapes at
-    the largest train size (bench/NOTES.md has the prediction)."""
+    the largest train size (bench/NOTES.md has the prediction); each shape's rows appended."""
     n_a, n_b = args.train_sizes[-1], args.test_size
     print(f"\nthe fused Gram kernel against two GEMMs (FP32, no TF32), {n_a} x {n_b}, {common.device_name(device)}")
     print(
@@ -357,14 +361,27 @@ def gram_kernel_sweep(args, device):
     ok = True
     for d_in, d_out in ((64, 256), (256, 256), (256, 10), (16, 16), (1024, 1024)):
         fns, ref = _gram_pair(n_a, n_b, d_in, d_out, device)
-        err = max(rel_err(fn(), ref) for fn in fns.values())
-        ok = ok and err < TOLERANCE
+        errs = {k: rel_err(fn(), ref) for k, fn in fns.items()}
+        ok = ok and max(errs.values()) < TOLERANCE
         ms = common.time_interleaved(fns, device)
         mem = {k: common.peak_memory_mb(fn, device) for k, fn in fns.items()}
         print(
             f"  {f'{d_in} -> {d_out}':<16} {ms['kernel']:>10.3f} {ms['gemms']:>10.3f} {mem['kernel']:>10.1f} "
-            f"{mem['gemms']:>10.1f} {err:>9.1e}"
+            f"{mem['gemms']:>10.1f} {max(errs.values()):>9.1e}"
         )
+        rows = [
+            dict(
+                context,
+                bench="gram_kernel",
+                setup=f"linear_gram {n_a}x{n_b}, D_in {d_in}, D_out {d_out}, bias 1",
+                method={"kernel": "ig.ops.linear_gram (fused kernel)", "gemms": "two GEMMs + elementwise"}[k],
+                median_ms=ms[k],
+                peak_mem_mb=mem[k],
+                max_rel_err=errs[k],
+            )
+            for k in fns
+        ]
+        common.append_rows(rows, args.results_dir)
     return ok
 
 
@@ -407,11 +424,11 @@ def main(argv=None):
     if args.part in ("all", "speed"):
         if device.type == "cpu":  # glibc: allocations over 64 KiB are mapped and unmapped, so RSS tracks them
             ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        rows, speed_ok = speed(args, device, common.run_context(device))
+        context = common.run_context(device)
+        speed_ok = speed(args, device, context)
         if device.type == "cuda":
-            speed_ok = gram_kernel_sweep(args, device) and speed_ok
-        path = common.append_rows(rows, args.results_dir)
-        print(f"rows appended to {path}")
+            speed_ok = gram_kernel_sweep(args, device, context) and speed_ok
+        print(f"rows appended to {Path(args.results_dir) / 'results.csv'}")
         ok = ok and speed_ok
     return 0 if ok else 1
 

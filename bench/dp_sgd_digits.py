@@ -16,8 +16,9 @@ int(1347 / 11) = 122 (Opacus's make_private rounds the expected batch so), noise
 generators seeded alike (both draw one torch.normal per parameter in order), so every
 method trains the same model up to float rounding. Prints each run's median time per step,
 the memory its first step allocates (peak, beyond the model and data), the final test
-accuracy and epsilon; first checks that Opacus and indivgrad give the same per-sample
-gradients on the first batch. Exits 1 if they differ, or if the gloo run's weights differ
+accuracy and epsilon, and appends them to --results-dir's results.csv (one row per run,
+bench "dp_sgd"); first checks that Opacus and indivgrad give the same per-sample gradients
+on the first batch. Exits 1 if they differ, or if the gloo run's weights differ
 from the single process's by more than float32 rounding.
 """
 
@@ -226,6 +227,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accountant", default="prv", help="Opacus's accountant (its make_private default: prv)")
     parser.add_argument("--processes", type=int, default=2, help="the gloo run's CPU processes (0: no such run)")
+    parser.add_argument("--results-dir", default=str(common.RESULTS_DIR), help="where results.csv gets one row per run")
     console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
     console.silence_peer_warnings()
@@ -275,9 +277,11 @@ def main(argv=None):
         )
     results = {}
     progress = console.Progress(len(runs), args.quiet, unit="method")
+    context, setup = common.run_context(device), _setup_name(args, n_train)
     for label, run in runs.items():
         progress.start(f"training with {label}")
         r = results[label] = run()
+        path = common.append_rows([_row(context, setup, label, r, args)], args.results_dir)  # kept if a later run fails
         with progress.paused():
             print(
                 f"  {label:<34} {statistics.median(r.step_ms):>17.3f} {r.peak_mb:>8.2f} {len(r.step_ms):>6} "
@@ -302,7 +306,29 @@ def main(argv=None):
             f"{gap:.1e}, test accuracy {multi.accuracy:.3f} against {single.accuracy:.3f}"
         )
         ok = ok and gap < 1e-3
+    print(f"rows appended to {path}")
     return 0 if ok else 1
+
+
+def _setup_name(args, n_train):
+    return (
+        f"{args.model} digits, {args.epochs} epochs x {args.steps_per_epoch} Poisson batches of ~"
+        f"{n_train // args.steps_per_epoch}, noise {args.noise_multiplier}, clip {args.max_grad_norm}"
+    )
+
+
+def _row(context, setup, label, result, args):
+    """One run's results.csv row: the median time per step, the first step's peak memory, and
+    the test accuracy and epsilon in the note (the runs of one call share its run_id)."""
+    return dict(
+        context,
+        bench="dp_sgd",
+        setup=setup,
+        method=label,
+        median_ms=statistics.median(result.step_ms),
+        peak_mem_mb=result.peak_mb,
+        note=f"test acc {result.accuracy:.3f}; epsilon {result.epsilon:.2f} (delta {args.delta:g}, {args.accountant})",
+    )
 
 
 def _max_rel_diff(tensors, ref):

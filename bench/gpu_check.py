@@ -171,7 +171,8 @@ def env():
 
 
 def wheels():
-    for name in ("opacus", "backpack-for-pytorch", "unfoldNd"):
+    # the peers of run.py (Opacus, BackPACK and its unfoldNd), dp_sgd_digits.py and attribution_digits.py
+    for name in ("opacus", "backpack-for-pytorch", "unfoldNd", "dattri", "traker"):
         try:
             print(name, importlib.metadata.version(name))
         except importlib.metadata.PackageNotFoundError:

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # One command for a GPU session: build against the preinstalled torch, run the whole test
 # suite and, at the same time, compute-sanitizer (memcheck, racecheck, initcheck, synccheck)
-# over the CUDA op tests, then both benches (alone on the GPU); each step in its own log under OUTDIR, under a time budget. A failing
-# step does not stop the next ones (except that a failed build skips what needs it); the exit
-# status is non-zero if any step failed or timed out; a summary table is printed last.
-# See bench/README.md, "On a GPU machine: one command".
+# over the CUDA op tests, then the benches (alone on the GPU); each step in its own log under
+# OUTDIR, under a time budget, and the whole run under --deadline where given. A failing step
+# does not stop the next ones (except that a failed build skips what needs it); the exit status
+# is non-zero if any step failed, timed out or found no time left; a summary table is printed
+# last. See bench/README.md, "On a GPU machine: one command".
 #
 #   bash bench/gpu_check.sh OUTDIR [--quick] [--wheels DIR] [--only STEP,...] [--budget STEP=S]...
-#                                  [--serial] [--archive FILE.tar.gz] [--dry-run]
+#                                  [--deadline S] [--serial] [--archive FILE.tar.gz] [--dry-run]
 #
 # Environment: PYTHON (default: the first of python3, python that imports torch);
 # COMPUTE_SANITIZER and NSIGHT_COMPUTE (ncu) (default: on PATH, else $CUDA_HOME/bin, /usr/local/cuda/bin);
@@ -15,35 +16,41 @@
 # check; default "indivgrad", our namespace; empty: every kernel; memcheck and initcheck check
 # all); GPU_CHECK_TEST_WORKERS (pytest-xdist workers for the tests step where xdist is
 # installed, default 6); GPU_CHECK_COMMIT (the commit env.txt and the benches' rows record;
-# set it: the device's copy of .git can be older than the tree).
+# set it: the device's copy of .git can be older than the tree); GPU_CHECK_MIN_LEFT (with
+# --deadline, the fewest seconds a step starts with, default 30).
 set -euo pipefail
 
 PROG=gpu_check.sh
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 STEPS=(build env wheels tests sanitizer-memcheck sanitizer-racecheck sanitizer-initcheck sanitizer-synccheck
-       kernels profile run)
+       kernels profile run attribution dp)
 SANITIZER_STEPS=" sanitizer-memcheck sanitizer-racecheck sanitizer-initcheck sanitizer-synccheck "
-NEEDS_BUILD=" tests$SANITIZER_STEPS""kernels profile run "  # skipped when the build failed
+NEEDS_BUILD=" tests$SANITIZER_STEPS""kernels profile run attribution dp "  # skipped when the build failed
 
 CONCURRENT_STEPS=" tests$SANITIZER_STEPS"  # run at the same time unless --serial
 
 # Time budgets in seconds, enforced with `timeout`. The tests and the four sanitizer steps run
 # at the same time (one GPU, 16 cores; --serial: one after another), so the worst case is
-#   full:  build 80 + env 15 + wheels 10 + max(tests, sanitizers) 210 + kernels 40 + profile 45 + run 140 = 540 s
-#   quick: build 80 + env 15 + wheels 10 + max(tests, sanitizers)  60 + kernels 25 + profile 60 + run 30 = 280 s
+#   full:  build 80 + env 15 + wheels 10 + max(tests, sanitizers) 210 + kernels 40 + profile 45 + run 140
+#          + attribution 90 + dp 90 = 720 s
+#   quick: build 80 + env 15 + wheels 10 + max(tests, sanitizers)  60 + kernels 25 + profile 60 + run 30
+#          + attribution 45 + dp 45 = 370 s
+# A device command may run 600 s: with --deadline 570 the full run ends in time, and the steps
+# the deadline left no time for are named, with the command that runs them (a second call).
 # Measured on the lent H200 (2026-11-28, e14e716, the steps of the group at the same time): build
 # 53 s, env 4, wheels 1, racecheck 122, synccheck 35, kernels 29 (both layouts), profile 16
 # (ncu alone, c8943bd); tests, memcheck and initcheck ran past 180, 150 and 180 s (97%, 74% and
 # 90% done), run.py past 100 s (the seed MLPs and the transformers done, about 40 s left by its
 # pace). The kernel-emulation tests, one worker's ~135 s of that run, now build and run their
-# binaries at once.
+# binaries at once. attribution and dp have not run on a GPU: their budgets are guesses from
+# CPU runs (attribution_digits.py's default sizes, dp_sgd_digits.py's two models).
 declare -A BUDGET_FULL=([build]=80 [env]=15 [wheels]=10 [tests]=210 [sanitizer-memcheck]=210
                         [sanitizer-racecheck]=180 [sanitizer-initcheck]=210 [sanitizer-synccheck]=150
-                        [kernels]=40 [profile]=45 [run]=140)
+                        [kernels]=40 [profile]=45 [run]=140 [attribution]=90 [dp]=90)
 declare -A BUDGET_QUICK=([build]=80 [env]=15 [wheels]=10 [tests]=60 [sanitizer-memcheck]=60
                          [sanitizer-racecheck]=60 [sanitizer-initcheck]=60 [sanitizer-synccheck]=60
-                         [kernels]=25 [profile]=60 [run]=30)
+                         [kernels]=25 [profile]=60 [run]=30 [attribution]=45 [dp]=45)
 
 # pytest -k selections. CUDA params only ("[cpu" drops the CPU params of test_cuda_ops.py, whose
 # module name matches "cuda"), never the >2^31-element tests (names containing 2_31, e.g.
@@ -53,17 +60,20 @@ SAN_K_QUICK_MEMCHECK="$SAN_K_FULL and (every_element_written or guards_untouched
 SAN_K_QUICK_FEW="$SAN_K_FULL and every_element_written and (dtype0 or dtype3)"
 TESTS_K_QUICK="cuda and not [cpu"
 
-USAGE="usage: bash bench/gpu_check.sh OUTDIR [--quick] [--wheels DIR] [--only STEP,...] [--budget STEP=S]... [--serial] [--archive FILE] [--dry-run]"
+USAGE="usage: bash bench/gpu_check.sh OUTDIR [--quick] [--wheels DIR] [--only STEP,...] [--budget STEP=S]... [--deadline S] [--serial] [--archive FILE] [--dry-run]"
 
 usage() {
     cat <<EOF
 $USAGE
 
   OUTDIR           where the logs, env.txt, tests-junit.xml, summary.txt, steps.tsv and results/ go
-  --quick          CUDA tests only, sanitizer subsets, benches with --quick: ${BUDGET_QUICK[build]} s build + about 3.5 min
-  --wheels DIR     install DIR/*.whl (pip --no-index --no-deps), e.g. Opacus, BackPACK, unfoldNd
+  --quick          CUDA tests only, sanitizer subsets, benches with --quick: ${BUDGET_QUICK[build]} s build + about 5 min
+  --wheels DIR     install DIR/*.whl (pip --no-index --no-deps), e.g. Opacus, BackPACK, unfoldNd, dattri, traker
   --only STEPS     run only these steps (comma-separated); the others are reported as skipped
   --budget STEP=S  give STEP S seconds instead of its default (repeatable)
+  --deadline S     end within S seconds: a step's budget is cut to the time left, a step with
+                   under \$GPU_CHECK_MIN_LEFT (30) s left does not start (named at the end, with
+                   the command that runs the steps left), e.g. 570 for a 600 s device command
   --serial         run the tests and the four sanitizer steps one after another, not at the same time
   --archive FILE   keep FILE (.tar.gz, outside OUTDIR) holding OUTDIR, refreshed after every step
   --dry-run        print the plan (each step's commands and budget) and exit 0; needs no GPU
@@ -93,7 +103,7 @@ abspath() {
 is_step() { [[ " ${STEPS[*]} " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- arguments
-OUTDIR="" QUICK=0 DRY=0 SERIAL=0 WHEELS="" ONLY="" ARCHIVE=""
+OUTDIR="" QUICK=0 DRY=0 SERIAL=0 WHEELS="" ONLY="" ARCHIVE="" DEADLINE=""
 declare -A BUDGET_SET=()
 set_budget() {
     local step=${1%%=*} secs=${1#*=}
@@ -115,6 +125,8 @@ while (($#)); do
         --only=*) ONLY=${1#*=} ;;
         --budget) need_value "$1" $# "${2-}" "STEP=SECONDS"; set_budget "$2"; shift ;;
         --budget=*) set_budget "${1#*=}" ;;
+        --deadline) need_value "$1" $# "${2-}" "SECONDS"; DEADLINE=$2; shift ;;
+        --deadline=*) DEADLINE=${1#*=} ;;
         --archive) need_value "$1" $# "${2-}" "a file name (.tar.gz)"; ARCHIVE=$2; shift ;;
         --archive=*) ARCHIVE=${1#*=} ;;
         -*) die "unknown option '$1'" ;;
@@ -125,6 +137,11 @@ while (($#)); do
     shift
 done
 [[ -n $OUTDIR ]] || die "missing OUTDIR, the directory for logs and results"
+if [[ -n $DEADLINE ]]; then
+    [[ $DEADLINE =~ ^[1-9][0-9]*$ ]] || die "--deadline: seconds must be a positive integer (got '$DEADLINE')"
+fi
+MIN_LEFT=${GPU_CHECK_MIN_LEFT:-30}
+[[ $MIN_LEFT =~ ^[0-9]+$ ]] || die "GPU_CHECK_MIN_LEFT: seconds must be a non-negative integer (got '$MIN_LEFT')"
 [[ ! -e $OUTDIR || -d $OUTDIR ]] || die "OUTDIR '$OUTDIR' exists and is not a directory"
 OUTDIR=$(abspath "$OUTDIR")
 if [[ -n $WHEELS ]]; then
@@ -330,6 +347,29 @@ step_run() {
     x "$PY" "${args[@]}"
 }
 
+# Data attribution (bench/attribution_digits.py): mislabel detection, then inner products and
+# projections against torch.func, dattri and traker (their wheels: --wheels), then the fused
+# Gram kernel against two GEMMs (the sweep bench/NOTES.md's prediction asks for).
+step_attribution() {
+    load
+    local args=(bench/attribution_digits.py --device cuda --results-dir "$OUTDIR/results" --quiet)
+    if ((QUICK)); then args+=(--epochs 20 --checkpoint-every 10 --train-sizes 2000 --dims 1024 --repeats 1); fi
+    x "$PY" "${args[@]}"
+}
+
+# DP-SGD (bench/dp_sgd_digits.py) against Opacus, both models, each run whatever the other did;
+# without its gloo run, which is on CPU.
+step_dp() {
+    load
+    local model rc=0 args
+    for model in mlp sequence; do
+        args=(bench/dp_sgd_digits.py --model "$model" --device cuda --processes 0 --results-dir "$OUTDIR/results" --quiet)
+        if ((QUICK)); then args+=(--epochs 1); fi
+        x "$PY" "${args[@]}" || rc=1
+    done
+    return "$rc"
+}
+
 # worst-case wall time of the selected steps: the sequential ones add up, concurrent ones overlap
 worst=0 group=0
 for s in "${STEPS[@]}"; do
@@ -347,6 +387,9 @@ header() {
     echo "  repository $ROOT, python $PY, compute-sanitizer ${SAN:-NOT FOUND}"
     echo -n "  worst case $worst s for the selected steps"
     if ((SERIAL)); then echo -n " (one after another)"; else echo -n " (tests and sanitizers at the same time)"; fi
+    if [[ -n $DEADLINE ]]; then
+        echo -n "; --deadline $DEADLINE s: budgets cut to the time left, no step starts with under $MIN_LEFT s"
+    fi
     echo "${ARCHIVE:+; archive $ARCHIVE}"
 }
 
@@ -378,14 +421,32 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 export ROOT OUTDIR PY QUICK DRY WHEELS SAN NCU KERNEL_FILTER TEST_WORKERS MODE PROG SAN_K_FULL SAN_K_QUICK_MEMCHECK \
        SAN_K_QUICK_FEW TESTS_K_QUICK
 export -f q x say load sanitize step_build step_env step_wheels step_tests step_kernels step_profile step_run \
-          step_sanitizer_memcheck step_sanitizer_racecheck step_sanitizer_initcheck step_sanitizer_synccheck
+          step_attribution step_dp step_sanitizer_memcheck step_sanitizer_racecheck step_sanitizer_initcheck \
+          step_sanitizer_synccheck
 
 now() { date +%s.%N; }
-declare -A STATUS=() SECS=() NOTE=() PID=()
+declare -A STATUS=() SECS=() NOTE=() PID=() GIVEN=()
+KILL_GRACE=5  # timeout's --kill-after: a step may outlive its budget by this much
+
+given() { echo "${GIVEN[$1]:-$(budget_of "$1")}"; }  # step $1's budget as run
+
+fit() {  # GIVEN[$1]: its budget, cut to what --deadline leaves; fails when that is under MIN_LEFT
+    local budget left
+    budget=$(budget_of "$1")
+    if [[ -n $DEADLINE ]]; then
+        left=$(awk -v a="$t_all" -v b="$(now)" -v d="$DEADLINE" -v k="$KILL_GRACE" 'BEGIN { printf "%d", d - (b - a) - k }')
+        if ((left < MIN_LEFT || left < 1)); then
+            NOTE[$1]="--deadline $DEADLINE s: $((left > 0 ? left : 0)) s left"
+            return 1
+        fi
+        ((budget <= left)) || budget=$left
+    fi
+    GIVEN[$1]=$budget
+}
 
 start_step() {  # runs step $1 in the background: its log, its budget, then "rc seconds" into $STATE/$1
     local s=$1 budget
-    budget=$(budget_of "$s")
+    budget=$(given "$s")
     printf '==> %-20s budget %3d s, log %s\n' "$s" "$budget" "$OUTDIR/$s.log"
     (
         t0=$(now) rc=0
@@ -410,9 +471,9 @@ finish_step() {  # waits for step $1 and records its status
     read -r rc secs <"$STATE/$s" || { rc=1; secs=0; }
     SECS[$s]=$secs
     if ((rc == 0)); then STATUS[$s]=ok
-    elif ((rc == 124)) || { ((rc == 137)) && awk -v t="$secs" -v b="$(budget_of "$s")" 'BEGIN { exit !(t >= b) }'; }; then
+    elif ((rc == 124)) || { ((rc == 137)) && awk -v t="$secs" -v b="$(given "$s")" 'BEGIN { exit !(t >= b) }'; }; then
         STATUS[$s]=TIMEOUT
-        echo "$PROG: TIMEOUT: stopped after its budget of $(budget_of "$s") s" >>"$OUTDIR/$s.log"
+        echo "$PROG: TIMEOUT: stopped after its budget of $(given "$s") s" >>"$OUTDIR/$s.log"
     else STATUS[$s]=FAILED; fi
     NOTE[$s]=$(note_of "$OUTDIR/$s.log")
     ((rc == 0)) || NOTE[$s]="exit $rc${NOTE[$s]:+; ${NOTE[$s]}}"
@@ -438,17 +499,17 @@ for s in "${STEPS[@]}"; do
     if ((build_failed)) && [[ $NEEDS_BUILD == *" $s "* ]]; then
         STATUS[$s]=skipped; NOTE[$s]="the build failed"; continue
     fi
-    if parallel "$s"; then
-        group+=("$s")
-        start_step "$s"
-        continue
-    fi
-    if ((${#group[@]})); then  # a sequential step after the concurrent ones: wait for them first
+    if ! parallel "$s" && ((${#group[@]})); then  # a sequential step after the concurrent ones: wait for them first
         for g in "${group[@]}"; do finish_step "$g"; done
         group=()
         snapshot
     fi
+    if ! fit "$s"; then STATUS[$s]=no-time; continue; fi
     start_step "$s"
+    if parallel "$s"; then
+        group+=("$s")
+        continue
+    fi
     finish_step "$s"
     if [[ $s == build && ${STATUS[$s]} != ok ]]; then build_failed=1; fi
     snapshot
@@ -456,10 +517,23 @@ done
 for g in ${group[@]+"${group[@]}"}; do finish_step "$g"; done
 t_total=$(awk -v a="$t_all" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')
 
-failed=()
+failed=() left=()
 for s in "${STEPS[@]}"; do
     if [[ ${STATUS[$s]} == FAILED || ${STATUS[$s]} == TIMEOUT ]]; then failed+=("$s"); fi
+    if [[ ${STATUS[$s]} == no-time ]]; then left+=("$s"); fi
 done
+rerun=""
+if ((${#left[@]})); then  # the command for what the deadline left: its own OUTDIR, the build and wheels first
+    again=""
+    for s in "${left[@]}"; do
+        if [[ $NEEDS_BUILD == *" $s "* ]]; then again=build,; fi
+    done
+    if [[ -n $WHEELS ]]; then again+=wheels,; fi
+    again+=$(IFS=,; echo "${left[*]}")
+    rerun="bash bench/gpu_check.sh ${OUTDIR}-rest --only $again${WHEELS:+ --wheels $WHEELS}${DEADLINE:+ --deadline $DEADLINE}"
+    if ((QUICK)); then rerun+=" --quick"; fi
+    if ((SERIAL)); then rerun+=" --serial"; fi
+fi
 for s in ${failed[@]+"${failed[@]}"}; do
     echo
     echo "---- $s ${STATUS[$s]}: the last lines of $OUTDIR/$s.log ----"
@@ -470,18 +544,22 @@ done
     echo
     printf '%-20s %-8s %8s %7s  %s\n' step status seconds budget "log (note)"
     for s in "${STEPS[@]}"; do
-        if [[ ${STATUS[$s]} == skipped ]]; then
-            printf '%-20s %-8s %8s %7s  %s\n' "$s" skipped - - "(${NOTE[$s]})"
+        if [[ ${STATUS[$s]} == skipped || ${STATUS[$s]} == no-time ]]; then
+            printf '%-20s %-8s %8s %7s  %s\n' "$s" "${STATUS[$s]}" - - "(${NOTE[$s]})"
         else
-            printf '%-20s %-8s %8s %7s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "$(budget_of "$s")" "$OUTDIR/$s.log"
+            printf '%-20s %-8s %8s %7s  %s\n' "$s" "${STATUS[$s]}" "${SECS[$s]}" "$(given "$s")" "$OUTDIR/$s.log"
             if [[ -n ${NOTE[$s]} ]]; then printf '%48s(%s)\n' "" "${NOTE[$s]}"; fi
         fi
     done
     if ((${#failed[@]})); then verdict="FAILED: ${failed[*]}"; else verdict="every step that ran is ok"; fi
+    if ((${#left[@]})); then
+        verdict+="; NO TIME LEFT for: ${left[*]}"
+        echo "to run the steps left: $rerun"
+    fi
     printf '%s: %s mode, %s s in all; %s\n' "$PROG" "$MODE" "$t_total" "$verdict"
 } | tee "$OUTDIR/summary.txt"
 for s in "${STEPS[@]}"; do
-    printf '%s\t%s\t%s\t%s\t%s\n' "$s" "${STATUS[$s]}" "${SECS[$s]:-}" "$(budget_of "$s")" "${NOTE[$s]:-}"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$s" "${STATUS[$s]}" "${SECS[$s]:-}" "$(given "$s")" "${NOTE[$s]:-}"
 done >"$OUTDIR/steps.tsv"
 snapshot
-((${#failed[@]} == 0))
+((${#failed[@]} == 0 && ${#left[@]} == 0))

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = {  # the CSV columns every row must have (bench/common.py writes them)
     "date",
@@ -161,12 +163,13 @@ def test_profile_engine_quick(device):
         assert f"## {name}: the top 3 by self_" in proc.stdout
 
 
-def test_dp_sgd_digits_one_epoch():
+def test_dp_sgd_digits_one_epoch(tmp_path):
     """The DP-SGD example: every method trains on the same batches and noise, so they end with
     the same accuracy and epsilon; the per-sample gradients agree (else exit 1), and the
-    2-process gloo run ends where the single process does."""
+    2-process gloo run ends where the single process does; one results.csv row per run."""
+    args = ["--epochs", "1", "--device", "cpu", "--quiet", "--results-dir", tmp_path]
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "dp_sgd_digits.py"), "--epochs", "1", "--device", "cpu", "--quiet"],
+        [sys.executable, str(ROOT / "bench" / "dp_sgd_digits.py"), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=600,
@@ -192,16 +195,23 @@ def test_dp_sgd_digits_one_epoch():
     assert max(accuracy) - min(accuracy) <= 0.01, proc.stdout  # the same training up to float rounding
     match = re.search(r"final weights' max relative difference (\S+)", proc.stdout)
     assert match and float(match.group(1)) < 1e-3, proc.stdout
+    with (tmp_path / "results.csv").open() as f:
+        rows = {row["method"]: row for row in csv.DictReader(f)}
+    assert sorted(rows) == sorted(methods) and {row["bench"] for row in rows.values()} == {"dp_sgd"}
+    for name, row in rows.items():
+        assert float(row["median_ms"]) == pytest.approx(table[name][0], rel=1e-3, abs=1e-3), (name, row)
+        assert f"test acc {table[name][3]:.3f}; epsilon {table[name][4]:.2f}" in row["note"], row
 
 
-def test_attribution_digits_smoke(tmp_path):
+def test_attribution_digits_smoke(tmp_path, device):
     """The attribution example: TracIn self-influence finds more flipped labels than chance,
-    and every method's inner products and projections match float64 (else exit 1)."""
+    and every method's inner products and projections match float64 (else exit 1); on CUDA
+    the Gram kernel sweep's rows (kernel and GEMMs, five shapes) follow."""
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "bench" / "attribution_digits.py"),
-            *("--device", "cpu", "--epochs", "20", "--checkpoint-every", "10", "--train-sizes", "300"),
+            *("--device", device, "--epochs", "20", "--checkpoint-every", "10", "--train-sizes", "300"),
             *("--test-size", "40", "--dims", "128", "--repeats", "1", "--results-dir", str(tmp_path), "--quiet"),
         ],
         capture_output=True,
@@ -222,6 +232,7 @@ def test_attribution_digits_smoke(tmp_path):
         assert f" {method} " in proc.stdout, proc.stdout
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 7 and all(float(r["max_rel_err"]) < 1e-3 for r in rows), rows
+    assert all(float(r["max_rel_err"]) < 1e-3 for r in rows), rows
+    assert [r["bench"] for r in rows] == ["attribution"] * 7 + ["gram_kernel"] * (10 if device == "cuda" else 0)
     found = re.search(r"TracIn self-influence \(exact\)\s+([\d.]+)\s+([\d.]+)", proc.stdout)
     assert found and float(found.group(2)) > 0.4, proc.stdout

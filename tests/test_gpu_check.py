@@ -27,9 +27,12 @@ STEPS = [
     "kernels",
     "profile",
     "run",
+    "attribution",
+    "dp",
 ]
 TOOLS = ["memcheck", "racecheck", "initcheck", "synccheck"]
 NINE_MINUTES = 540  # one 10-minute device command, with a minute to spare
+DEVICE_DEADLINE = 570  # what a full run on the device is given: its whole plan no longer fits
 
 pytestmark = pytest.mark.skipif(
     shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and GNU timeout"
@@ -96,9 +99,20 @@ def test_dry_run_plans_every_step_and_creates_nothing(tmp_path):
     assert "--kernel-name regex:outer_kernel" in profile and f"--log-file {out}/ncu.csv" in profile
     assert f"bench/kernels.py --device cuda --layouts out_in in_out --results-dir {out}/results --quiet\n" in plan
     assert f"bench/run.py --device cuda --results-dir {out}/results --quiet\n" in plan
-    assert "--quick" not in plan
-    assert worst_case(plan) <= NINE_MINUTES
+    assert f"bench/attribution_digits.py --device cuda --results-dir {out}/results --quiet\n" in plan
+    for model in ("mlp", "sequence"):
+        dp = f"bench/dp_sgd_digits.py --model {model} --device cuda --processes 0 --results-dir {out}/results --quiet\n"
+        assert dp in plan, model
+    assert "--quick" not in plan and "--deadline" not in plan
     assert not out.exists()
+
+
+def test_dry_run_with_a_deadline(tmp_path):
+    proc = gpu_check(tmp_path / "out", "--dry-run", "--deadline", DEVICE_DEADLINE)
+    assert proc.returncode == 0, proc.stderr
+    assert worst_case(proc.stdout) > DEVICE_DEADLINE  # the plan is cut: its rest is a second call
+    header = f"--deadline {DEVICE_DEADLINE} s: budgets cut to the time left, no step starts with under 30 s"
+    assert header in proc.stdout
 
 
 def test_dry_run_quick_with_wheels(tmp_path):
@@ -114,10 +128,13 @@ def test_dry_run_quick_with_wheels(tmp_path):
         and "--quick --no-compile\n" in plan
     )
     assert re.search(r"bench/run\.py --device cuda --results-dir \S+ --quiet --quick\n", plan)
+    attribution = r"bench/attribution_digits\.py --device cuda --results-dir \S+ --quiet --epochs 20 .*--repeats 1\n"
+    assert re.search(attribution, plan)
+    assert len(re.findall(r"bench/dp_sgd_digits\.py --model \w+ .* --quiet --epochs 1\n", plan)) == 2
     selections = {tool: re.search(rf"--tool {tool} .* -k ('[^']*')", plan).group(1) for tool in TOOLS}
     assert selections["memcheck"] != selections["racecheck"] == selections["initcheck"] == selections["synccheck"]
     assert all("not 2_31" in k for k in selections.values())
-    assert worst_case(plan) < worst_case(full.stdout) <= NINE_MINUTES  # the wheels included
+    assert worst_case(plan) <= NINE_MINUTES < worst_case(full.stdout)  # the wheels included
 
 
 def test_only_budget_and_serial(tmp_path):
@@ -157,6 +174,9 @@ def test_help():
         (["OUT", "--only", "build,bogus"], "--only: unknown step 'bogus'"),
         (["OUT", "--budget", "tests=abc"], "--budget tests: seconds must be a positive integer"),
         (["OUT", "--budget", "nosuch=5"], "--budget wants STEP=SECONDS"),
+        (["OUT", "--deadline"], "--deadline needs SECONDS"),
+        (["OUT", "--deadline", "0"], "--deadline: seconds must be a positive integer (got '0')"),
+        (["OUT", "--deadline=9.5"], "--deadline: seconds must be a positive integer (got '9.5')"),
         (["OUT", "--archive", "OUT/inside.tar.gz"], "--archive must be outside OUTDIR"),
     ],
 )
@@ -260,6 +280,8 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, 
         "kernels": "TIMEOUT",
         "profile": "ok",
         "run": "ok",
+        "attribution": "ok",
+        "dp": "ok",
     }
     assert rows["tests"][3] == "3 passed, 1 skipped in 0.01s"
     assert "ERROR SUMMARY: 2 errors" in rows["sanitizer-racecheck"][3]
@@ -267,6 +289,8 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, 
     for step in STEPS:
         assert (out / f"{step}.log").exists(), step
     assert "fake python bench/run.py --device cuda" in (out / "run.log").read_text()
+    assert "fake python bench/attribution_digits.py --device cuda" in (out / "attribution.log").read_text()
+    assert (out / "dp.log").read_text().count("fake python bench/dp_sgd_digits.py --model") == 2
     assert "--kernel-name regex:outer_kernel" in (out / "profile.log").read_text()
     assert (out / "ncu.csv").exists()
     assert "TIMEOUT" in (out / "kernels.log").read_text()
@@ -327,3 +351,30 @@ def test_pick_compiler_passes_over_one_that_links_libstdcxx_statically(tmp_path)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert out.read_text() == chosen, proc.stdout
     assert "links libstdc++ dynamically" in proc.stdout
+
+
+def test_the_deadline_cuts_budgets_and_names_the_steps_left(tmp_path, fakes):
+    """With --deadline, a step gets at most the time left (less timeout's kill grace), a step
+    left under GPU_CHECK_MIN_LEFT does not start, and the end names the command that runs the
+    steps left; that command works."""
+    out, wheels = tmp_path / "out", fake_wheels(tmp_path)
+    only = "build,wheels,kernels,profile,run,dp"
+    common = dict(GPU_CHECK_MIN_LEFT=3, **fakes)
+    proc = gpu_check(out, "--only", only, "--deadline", 15, "--wheels", wheels, FAKE_KERNELS_SLEEP=30, **common)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = summary(out)
+    assert rows["build"][0] == rows["wheels"][0] == "ok" and rows["kernels"][0] == "TIMEOUT"
+    assert 3 <= int(rows["kernels"][2]) <= 10 and float(rows["kernels"][1]) < 15  # cut from its 40 s
+    for step in ("profile", "run", "dp"):
+        assert rows[step][0] == "no-time" and rows[step][3].startswith("--deadline 15 s:"), rows[step]
+        assert not (out / f"{step}.log").exists()
+    lines = proc.stdout.rstrip().splitlines()
+    assert lines[-1].endswith("FAILED: kernels; NO TIME LEFT for: profile run dp")
+    rerun = next(line for line in lines if line.startswith("to run the steps left: "))
+    expected = f"bash bench/gpu_check.sh {out}-rest --only build,wheels,profile,run,dp --wheels {wheels} --deadline 15"
+    assert rerun == "to run the steps left: " + expected
+    args = expected.split()[2:]
+    again = gpu_check(*args, **common)
+    assert again.returncode == 0, again.stdout + again.stderr
+    ran = [s for s, row in summary(Path(f"{out}-rest")).items() if row[0] == "ok"]
+    assert ran == ["build", "wheels", "profile", "run", "dp"]
