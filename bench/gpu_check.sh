@@ -450,7 +450,7 @@ start_step() {  # runs step $1 in the background: its log, its budget, then "rc 
     printf '==> %-20s budget %3d s, log %s\n' "$s" "$budget" "$OUTDIR/$s.log"
     (
         t0=$(now) rc=0
-        timeout --kill-after=5 "$budget" bash -c "set -euo pipefail; step_${s//-/_}" \
+        timeout --kill-after="$KILL_GRACE" "$budget" bash -c "set -euo pipefail; step_${s//-/_}" \
             </dev/null >"$OUTDIR/$s.log" 2>&1 || rc=$?
         echo "$rc $(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }')" >"$STATE/$s"
     ) &
