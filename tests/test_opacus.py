@@ -143,7 +143,7 @@ def test_the_package_does_not_import_opacus():
 
 
 @pytest.mark.parametrize("model", ["mlp", "sequence"])
-def test_dp_sgd_example_runs(device, model):
+def test_dp_sgd_example_runs(device, model, tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -158,6 +158,8 @@ def test_dp_sgd_example_runs(device, model):
             "--model",
             model,
             "--quiet",
+            "--results-dir",
+            str(tmp_path),  # not bench/results
         ],
         capture_output=True,
         text=True,
