@@ -167,7 +167,7 @@ class PerSampleGrads:
         else:
 
             def visit(i, f, n0, n1):
-                reducers.materialise(layers[i], f, layout, {k: v[n0:n1] for k, v in results.items()})
+                reducers.materialise(layers[i], f, layout, results, slice(n0, n1))
 
             cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, visit)
         if into == "grad_sample":
@@ -198,9 +198,8 @@ class PerSampleGrads:
         if cap is self._native:
             cap.norms(inputs, target, loss_fn, reduction, generator, sq)
         else:
-            cap.run(
-                layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, self._norms_visitor(layers, sq)
-            )
+            visit, end_chunk = self._norms_reducer(layers, sq)
+            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, visit, end_chunk)
         total = sq.sum(0).sqrt()
         if per_param:
             return total, dict(zip(params, sq.sqrt().unbind(0)))
@@ -241,13 +240,14 @@ class PerSampleGrads:
             cap.clipped_sum(inputs, target, loss_fn, reduction, generator, max_norm, grads, sq)
         else:
             pending = []  # (layer index, factors) of the chunk: the GEMMs wait for every layer's norms
-            norms = self._norms_visitor(layers, sq)
+            norms, norms_end = self._norms_reducer(layers, sq)
 
             def visit(i, f, n0, n1):
                 norms(i, f, n0, n1)
                 pending.append((i, f))
 
             def end_chunk(n0, n1):
+                norms_end(n0, n1)
                 coef = reducers.clip_coefficients(sq[:, n0:n1], max_norm)
                 for i, f in pending:
                     reducers.clipped_sum(layers[i], f, coef, grads, n0 > 0)
@@ -403,15 +403,23 @@ class PerSampleGrads:
         layers = cap.layers()
         return layers, cap.params(layers, layout)
 
-    def _norms_visitor(self, layers, sq):
-        """visit(i, f, n0, n1) for the hooks capture: layer i's squared norms into sq's rows."""
+    def _norms_reducer(self, layers, sq):
+        """(visit, end_chunk) for the hooks capture: visit(i, f, n0, n1) keeps layer i's squared
+        norms, end_chunk(n0, n1) writes the chunk's into sq's columns in one copy (one per
+        parameter cost a launch each on a GPU, where small models are bound by launches)."""
         rows = reducers.norm_rows(layers)
+        got = [None] * sq.shape[0]
 
         def visit(i, f, n0, n1):
             for r, v in zip(rows[i], reducers.squared_norms(layers[i], f, self.norm_method, n1 - n0, sq)):
-                sq[r, n0:n1] = v
+                got[r] = v
 
-        return visit
+        def end_chunk(n0, n1):
+            if got:
+                sq[:, n0:n1] = torch.stack(got)
+                got[:] = [None] * len(got)
+
+        return visit, end_chunk
 
     def _squared_norm_buffer(self, params, n):
         """[P, N] for the squared norms of the P parameters that require grad."""

@@ -10,9 +10,9 @@ from indivgrad_cuda.capture.layers import Layer
 from indivgrad_cuda.layers import Factors
 
 
-def materialise(layer: Layer, f: Optional[Factors], layout: str, results: dict[str, torch.Tensor]) -> None:
-    """Writes the layer's per-sample gradients into ``results[name]`` (this chunk's rows)."""
-    out = {attr: results[layer.names[attr]] for attr in layer.trainable() if layer.names[attr] in results}
+def materialise(layer: Layer, f: Optional[Factors], layout: str, results: dict[str, torch.Tensor], rows: slice) -> None:
+    """Writes the layer's per-sample gradients into ``results[name][rows]`` (this chunk's rows)."""
+    out = {attr: results[layer.names[attr]][rows] for attr in layer.trainable() if layer.names[attr] in results}
     if f is None:  # no gradient reached the layer
         for t in out.values():
             t.zero_()

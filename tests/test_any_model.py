@@ -110,6 +110,30 @@ def test_module_used_twice_frozen_and_unused_layers(device):
     assert "frozen.weight" not in grads and grads["unused.weight"].abs().max() == 0
 
 
+def test_one_engine_reads_the_trainable_parameters_on_every_call(device):
+    """Each call works on the layers' trainable parameters as they are then (the reducers
+    share one reading per call): freezing, unfreezing and replacing parameters between calls
+    of one engine is seen by every method."""
+    model = encoder(device)
+    ids, mask, labels = token_batch(5, 9, 13, 3, device=device)
+    engine = check_everything(model, (ids, mask), labels, F.cross_entropy)
+    block = model.blocks[0]
+    block.fc1.requires_grad_(False)
+    block.ln1.bias.requires_grad_(False)
+    engine = check_everything(model, (ids, mask), labels, F.cross_entropy)
+    assert not {"blocks.0.fc1.weight", "blocks.0.fc1.bias", "blocks.0.ln1.bias"} & set(
+        engine(ids, labels, F.cross_entropy)
+    )
+    block.fc1.weight.requires_grad_(True)
+    with torch.no_grad():
+        block.fc2.weight = nn.Parameter(torch.randn_like(block.fc2.weight))  # a new Parameter object
+    ref = func_module_grads(model, (ids, mask), labels, F.cross_entropy)
+    assert "blocks.0.fc1.weight" in ref and "blocks.0.fc1.bias" not in ref
+    assert_grads(engine((ids, mask), labels, F.cross_entropy), ref)
+    _, ref_norms = clipped_sum_ref(ref, 1.0)
+    torch.testing.assert_close(engine.norms((ids, mask), labels, F.cross_entropy), ref_norms, **F64)
+
+
 def test_a_loss_that_no_trainable_layer_reaches(device):
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).double().to(device)
     x = torch.randn(4, 3, dtype=torch.float64, device=device)

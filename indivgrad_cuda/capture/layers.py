@@ -3,6 +3,7 @@ parameters must be a supported layer (:data:`indivgrad_cuda.layers.RULES`). The 
 scanned once; each call re-reads only ``requires_grad`` and the parameters themselves."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 from torch import nn
 
@@ -19,9 +20,15 @@ class Layer:
     module: nn.Module
     rule: LayerRule
     names: dict[str, str]  # parameter attribute -> its name in model.named_parameters()
+    # trainable() as read when this copy was made for one call (ModelScan.wanted_layers): the
+    # reducers ask for it per layer and chunk, and reading the module each time cost a
+    # noticeable share of a small model's call
+    snapshot: Optional[dict[str, nn.Parameter]] = None
 
     def trainable(self) -> dict[str, nn.Parameter]:
-        """The module's parameters that require grad now, by attribute."""
+        """The module's parameters that require grad now (or when the snapshot was taken), by attribute."""
+        if self.snapshot is not None:
+            return self.snapshot
         out = {}
         for attr in self.rule.params:
             p = getattr(self.module, attr, None)
@@ -108,8 +115,14 @@ class ModelScan:
             )
 
     def wanted_layers(self) -> list[Layer]:
-        """The supported layers with trainable parameters now (after check())."""
-        return [layer for layer in self.layers if layer.wanted()]
+        """The supported layers with trainable parameters now (after check()), each a copy
+        holding those parameters for the call that asks."""
+        out = []
+        for layer in self.layers:
+            now = layer.trainable()
+            if now:
+                out.append(Layer(layer.path, layer.module, layer.rule, layer.names, now))
+        return out
 
 
 def _why_not(module) -> str:
