@@ -30,11 +30,11 @@ REQUIRED = {  # the CSV columns every row must have (bench/common.py writes them
 
 
 def run_bench(script, tmp_path, device, *extra):
+    """Runs bench/script on device with its rows into tmp_path; checks its console and rows."""
     proc = subprocess.run(
         [
             sys.executable,
             str(ROOT / "bench" / script),
-            "--quick",
             "--device",
             device,
             "--results-dir",
@@ -57,7 +57,7 @@ def run_bench(script, tmp_path, device, *extra):
 
 
 def test_run_quick(tmp_path, device):
-    proc, rows = run_bench("run.py", tmp_path, device)
+    proc, rows = run_bench("run.py", tmp_path, device, "--quick")
     out = proc.stdout
     assert "tfm:4x8x32x1 opacus" in proc.stderr  # the progress bar names the running method
     timed = {r["method"] for r in rows if r["median_ms"]}
@@ -90,6 +90,7 @@ def test_kernels_quick(tmp_path, device):
         "kernels.py",
         tmp_path,
         device,
+        "--quick",
         "--no-compile",
         "--layouts",
         "out_in",
@@ -167,15 +168,7 @@ def test_dp_sgd_digits_one_epoch(tmp_path):
     """The DP-SGD example: every method trains on the same batches and noise, so they end with
     the same accuracy and epsilon; the per-sample gradients agree (else exit 1), and the
     2-process gloo run ends where the single process does; one results.csv row per run."""
-    args = ["--epochs", "1", "--device", "cpu", "--quiet", "--results-dir", tmp_path]
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "dp_sgd_digits.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stderr == "" and "Warning" not in proc.stdout, proc.stdout + proc.stderr
+    proc, csv_rows = run_bench("dp_sgd_digits.py", tmp_path, "cpu", "--epochs", "1", "--quiet")
     methods = (
         "opacus hooks",
         "opacus ghost clipping",
@@ -195,8 +188,7 @@ def test_dp_sgd_digits_one_epoch(tmp_path):
     assert max(accuracy) - min(accuracy) <= 0.01, proc.stdout  # the same training up to float rounding
     match = re.search(r"final weights' max relative difference (\S+)", proc.stdout)
     assert match and float(match.group(1)) < 1e-3, proc.stdout
-    with (tmp_path / "results.csv").open() as f:
-        rows = {row["method"]: row for row in csv.DictReader(f)}
+    rows = {row["method"]: row for row in csv_rows}
     assert sorted(rows) == sorted(methods) and {row["bench"] for row in rows.values()} == {"dp_sgd"}
     for name, row in rows.items():
         assert float(row["median_ms"]) == pytest.approx(table[name][0], rel=1e-3, abs=1e-3), (name, row)
@@ -207,19 +199,13 @@ def test_attribution_digits_smoke(tmp_path, device):
     """The attribution example: TracIn self-influence finds more flipped labels than chance,
     and every method's inner products and projections match float64 (else exit 1); on CUDA
     the Gram kernel sweep's rows (kernel and GEMMs, five shapes) follow."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "attribution_digits.py"),
-            *("--device", device, "--epochs", "20", "--checkpoint-every", "10", "--train-sizes", "300"),
-            *("--test-size", "40", "--dims", "128", "--repeats", "1", "--results-dir", str(tmp_path), "--quiet"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
+    proc, rows = run_bench(
+        "attribution_digits.py",
+        tmp_path,
+        device,
+        *("--epochs", "20", "--checkpoint-every", "10", "--train-sizes", "300"),
+        *("--test-size", "40", "--dims", "128", "--repeats", "1", "--quiet"),
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stderr == "", proc.stderr
     methods = {
         "indivgrad inner_products",
         "torch.func grads + matmul",
@@ -230,8 +216,6 @@ def test_attribution_digits_smoke(tmp_path, device):
     }
     for method in methods:
         assert f" {method} " in proc.stdout, proc.stdout
-    with open(tmp_path / "results.csv") as f:
-        rows = list(csv.DictReader(f))
     assert all(float(r["max_rel_err"]) < 1e-3 for r in rows), rows
     assert [r["bench"] for r in rows] == ["attribution"] * 7 + ["gram_kernel"] * (10 if device == "cuda" else 0)
     found = re.search(r"TracIn self-influence \(exact\)\s+([\d.]+)\s+([\d.]+)", proc.stdout)
