@@ -52,13 +52,12 @@ declare -A BUDGET_QUICK=([build]=80 [env]=15 [wheels]=10 [tests]=60 [sanitizer-m
                          [sanitizer-racecheck]=60 [sanitizer-initcheck]=60 [sanitizer-synccheck]=60
                          [kernels]=25 [profile]=60 [run]=30 [attribution]=45 [dp]=45)
 
-# pytest -k selections. CUDA params only ("[cpu" drops the CPU params of test_cuda_ops.py, whose
-# module name matches "cuda"), never the >2^31-element tests (names containing 2_31, e.g.
-# over_2_31), -m "not big" as well.
-SAN_K_FULL="cuda and not [cpu and not 2_31"
+# pytest selections: the GPU tests are those with the `cuda` marker (-m cuda; tests/conftest.py:
+# a test that needs a GPU carries it, and so does the "cuda" param of the device fixture). The
+# sanitizers leave out the >2^31-element tests (names containing 2_31, e.g. over_2_31).
+SAN_K_FULL="not 2_31"
 SAN_K_QUICK_MEMCHECK="$SAN_K_FULL and (every_element_written or guards_untouched or misaligned)"
 SAN_K_QUICK_FEW="$SAN_K_FULL and every_element_written and (dtype0 or dtype3)"
-TESTS_K_QUICK="cuda and not [cpu"
 
 USAGE="usage: bash bench/gpu_check.sh OUTDIR [--quick] [--wheels DIR] [--only STEP,...] [--budget STEP=S]... [--deadline S] [--serial] [--archive FILE] [--dry-run]"
 
@@ -273,8 +272,8 @@ step_tests() {
     # -v: one line per test as it ends, so a run stopped by its budget still names what failed
     local args=(-m pytest -v -p no:cacheprovider -rfEs --durations=15 --junitxml "$OUTDIR/tests-junit.xml")
     if ((QUICK)); then
-        say "quick: the tests with CUDA in their name or module, CUDA params only"
-        args+=(-k "$TESTS_K_QUICK")
+        say "quick: the GPU tests only (-m cuda)"
+        args+=(-m cuda)
     fi
     # pytest-xdist where installed (the lent H200 has it): each test file in one worker
     if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "$TEST_WORKERS" --dist loadfile); fi
@@ -302,7 +301,7 @@ sanitize() {  # sanitize TOOL
     # PyTorch's caching allocator would hide out-of-bounds and uninitialised accesses inside its blocks
     if [[ $tool == memcheck || $tool == initcheck ]]; then env_vars+=(PYTORCH_NO_CUDA_MEMORY_CACHING=1); fi
     x env "${env_vars[@]}" "${SAN:-compute-sanitizer}" "${opts[@]}" \
-        "$PY" -m pytest -q -p no:cacheprovider -rfE --maxfail=5 "${files[@]}" -k "$k" -m "not big"
+        "$PY" -m pytest -q -p no:cacheprovider -rfE --maxfail=5 "${files[@]}" -k "$k" -m cuda
 }
 step_sanitizer_memcheck() { sanitize memcheck; }
 step_sanitizer_racecheck() { sanitize racecheck; }
@@ -419,7 +418,7 @@ STATE=$(mktemp -d)
 trap 'rm -rf "$STATE"' EXIT
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 export ROOT OUTDIR PY QUICK DRY WHEELS SAN NCU KERNEL_FILTER TEST_WORKERS MODE PROG SAN_K_FULL SAN_K_QUICK_MEMCHECK \
-       SAN_K_QUICK_FEW TESTS_K_QUICK
+       SAN_K_QUICK_FEW
 export -f q x say load sanitize step_build step_env step_wheels step_tests step_kernels step_profile step_run \
           step_attribution step_dp step_sanitizer_memcheck step_sanitizer_racecheck step_sanitizer_initcheck \
           step_sanitizer_synccheck

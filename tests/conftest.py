@@ -8,7 +8,9 @@ CUDA_SKIP_REASON = (
     "no GPU visible" if not torch.cuda.is_available() else "indivgrad_cuda was built without CUDA kernels"
 )
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON))]
+# A test that needs a GPU carries the `cuda` marker (directly, or by a "cuda" param of DEVICES):
+# it is skipped where CUDA_OK is false, and bench/gpu_check.sh selects the GPU tests by `-m cuda`.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 # Tolerances against a float64 reference computed from the same (rounded) inputs: the
@@ -26,7 +28,16 @@ PARAMS = dict(negative_slope=0.2, alpha=0.7, beta=1.5, threshold=3.0)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a GPU")
+    config.addinivalue_line("markers", "cuda: needs a GPU and the CUDA kernels (skipped without them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA_OK:
+        return
+    skip = pytest.mark.skip(reason=CUDA_SKIP_REASON)
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(params=DEVICES)

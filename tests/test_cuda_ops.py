@@ -23,11 +23,10 @@ import torch
 
 import indivgrad_cuda as ig
 from indivgrad_cuda.ops import ACTIVATIONS, LAYOUTS
-from tests.conftest import CUDA_OK, CUDA_SKIP_REASON, DTYPES, PARAMS, TOL
+from tests.conftest import DTYPES, PARAMS, TOL
 from tests.reference import ACTIVATION_FNS, act_outer_ref, activation_backward_ref, outer_ref
 
 NAN = float("nan")
-cuda_only = pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON)
 
 
 def kvec(dtype):
@@ -236,7 +235,7 @@ def test_every_activation_on_multi_tile_paths(device, dtype, layout, activation)
 #    buffers past 2^31 elements.
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("c", [8, 7], ids=["fast", "run"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -252,7 +251,7 @@ def test_blocks_spanning_hundreds_of_samples(dtype, layout, c):
     assert_matches(bias_out, b_ref, dtype, "grad_bias", b_slack)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streaming_stores_for_outputs_far_larger_than_l2(dtype, layout):
@@ -292,7 +291,7 @@ def rows_ref(x, g, layout, n, rows):
     return outer_ref(x[n : n + 1], g[n : n + 1, rows], layout)[0]
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("c", [32776, 32771], ids=["fast", "run"])
 def test_buffer_over_2_31_elements(c, layout):
@@ -344,7 +343,7 @@ def assert_all_ways(results, x, up, pre, layout, what):
         assert_matches(got, ref, x.dtype, f"{what}, {name}", slack)
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_runs_on_the_current_stream(layout):
     """On a side stream, a long sleep then an overwrite of x precede the ops: a kernel launched
@@ -361,7 +360,8 @@ def test_runs_on_the_current_stream(layout):
     assert_all_ways(results, x_new, up, pre, layout, "side stream")
 
 
-@pytest.mark.skipif(not CUDA_OK or torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_tensors_on_a_device_other_than_the_current_one(layout):
     """Inputs on cuda:1 while cuda:0 is current: launched on cuda:1, on its current stream
@@ -384,7 +384,7 @@ def test_tensors_on_a_device_other_than_the_current_one(layout):
 PARITY_SHAPES = [(6, 37, 2049), (300, 3, 8)]  # run path with tiles; fast path, blocks across samples
 
 
-@cuda_only
+@pytest.mark.cuda
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

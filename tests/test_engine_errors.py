@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import indivgrad_cuda as ig
-from tests.conftest import CUDA_OK, CUDA_SKIP_REASON
 
 
 def small():
@@ -180,7 +179,7 @@ def test_generator_of_the_wrong_kind_or_device():
     ig.PerSampleGrads(model)(x, t, F.mse_loss, generator=torch.Generator().manual_seed(0))  # the right one is accepted
 
 
-@pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON)
+@pytest.mark.cuda
 def test_generator_on_cpu_for_a_cuda_model():
     model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 2)).cuda().train()
     x, t = torch.randn(3, 4, device="cuda"), torch.randn(3, 2, device="cuda")

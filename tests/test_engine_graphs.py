@@ -15,7 +15,7 @@ from torch import nn
 
 import indivgrad_cuda as ig
 from indivgrad_cuda.cuda_graphs import Captured, CudaGraphCapture, GraphRunner
-from tests.conftest import CUDA_OK, CUDA_SKIP_REASON, TOL
+from tests.conftest import TOL
 from tests.reference import clipped_sum_ref, dropout_masks, func_per_sample_grads
 
 F64 = TOL[torch.float64]
@@ -53,18 +53,25 @@ class CountingCudaCapture(CudaGraphCapture):
         return super().__call__(fn, pool)
 
 
+def install_runner(engine, runner):
+    """Makes `runner` the engine's graph runner, where the engine reads it. Fails (on CPU too)
+    if the runner has moved, rather than setting an attribute that nothing reads."""
+    assert isinstance(engine._native.graphs, GraphRunner), "the engine's graph runner moved: update install_runner"
+    engine._native.graphs = runner
+    return engine
+
+
 class Backend:
     def __init__(self, device):
         self.device = device
         self.capture = EagerCapture() if device == "cpu" else CountingCudaCapture()
 
     def engine(self, model, **kwargs):
-        engine = ig.PerSampleGrads(model, **kwargs)
-        engine._native.graphs = GraphRunner(capture=self.capture, device_types=(self.device,))
-        return engine
+        runner = GraphRunner(capture=self.capture, device_types=(self.device,))
+        return install_runner(ig.PerSampleGrads(model, **kwargs), runner)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON))])
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def backend(request):
     return Backend(request.param)
 
@@ -251,6 +258,7 @@ def test_no_graphs_on_cpu_with_the_default_runner():
     model = mlp("cpu")
     engine = ig.PerSampleGrads(model)  # cuda_graphs=True by default
     capture = EagerCapture()
+    assert isinstance(engine._native.graphs.capture, CudaGraphCapture)  # where the runner reads it
     engine._native.graphs.capture = capture
     x, t = batch("cpu")
     assert_grads(engine(x, t, LOSS), func_per_sample_grads(model, x, t, LOSS))
@@ -272,9 +280,8 @@ class FailingCapture(EagerCapture):
 
 def test_a_failed_capture_warns_once_and_falls_back():
     model = mlp("cpu")
-    engine = ig.PerSampleGrads(model)
     capture = FailingCapture()
-    engine._native.graphs = GraphRunner(capture=capture, device_types=("cpu",))
+    engine = install_runner(ig.PerSampleGrads(model), GraphRunner(capture=capture, device_types=("cpu",)))
     x, t = batch("cpu")
     with pytest.warns(RuntimeWarning, match=r"capturing a CUDA graph failed \(RuntimeError: operation not permitted"):
         got = engine(x, t, LOSS)
@@ -303,22 +310,20 @@ def test_autocast_with_graphs(backend):
     assert backend.capture.captures == 2
 
 
-@pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON)
-def test_deep_float32_net_on_cuda_graphs_equal_eager():
+def test_deep_float32_net_graphs_equal_eager(backend):
+    dev = backend.device
     torch.manual_seed(1)
     layers = [nn.Linear(64, 128), nn.ReLU()]
     for _ in range(14):
         layers += [nn.Linear(128, 128), nn.GELU()]
-    model = nn.Sequential(*layers, nn.Linear(128, 10)).cuda()
-    capture = CountingCudaCapture()
-    graphed = ig.PerSampleGrads(model)
-    graphed._graphs = GraphRunner(capture=capture)
+    model = nn.Sequential(*layers, nn.Linear(128, 10)).to(dev)
+    graphed = backend.engine(model)
     eager = ig.PerSampleGrads(model, cuda_graphs=False)
     for _ in range(3):
-        x, t = torch.randn(64, 64, device="cuda"), torch.randint(0, 10, (64,), device="cuda")
+        x, t = torch.randn(64, 64, device=dev), torch.randint(0, 10, (64,), device=dev)
         a = {k: v.clone() for k, v in graphed(x, t, LOSS).items()}
         b = eager(x, t, LOSS)
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7, msg=name)
         torch.testing.assert_close(graphed.norms(x, t, LOSS), eager.norms(x, t, LOSS), rtol=1e-6, atol=0)
-    assert capture.captures == 4
+    assert backend.capture.captures == 4  # two graphs for each method's signature, captured once

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import indivgrad_cuda as ig
-from tests.conftest import CUDA_OK, CUDA_SKIP_REASON
 
 
 def inputs(n=3, d_in=4, d_out=5, dtype=torch.float32, device="cpu"):
@@ -93,7 +92,7 @@ def test_bad_out_buffers(device):
     )
 
 
-@pytest.mark.skipif(not CUDA_OK, reason=CUDA_SKIP_REASON)
+@pytest.mark.cuda
 def test_device_mismatch():
     x, up, pre = inputs(device="cuda")
     check_raises(ValueError, r"g: expected device cuda:0 \(x's device\), got cpu", ig.outer, x, up.cpu())
