@@ -3,6 +3,8 @@ in float64: transformers with token ids, custom modules, sequences of any rank, 
 used twice, frozen layers, tuple and dict inputs, norms by both methods, clipped sums,
 chunking, Dropout, and every bad input."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -179,24 +181,29 @@ def test_chunked_equals_unchunked(device, chunk):
     assert_grads({n: p.grad for n, p in model.named_parameters()}, grads_a)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# dtype -> (per-sample gradients: error / the parameter's largest gradient, norms: relative
+# error), against float64 on the rounded model; about 4x the worst of 10 seeds measured on CPU
+# (float32 5e-7 and 1.3e-7, float16 1.9e-3 and 6.2e-4, bfloat16 1.8e-2 and 5.3e-3)
+LOW_PRECISION_TOL = {torch.float32: (5e-6, 1e-6), torch.float16: (8e-3, 3e-3), torch.bfloat16: (6e-2, 2e-2)}
+
+
+@pytest.mark.parametrize("dtype", sorted(LOW_PRECISION_TOL, key=str))
 def test_low_precision_transformer(device, dtype):
-    model = encoder(device)
-    ids, mask, labels = token_batch(4, 8, 13, 3, device=device)
-    ref = func_module_grads(model, (ids, mask), labels, F.cross_entropy)
     low = encoder(device).to(dtype)
-    low.load_state_dict(model.state_dict())
+    ids, mask, labels = token_batch(4, 8, 13, 3, device=device)
+    ref = func_module_grads(copy.deepcopy(low).double(), (ids, mask), labels, F.cross_entropy)
     engine = ig.PerSampleGrads(low)
     got = engine((ids, mask), labels, F.cross_entropy)
-    tol = dict(rtol=0, atol=2e-5) if dtype == torch.float32 else dict(rtol=0, atol=0.05)
-    scale = max(g.abs().max().item() for g in ref.values())
-    for name in ref:
+    grad_tol, norm_tol = LOW_PRECISION_TOL[dtype]
+    assert list(got) == list(ref)
+    for name in ref:  # each parameter against its own scale: small ones count as much as large ones
         assert got[name].dtype == dtype
-        torch.testing.assert_close(got[name].double() / scale, ref[name] / scale, **tol, msg=name)
+        atol = grad_tol * ref[name].abs().max().item()
+        torch.testing.assert_close(got[name].double(), ref[name], rtol=0, atol=atol, msg=name)
     norms = engine.norms((ids, mask), labels, F.cross_entropy)
     assert norms.dtype == torch.float32
     _, ref_norms = clipped_sum_ref(ref, 1.0)
-    torch.testing.assert_close(norms.double(), ref_norms, rtol=2e-5 if dtype == torch.float32 else 0.05, atol=0)
+    torch.testing.assert_close(norms.double(), ref_norms, rtol=norm_tol, atol=0)
 
 
 def test_empty_batch(device):

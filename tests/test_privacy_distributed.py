@@ -19,7 +19,10 @@ from torch import nn
 from indivgrad_cuda.privacy import DPSGD, PoissonBatchSampler
 from tests.models import TinyEncoder, token_batch
 
-SETTINGS = dict(max_grad_norm=0.5, noise_multiplier=0.8, expected_batch_size=7.0)
+SETTINGS = dict(noise_multiplier=0.8, expected_batch_size=7.0)
+# max_grad_norm by model: near the median per-sample norm of its steps (MLP 1.6, encoder 2.3), so
+# every run clips some samples and leaves others as they are (test_the_threshold_splits_the_samples)
+CLIP = {"mlp": 1.6, "encoder": 2.3}
 SEED, LR, STEPS = 77, 0.1, 3
 
 
@@ -56,12 +59,17 @@ SHARDS = {
 }
 
 
-def train(model, batches, rows, group_model=None, seed=SEED):
-    """STEPS DP-SGD steps on this process's rows of each batch; the final parameters."""
+def train(model, batches, rows, group_model=None, seed=SEED, max_grad_norm=CLIP["mlp"], norms=None):
+    """STEPS DP-SGD steps on this process's rows of each batch; the final parameters (and
+    each step's per-sample norms appended to `norms`)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    dp = DPSGD(group_model if group_model is not None else model, opt, **SETTINGS, seed=seed)
+    dp = DPSGD(
+        group_model if group_model is not None else model, opt, **SETTINGS, max_grad_norm=max_grad_norm, seed=seed
+    )
     for batch in batches:
-        dp.step(*shard(batch, rows), nn.CrossEntropyLoss())
+        stats = dp.step(*shard(batch, rows), nn.CrossEntropyLoss())
+        if norms is not None:
+            norms.append(stats.norms)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -73,7 +81,7 @@ def worker(rank, world, init_file, out_dir):
         for kind in ("mlp", "encoder"):
             batches = global_batches(kind)
             for name, rows_of in SHARDS.items():
-                results[(kind, name)] = train(make_model(kind), batches, rows_of(rank, world))
+                results[(kind, name)] = train(make_model(kind), batches, rows_of(rank, world), max_grad_norm=CLIP[kind])
         rows = SHARDS["interleaved"](rank, world)
         batches = global_batches("mlp")
         # rank 0's seed is used everywhere when none is given: the replicas still agree
@@ -93,13 +101,14 @@ def worker(rank, world, init_file, out_dir):
         # settings that differ too
         try:
             model = make_model("mlp")
-            dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), **{**SETTINGS, "max_grad_norm": 0.5 + rank})
+            dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), **SETTINGS, max_grad_norm=1.0 + rank)
             dp.step(*shard(batches[0], rows), nn.CrossEntropyLoss())
             results["settings"] = None
         except ValueError as e:
             results["settings"] = str(e)
         # Poisson sampling with no seed: rank 0's, so the shards partition one global batch
         sampler = PoissonBatchSampler(50, 0.2, steps=3)
+        results["poisson_seed"] = sampler.generator.initial_seed()
         results["poisson"] = list(sampler)
     except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
         results["error"] = traceback.format_exc()
@@ -118,8 +127,18 @@ def runs(request, tmp_path_factory):
     return world, results
 
 
-def single_process(kind):
-    return train(make_model(kind), global_batches(kind), list(range(7)))
+def single_process(kind, norms=None):
+    return train(make_model(kind), global_batches(kind), list(range(7)), max_grad_norm=CLIP[kind], norms=norms)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "encoder"])
+def test_the_threshold_splits_the_samples(kind):
+    """Each model's runs clip some samples and leave others unclipped: both sides of
+    min(1, C / norm) take part in what the ranks must agree on."""
+    norms = []
+    single_process(kind, norms)
+    norms = torch.cat(norms)
+    assert (norms < CLIP[kind]).sum() >= 3 and (norms > CLIP[kind]).sum() >= 3, norms
 
 
 @pytest.mark.parametrize("kind", ["mlp", "encoder"])
@@ -155,18 +174,24 @@ def test_differing_replicas_refused_on_every_rank(runs):
         assert msg is not None and "model: the replicas differ at the first step: rank 1's parameters" in msg, msg
         assert "DistributedDataParallel" in msg
         msg = res["settings"]
-        assert msg is not None and "settings differ between rank 0 and rank 1: {'max_grad_norm': (0.5, 1.5)}" in msg, (
+        assert msg is not None and "settings differ between rank 0 and rank 1: {'max_grad_norm': (1.0, 2.0)}" in msg, (
             msg
         )
 
 
 def test_poisson_sampler_shares_rank_zeros_seed(runs):
+    """With no seed given every rank draws with rank 0's, so the shards are exactly the
+    batches of one sampler of that seed, split by index."""
     world, results = runs
+    seeds = [res["poisson_seed"] for res in results]
+    assert seeds == [seeds[0]] * world, seeds
+    whole = list(PoissonBatchSampler(50, 0.2, steps=3, seed=seeds[0], rank=0, world_size=1))
     for step in range(3):
-        parts = [set(res["poisson"][step]) for res in results]
-        assert sum(len(p) for p in parts) == len(set().union(*parts))  # disjoint shards
+        parts = [res["poisson"][step] for res in results]
         for rank, part in enumerate(parts):
             assert all(i % world == rank for i in part)
+        assert sorted(i for part in parts for i in part) == whole[step]
+    assert any(whole)  # not all empty
 
 
 def nccl_worker(rank, world, init_file, out_dir):
@@ -176,7 +201,7 @@ def nccl_worker(rank, world, init_file, out_dir):
         batches = [(tuple(t.cuda() for t in inputs), target.cuda()) for inputs, target in global_batches("mlp")]
         model = make_model("mlp").cuda()
         opt = torch.optim.SGD(model.parameters(), lr=LR)
-        dp = DPSGD(model, opt, **SETTINGS, seed=SEED, process_group=dist.group.WORLD)
+        dp = DPSGD(model, opt, **SETTINGS, max_grad_norm=CLIP["mlp"], seed=SEED, process_group=dist.group.WORLD)
         for batch in batches:
             dp.step(*shard(batch, list(range(7))), nn.CrossEntropyLoss())
         result = {n: p.detach().cpu() for n, p in model.named_parameters()}
@@ -186,7 +211,8 @@ def nccl_worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(), reason="needs a GPU and NCCL")
+@pytest.mark.cuda
+@pytest.mark.skipif(not dist.is_nccl_available(), reason="needs NCCL")
 def test_nccl_group_on_one_gpu(tmp_path):
     """NCCL over one GPU (two ranks cannot share one): the all-reduce path runs on CUDA
     tensors and gives the run without a group, bit for bit (CUDA's noise generator)."""
