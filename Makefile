@@ -17,7 +17,8 @@ PRE_COMMIT := pre-commit==4.7.0
 
 .PHONY: test bench build lint hooks wheel wheel-test clean
 
-test: $(BUILT)
+# pre-commit too: tests/test_lint.py and test_gpu_check.py's shellcheck run the hooks
+test: $(BUILT) $(VENV)/.pre-commit
 	$(PY) -m pytest -q tests
 
 bench: $(BUILT)

@@ -2,6 +2,7 @@
 (--dry-run), its argument errors, and its bookkeeping (statuses, budgets, logs, summary,
 archive) with stand-ins for python and compute-sanitizer that only print and exit."""
 
+import importlib.util
 import os
 import re
 import shutil
@@ -69,10 +70,21 @@ def test_bash_syntax():
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pre_commit") is None, reason="needs pre-commit (make test and make lint install it)"
+)
 def test_shellcheck():
-    proc = subprocess.run(["shellcheck", "--severity=warning", str(SCRIPT)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    """The script passes shellcheck, as pinned and configured by .pre-commit-config.yaml's hook
+    (which `make lint` also runs over every shell script)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pre_commit", "run", "shellcheck", "--color", "never", "--files", str(SCRIPT)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0 and "shellcheck (shell lint)" in proc.stdout, proc.stdout + proc.stderr
+    assert "(no files to check)" not in proc.stdout, proc.stdout
 
 
 def test_dry_run_plans_every_step_and_creates_nothing(tmp_path):
@@ -91,7 +103,7 @@ def test_dry_run_plans_every_step_and_creates_nothing(tmp_path):
     for tool in TOOLS:
         line = next(ln for ln in plan.splitlines() if f"--tool {tool} " in ln)
         assert "--error-exitcode 1" in line and "--target-processes all" in line
-        assert "tests/test_ops.py" in line and "not 2_31" in line and "-m 'not big'" in line
+        assert "tests/test_ops.py" in line and "-k 'not 2_31'" in line and "-m cuda" in line
         assert ("PYTORCH_NO_CUDA_MEMORY_CACHING=1" in line) == (tool in ("memcheck", "initcheck"))
         # initcheck must see torch's kernels write, or every tensor they wrote reads as uninitialised
         assert ("--kernel-name kns=indivgrad" in line) == (tool in ("racecheck", "synccheck"))
@@ -328,7 +340,7 @@ def test_all_ok_exits_zero(tmp_path, fakes):
     rows = summary(out)
     assert [s for s in STEPS if rows[s][0] == "ok"] == ["tests", "sanitizer-memcheck", "run"]
     log = (out / "tests.log").read_text()
-    assert "-k cuda and not [cpu" in log  # quick: the CUDA tests only
+    assert "-m cuda" in log  # quick: the GPU tests only (the `cuda` marker)
 
 
 @pytest.mark.skipif(
@@ -378,3 +390,31 @@ def test_the_deadline_cuts_budgets_and_names_the_steps_left(tmp_path, fakes):
     assert again.returncode == 0, again.stdout + again.stderr
     ran = [s for s, row in summary(Path(f"{out}-rest")).items() if row[0] == "ok"]
     assert ran == ["build", "wheels", "profile", "run", "dp"]
+
+
+def test_the_gpu_selection_holds_every_gpu_test():
+    """gpu_check.sh selects the GPU tests by `-m cuda`: that collects those whose names do not
+    say cuda and no CPU param; and a test that needs a GPU says so only by the marker (a skipif
+    of its own would keep it out of the selection), which conftest.py turns into the skip."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "-m", "cuda", "tests"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ids = {line for line in proc.stdout.splitlines() if "::" in line}
+    for gpu_only in (
+        "tests/test_privacy_distributed.py::test_nccl_group_on_one_gpu",
+        "tests/test_op_errors.py::test_device_mismatch",
+        "tests/test_engine_errors.py::test_generator_on_cpu_for_a_cuda_model",
+        "tests/test_engine_graphs.py::test_deep_float32_net_graphs_equal_eager[cuda]",
+        "tests/test_ops.py::test_outer_matches_reference[cuda-dtype0-in_out]",
+    ):
+        assert gpu_only in ids, gpu_only
+    assert not [i for i in ids if "[cpu" in i]
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        text = path.read_text() if path != Path(__file__) else ""
+        for gate in ("CUDA_OK", "cuda.is_available()"):
+            assert gate not in text, f"{path.name} gates on {gate}: mark the test @pytest.mark.cuda instead"

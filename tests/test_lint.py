@@ -1,6 +1,6 @@
 """`make lint`'s hooks cover every kind of source file here: in a clone of the committed tree
-they pass, and a violation planted in a Python file, a C++ source and header, and a CUDA
-source and header each makes them fail, naming the file. Skipped where pre-commit is not
+they pass, and a violation planted in a Python file, a C++ source and header, a CUDA source
+and header, and a shell script each makes them fail, naming the file. Skipped where pre-commit is not
 installed (`make lint` installs it into the venv; CI runs `make lint` before the tests)."""
 
 import importlib.util
@@ -24,6 +24,7 @@ PLANTS = {
     "csrc/checks.h": "\nint  planted_h( int x ){return x;}\n",
     "csrc/outer_cuda.cu": "\nint  planted_cu( int x ){return x;}\n",
     "csrc/outer_kernel.cuh": "\nint  planted_cuh( int x ){return x;}\n",
+    "bench/gpu_check.sh": '\necho "$planted_unset"\n',  # SC2154: referenced but not assigned
 }
 
 
@@ -52,4 +53,5 @@ def test_hooks_pass_on_the_tree_and_fail_on_each_kind_of_violation(tmp_path):
     assert "E741" in out and "F841" in out  # reported, as ruff cannot fix them
     # each file reported: ruff's finding (--> path:line) or the diff of a hook's fix
     for path in PLANTS:
-        assert f"--> {path}:" in out or f"diff --git a/{path} " in out, f"{path}: not reported\n{out}"
+        reported = (f"--> {path}:", f"diff --git a/{path} ", f"In {path} line ")  # ruff, a fix, shellcheck
+        assert any(r in out for r in reported), f"{path}: not reported\n{out}"
