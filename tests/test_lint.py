@@ -1,7 +1,7 @@
 """`make lint`'s hooks cover every kind of source file here: in a clone of the committed tree
 they pass, and a violation planted in a Python file, a C++ source and header, a CUDA source
-and header, and a shell script each makes them fail, naming the file. Skipped where pre-commit is not
-installed (`make lint` installs it into the venv; CI runs `make lint` before the tests)."""
+and header, and a shell script each makes them fail, naming the file. Skipped where pre-commit
+is not installed (`make lint` and `make test` install it into the venv)."""
 
 import importlib.util
 import subprocess

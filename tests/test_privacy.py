@@ -371,9 +371,9 @@ def test_reference_is_independent_of_the_engine():
     model = mlp("cpu")
     (x,), y = mlp_batch(3, "cpu")
     grads = func_module_grads(model, x, y, nn.CrossEntropyLoss())
+    names, params = zip(*model.named_parameters())
     for n in range(3):
         loss = nn.CrossEntropyLoss()(model(x[n : n + 1]), y[n : n + 1])
-        names, params = zip(*model.named_parameters())
         for name, g in zip(names, torch.autograd.grad(loss, params)):
             torch.testing.assert_close(grads[name][n], g, rtol=1e-12, atol=1e-14, msg=name)
     assert not torch.allclose(grads["0.weight"][0], grads["0.weight"][1])
