@@ -7,21 +7,19 @@ products), the hooks capture hands them to the layer rules (``indivgrad_cuda.lay
 through the reducers (``indivgrad_cuda.reducers``).
 """
 
-import math
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from indivgrad_cuda import attribution, randomness, reducers
-from indivgrad_cuda.buffers import allocate, check_out_buffers
+from indivgrad_cuda import randomness
 from indivgrad_cuda.capture.hooks import HooksCapture
-from indivgrad_cuda.capture.layers import UnsupportedModuleError
 from indivgrad_cuda.capture.native import NativeCapture
-from indivgrad_cuda.chunking import batch_size, named_tensors
-from indivgrad_cuda.layers import acc_dtype
-from indivgrad_cuda.ops import LAYOUTS, NORM_METHODS
-from indivgrad_cuda.projection import Projection, build_projection
+from indivgrad_cuda.chunking import batch_size
+from indivgrad_cuda.errors import UnsupportedModuleError
+from indivgrad_cuda.ops import NORM_METHODS
+from indivgrad_cuda.projection import Projection
+from indivgrad_cuda.reducers import clipped_sum, inner_products, materialise, norms, projections
 
 REDUCTIONS = ("mean", "sum")
 CAPTURES = ("auto", "native", "hooks")
@@ -30,13 +28,17 @@ CAPTURES = ("auto", "native", "hooks")
 class PerSampleGrads:
     """Per-sample gradient engine for any ``nn.Module``.
 
-    Every trainable parameter must belong to a supported layer: ``nn.Linear`` (inputs
-    ``[N, *, D_in]``), ``nn.LayerNorm`` (elementwise affine) or ``nn.Embedding``; anything
-    else raises :class:`UnsupportedModuleError` naming every offending module. Frozen
-    parameters, parameter-free modules and functional code (attention, residuals, pooling,
-    activations) are fine anywhere. A module called several times in one forward gets the
-    sum of its calls' contributions. The loss must not mix samples (as any per-sample
-    gradient requires): BatchNorm in train mode is refused.
+    Each module with trainable parameters is served by a layer rule
+    (:data:`indivgrad_cuda.layers.RULES`: Linear, LayerNorm, RMSNorm and the Hugging Face RMS
+    norms, Embedding, GPT-2's Conv1D, MultiheadAttention), else by the per-module fallback
+    (torch.func over that module alone; ``fallback=False`` refuses instead), else refused with
+    :class:`UnsupportedModuleError` naming every offending module. A parameter shared by
+    several modules (tied weights) gets the sum of its uses, norms exact with the cross
+    terms. Frozen parameters, parameter-free modules and functional code (attention,
+    residuals, pooling, activations) are fine anywhere. A module called several times in one
+    forward gets the sum of its calls' contributions. The loss must not mix samples (as any
+    per-sample gradient requires): BatchNorm in train mode is refused. :meth:`describe` says
+    how each parameter is served.
 
     Captures (``capture="auto"``): an ``nn.Sequential`` MLP (Linear, activations, Dropout,
     Flatten) given a 2-D Tensor runs natively (one compiled forward and backward, act'
@@ -94,6 +96,8 @@ class PerSampleGrads:
         cuda_graphs: replay CUDA graphs where they apply (see above).
         capture: ``"auto"``, ``"native"`` or ``"hooks"``.
         norm_method: ``"auto"``, ``"ghost"`` or ``"direct"``.
+        fallback: serve modules without a rule by torch.func (see
+            :mod:`indivgrad_cuda.layers.fallback`); False refuses them.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class PerSampleGrads:
         cuda_graphs: bool = True,
         capture: str = "auto",
         norm_method: str = "auto",
+        fallback: bool = True,
     ):
         if max_chunk is not None and (not isinstance(max_chunk, int) or max_chunk < 1):
             raise ValueError(f"max_chunk: expected a positive int or None, got {max_chunk!r}")
@@ -113,6 +118,8 @@ class PerSampleGrads:
             raise ValueError(f"capture: expected one of {CAPTURES}, got {capture!r}")
         if norm_method not in NORM_METHODS:
             raise ValueError(f"norm_method: expected one of {NORM_METHODS}, got {norm_method!r}")
+        if not isinstance(fallback, bool):
+            raise TypeError(f"fallback: expected True or False, got {fallback!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         self.model = model
@@ -126,10 +133,9 @@ class PerSampleGrads:
                 if capture == "native":
                     raise
         if capture != "native":
-            self._hooks = HooksCapture(model)
-        self._cached_key = None
-        self._cached_results = None  # name -> buffer, reused by the next call with the same key
-        self._projection_key = self._projection = None  # the last projection(), reused while its key holds
+            self._hooks = HooksCapture(model, fallback)
+        self._results = materialise.ResultBuffers()  # reused by the next call with the same shapes
+        self._projection = projections.ProjectionCache()  # the last projection(), reused while its key holds
 
     # ---------------------------------------------------------------- public API
 
@@ -155,26 +161,7 @@ class PerSampleGrads:
         device and layout, so a training loop allocates them once: the returned tensors
         are overwritten then (``.clone()`` what you keep). An empty batch gives ``[0, ...]``.
         """
-        cap, n = self._begin(inputs, reduction, generator)
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout: expected one of {LAYOUTS}, got {layout!r}")
-        if into not in (None, "grad_sample"):
-            raise ValueError(f"into: expected None or 'grad_sample', got {into!r}")
-        layers, params = self._params(cap, layout)
-        results = self._result_buffers(params, n, layout, out)
-        if cap is self._native:
-            cap.grads(inputs, target, loss_fn, reduction, generator, layout, results)
-        else:
-
-            def visit(i, f, n0, n1):
-                reducers.materialise(layers[i], f, layout, results, slice(n0, n1))
-
-            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, visit)
-        if into == "grad_sample":
-            params = dict(self.model.named_parameters())
-            for name, t in results.items():
-                params[name].grad_sample = t
-        return results
+        return materialise.per_sample_grads(self, inputs, target, loss_fn, reduction, layout, into, out, generator)
 
     def norms(
         self,
@@ -192,18 +179,7 @@ class PerSampleGrads:
 
         With ``per_param=True`` returns ``(norms, {name: [N]})``. float16/bfloat16 models
         get float32 norms."""
-        cap, n = self._begin(inputs, reduction, generator)
-        layers, params = self._params(cap, "out_in")
-        sq = self._squared_norm_buffer(params, n)
-        if cap is self._native:
-            cap.norms(inputs, target, loss_fn, reduction, generator, sq)
-        else:
-            visit, end_chunk = self._norms_reducer(layers, sq)
-            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, visit, end_chunk)
-        total = sq.sum(0).sqrt()
-        if per_param:
-            return total, dict(zip(params, sq.sqrt().unbind(0)))
-        return total
+        return norms.norms(self, inputs, target, loss_fn, reduction, per_param, generator)
 
     def clipped_grad_sum(
         self,
@@ -224,39 +200,9 @@ class PerSampleGrads:
         batch's rows, each scaled by its sample's coefficient. Returns the per-sample norms
         ``[N]`` before clipping. Existing ``p.grad`` tensors are overwritten, not
         accumulated into. An empty batch gives zero gradients (plus the noise)."""
-        cap, n = self._begin(inputs, reduction, generator)
-        if not (isinstance(max_norm, (int, float)) and max_norm > 0 and math.isfinite(max_norm)):
-            raise ValueError(f"max_norm: expected a positive finite number, got {max_norm!r}")
-        if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier >= 0):
-            raise ValueError(f"noise_multiplier: expected a number >= 0, got {noise_multiplier!r}")
-        max_norm = float(max_norm)
-        layers, params = self._params(cap, "out_in")
-        grads = {name: _grad_tensor(p) for name, (p, _) in params.items()}
-        sq = self._squared_norm_buffer(params, n)
-        if n == 0:
-            for g in grads.values():
-                g.zero_()
-        if cap is self._native:
-            cap.clipped_sum(inputs, target, loss_fn, reduction, generator, max_norm, grads, sq)
-        else:
-            pending = []  # (layer index, factors) of the chunk: the GEMMs wait for every layer's norms
-            norms, norms_end = self._norms_reducer(layers, sq)
-
-            def visit(i, f, n0, n1):
-                norms(i, f, n0, n1)
-                pending.append((i, f))
-
-            def end_chunk(n0, n1):
-                norms_end(n0, n1)
-                coef = reducers.clip_coefficients(sq[:, n0:n1], max_norm)
-                for i, f in pending:
-                    reducers.clipped_sum(layers[i], f, coef, grads, n0 > 0)
-                pending.clear()
-
-            cap.run(layers, inputs, target, loss_fn, reduction, generator, self.max_chunk, visit, end_chunk)
-        if noise_multiplier > 0:
-            randomness.add_noise(list(grads.values()), float(noise_multiplier) * max_norm, generator)
-        return sq.sum(0).sqrt()
+        return clipped_sum.clipped_grad_sum(
+            self, inputs, target, loss_fn, max_norm, reduction, noise_multiplier, generator
+        )
 
     def inner_products(
         self,
@@ -290,37 +236,15 @@ class PerSampleGrads:
         mode is refused (put the model in eval mode). float16/bfloat16 models give float32.
 
         Returns ``K``, or ``(K, {name: [N_a, N_b]})`` with ``per_param=True``."""
-        if not isinstance(per_param, bool):
-            raise TypeError(f"per_param: expected True or False, got {per_param!r}")
-        attribution.check_same_structure(inputs_a, inputs_b)
-        layers, device, dtype = self._attribution_setup(inputs_a, reduction, "inputs_a")
-        self._attribution_setup(inputs_b, reduction, "inputs_b")
-        return attribution.inner_products(
-            self._factor_runner(loss_fn, reduction),
-            (inputs_a, target_a),
-            (inputs_b, target_b),
-            layers,
-            per_param,
-            self.max_chunk,
-            acc_dtype(dtype),
-            device,
+        return inner_products.inner_products(
+            self, inputs_a, target_a, inputs_b, target_b, loss_fn, reduction, per_param
         )
 
     def projection(self, dim: int, *, seed: int = 0) -> Projection:
         """The seeded Kronecker-factored projection :meth:`project` applies to the parameters
         that require grad now: its per-parameter matrices, column slices and total dimension
         ``D_proj`` (at most ``dim``; see :mod:`indivgrad_cuda.projection` for the rule)."""
-        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim: expected a positive int, got {dim!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed: expected an int, got {seed!r}")
-        layers = self._hooks.layers() if self._hooks is not None else self._native.layers()
-        dtype, device = _parameters_dtype_device(layers)
-        key = (dim, seed, dtype, device, tuple((layer.path, tuple(layer.trainable())) for layer in layers))
-        if self._projection_key != key:
-            self._projection = build_projection(layers, dim, seed, dtype, device)
-            self._projection_key = key
-        return self._projection
+        return self._projection.get(self, dim, seed)
 
     def project(self, inputs, target, loss_fn: Callable, *, dim: int, seed: int = 0, reduction: str = "mean"):
         """Each sample's gradient, over every parameter that requires grad, randomly projected
@@ -330,50 +254,19 @@ class PerSampleGrads:
         gradients' inner products without bias. The same seed gives the same matrices on
         every device, and a sample's projection does not depend on its batch. Dropout in train
         mode is refused. float16/bfloat16 models give float32."""
-        proj = self.projection(dim, seed=seed)
-        _, device, _ = self._attribution_setup(inputs, reduction, "inputs")
-        return attribution.project(self._factor_runner(loss_fn, reduction), inputs, target, proj, device)
+        return projections.project(self, inputs, target, loss_fn, dim, seed, reduction)
+
+    def describe(self) -> dict[str, str]:
+        """How each parameter is served, keyed like ``model.named_parameters()``: ``"rule
+        (Linear 'fc1')"``, ``"fallback (ViTEmbeddings 'vit.embeddings')"``, ``"tied: rule
+        (Embedding 'transformer.wte') + rule (Linear 'lm_head')"``, ``"frozen"``, or
+        ``"refused (...)"`` with the reason. An RMS norm recognised by name reads "rule" once
+        its first call has confirmed its form (else "fallback")."""
+        if self._hooks is None:
+            return {n: "rule (native MLP)" if p.requires_grad else "frozen" for n, p in self.model.named_parameters()}
+        return self._hooks.scan.describe()
 
     # ---------------------------------------------------------------- internals
-
-    def _attribution_setup(self, inputs, reduction, name):
-        """Checks one set of the attribution methods; returns its capture's layers, the
-        model's device and its parameters' dtype."""
-        cap, _ = self._begin(inputs, reduction, None)
-        device = cap.device()
-        for where, t in named_tensors(inputs):
-            if t.device != device:
-                raise ValueError(f"{name}{where}: expected a tensor on {device} (the model's), got {t.device}")
-        training = [
-            path for path, m in self.model.named_modules() if isinstance(m, nn.Dropout) and m.training and m.p > 0
-        ]
-        if training:
-            raise ValueError(
-                f"modules {training} (Dropout) are in train mode: attribution needs each sample's gradient to be "
-                f"deterministic; call model.eval() first"
-            )
-        layers = cap.layers()
-        return layers, device, _parameters_dtype_device(layers)[0]
-
-    def _factor_runner(self, loss_fn, reduction):
-        """run(inputs, target, visit): one set's forward and backward, each layer's factors to
-        visit(layer, factors or None, n0, n1)."""
-
-        def run(inputs, target, visit):
-            cap, _ = self._begin(inputs, reduction, None)
-            layers = cap.layers()
-            cap.run(
-                layers,
-                inputs,
-                target,
-                loss_fn,
-                reduction,
-                None,
-                self.max_chunk,
-                lambda i, f, n0, n1: visit(layers[i], f, n0, n1),
-            )
-
-        return run
 
     def _begin(self, inputs, reduction, generator):
         """Checks what every method takes; returns the capture for these inputs and N."""
@@ -403,67 +296,17 @@ class PerSampleGrads:
         layers = cap.layers()
         return layers, cap.params(layers, layout)
 
-    def _norms_reducer(self, layers, sq):
-        """(visit, end_chunk) for the hooks capture: visit(i, f, n0, n1) keeps layer i's squared
-        norms, end_chunk(n0, n1) writes the chunk's into sq's columns in one copy (one per
-        parameter cost a launch each on a GPU, where small models are bound by launches)."""
-        rows = reducers.norm_rows(layers)
-        got = [None] * sq.shape[0]
-
-        def visit(i, f, n0, n1):
-            for r, v in zip(rows[i], reducers.squared_norms(layers[i], f, self.norm_method, n1 - n0, sq)):
-                got[r] = v
-
-        def end_chunk(n0, n1):
-            if got:
-                sq[:, n0:n1] = torch.stack(got)
-                got[:] = [None] * len(got)
-
-        return visit, end_chunk
-
-    def _squared_norm_buffer(self, params, n):
-        """[P, N] for the squared norms of the P parameters that require grad."""
-        acc = torch.float32
-        dtypes = {p.dtype for p, _ in params.values()}
-        if dtypes and not dtypes & {torch.float16, torch.bfloat16}:
-            acc = torch.float64 if torch.float64 in dtypes else torch.float32
-        device = next(iter(params.values()))[0].device if params else self._device()
-        return torch.empty(len(params), n, dtype=acc, device=device)
-
     def _device(self):
         return (self._native or self._hooks).device()
 
-    def _result_buffers(self, params, n, layout, out):
-        specs = {name: ((n, *shape), p.dtype, p.device) for name, (p, shape) in params.items()}
-        out = dict(out or {})
-        check_out_buffers(out, specs)
-        key = (tuple(specs.items()), layout, frozenset(out))
-        if self._cached_key != key:
-            self._cached_key, self._cached_results = None, None  # free the old buffers first
-            self._cached_results = allocate({k: s for k, s in specs.items() if k not in out})
-            self._cached_key = key
-        results = dict(self._cached_results)
-        results.update(out)
-        return {name: results[name] for name in specs}  # in named_parameters() order
-
-
-def _parameters_dtype_device(layers) -> tuple[torch.dtype, torch.device]:
-    """The trainable parameters' dtype and device (float32 on the CPU when there are none)."""
-    for layer in layers:
-        for p in layer.trainable().values():
-            return p.dtype, p.device
-    return torch.float32, torch.device("cpu")
-
-
-def _grad_tensor(p):
-    if p.grad is None or p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
-        p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-    return p.grad
+    def _layers(self):
+        """The layers with trainable parameters now, as the hooks capture names them."""
+        return self._hooks.layers() if self._hooks is not None else self._native.layers()
 
 
 # The one-shot functions build an engine per call (a CUDA graph captured for one replay would
 # cost more than it saves); the engine's own options among their keyword arguments go to it.
-ENGINE_OPTIONS = ("max_chunk", "capture", "norm_method")
+ENGINE_OPTIONS = ("max_chunk", "capture", "norm_method", "fallback")
 
 
 def _one_shot(model, kwargs):
@@ -473,7 +316,7 @@ def _one_shot(model, kwargs):
 
 def per_sample_grads(model: nn.Module, inputs, target, loss_fn, **kwargs) -> dict[str, torch.Tensor]:
     """One-shot :class:`PerSampleGrads` ``(model)(inputs, target, loss_fn, **kwargs)``
-    (``max_chunk``, ``capture`` and ``norm_method`` go to the engine)."""
+    (``max_chunk``, ``capture``, ``norm_method`` and ``fallback`` go to the engine)."""
     return _one_shot(model, kwargs)(inputs, target, loss_fn, **kwargs)
 
 

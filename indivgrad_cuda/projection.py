@@ -76,11 +76,17 @@ class Projection:
 
 def build_projection(layers: list[Layer], dim: int, seed: int, dtype: torch.dtype, device: torch.device) -> Projection:
     """The projection of ``layers``' trainable parameters (see the module's docs)."""
-    trainable = [(layer, layer.trainable()) for layer in layers]
+    trainable, seen = [], set()  # a tied parameter is projected by the matrices of its first layer
+    for layer in layers:
+        params = {a: p for a, p in layer.trainable().items() if layer.names[a] not in seen}
+        seen.update(layer.names[a] for a in params)
+        trainable.append((layer, params))
     total = sum(p.numel() for _, params in trainable for p in params.values())
     matrices, cache, dims = {}, {}, {}
     acc = acc_dtype(dtype)
     for layer, params in trainable:
+        if not params:
+            continue
         share = dim * sum(p.numel() for p in params.values()) / max(1, total)
         for attr, factors in layer.rule.projection_dims(layer.module, list(params), share).items():
             mats = []
@@ -99,7 +105,9 @@ def build_projection(layers: list[Layer], dim: int, seed: int, dtype: torch.dtyp
 
 def _parameter_order(layers, names):
     """The projected names in the order their layers own them (named_parameters() order)."""
-    return [layer.names[attr] for layer in layers for attr in layer.rule.params if layer.names.get(attr) in names]
+    return list(
+        dict.fromkeys(layer.names[attr] for layer in layers for attr in layer.names if layer.names[attr] in names)
+    )
 
 
 def _gaussian(seed: int, path: str, key: str, k: int, d: int) -> torch.Tensor:

@@ -170,3 +170,29 @@ def dp_sgd_reference(model, logical_steps, loss_fn, *, max_grad_norm, noise_mult
                 )
                 p -= lr * (total[n] + noise) / expected_batch_size
     return {n: p.detach() for n, p in ref.named_parameters()}, all_norms
+
+
+def loop_module_grads(model, inputs, target, loss_fn):
+    """Per-sample gradients by a plain loop: one backward per sample, on a batch of that sample
+    alone (inputs a Tensor, tuple or dict; tensors of one row shared by the batch are passed
+    as they are). For models torch.func cannot run (data-dependent control flow)."""
+
+    def rows(v, i):
+        return v[i : i + 1] if isinstance(v, torch.Tensor) and v.shape[0] > 1 else v
+
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    grads = {k: [] for k in params}
+    n = target.shape[0]
+    for i in range(n):
+        model.zero_grad(set_to_none=True)
+        if isinstance(inputs, dict):
+            out = model(**{k: rows(v, i) for k, v in inputs.items()})
+        elif isinstance(inputs, tuple):
+            out = model(*(rows(v, i) for v in inputs))
+        else:
+            out = model(rows(inputs, i))
+        loss_fn(out, target[i : i + 1]).backward()
+        for k, p in params.items():
+            grads[k].append(torch.zeros_like(p) if p.grad is None else p.grad.clone())
+    model.zero_grad(set_to_none=True)
+    return {k: torch.stack(v) for k, v in grads.items()}

@@ -204,7 +204,7 @@ def test_into_grad_sample_out_buffers_and_reuse(device):
     got = engine(x, t, loss, out=own)
     assert got["0.weight"] is own["0.weight"] and got["6.bias"] is own["6.bias"]
     assert_grads_close(got, func_per_sample_grads(model, x, t, loss))
-    cached = {k: v.data_ptr() for k, v in engine._cached_results.items()}
+    cached = {k: v.data_ptr() for k, v in engine._results.buffers.items()}
     assert "0.weight" not in cached and "6.bias" not in cached  # no buffer of ours beside the caller's
 
 

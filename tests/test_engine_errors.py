@@ -17,8 +17,9 @@ def small():
     [
         (
             nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Conv1d(1, 1, 1))),
-            r"cannot serve:\n  - '1\.1' \(Conv1d\): no per-sample gradient rule for this type\nSupported: layers with "
-            r"trainable parameters: nn\.Linear, nn\.LayerNorm, nn\.Embedding",
+            r"cannot serve:\n  - '1\.1' \(Conv1d\): no per-sample gradient rule for this type \(fallback=True serves "
+            r"it by torch\.func\)\nSupported: layers with trainable parameters: nn\.Linear on \[N, \*, D_in\]; "
+            r"nn\.LayerNorm",
         ),
         (
             nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
@@ -27,24 +28,31 @@ def small():
         ),
         (nn.Embedding(5, 3, max_norm=1.0), r"'\(the model\)' \(Embedding\): max_norm=1\.0 renormalises the weight"),
         (nn.Embedding(5, 3, scale_grad_by_freq=True), r"scale_grad_by_freq=True scales by token counts"),
-        (nn.MultiheadAttention(4, 2), r"'\(the model\)' \(MultiheadAttention\): no per-sample gradient rule"),
+        (nn.PReLU(), r"'\(the model\)' \(PReLU\): no per-sample gradient rule"),
     ],
 )
 def test_unsupported_models(model, pattern):
+    """With fallback=False what has no rule is refused at construction, by name (Embedding's
+    max_norm and scale_grad_by_freq are refused with the fallback too)."""
     with pytest.raises(ig.UnsupportedModuleError, match=pattern):
-        ig.PerSampleGrads(model)
+        ig.PerSampleGrads(model, fallback=False)
+    if "Embedding" in pattern:
+        with pytest.raises(ig.UnsupportedModuleError, match=pattern):
+            ig.PerSampleGrads(model)
 
 
 def test_every_offending_module_is_named_and_frozen_ones_are_fine():
     model = nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten(), nn.Linear(4, 4), nn.GRU(4, 4), nn.PReLU())
     with pytest.raises(ig.UnsupportedModuleError, match=r"'0' \(Conv1d\).*\n  - '3' \(GRU\).*\n  - '4' \(PReLU\)"):
-        ig.PerSampleGrads(model)
+        ig.PerSampleGrads(model, fallback=False)
     for i in (0, 3, 4):
         model[i].requires_grad_(False)
-    ig.PerSampleGrads(model)  # frozen: fine
+    ig.PerSampleGrads(model, fallback=False)  # frozen: fine
     model[4].weight.requires_grad_(True)  # unfrozen after construction: refused at the call
     with pytest.raises(ig.UnsupportedModuleError, match=r"'4' \(PReLU\)"):
-        ig.PerSampleGrads(model, capture="hooks").norms(torch.randn(2, 1, 4), torch.randn(2, 4), F.mse_loss)
+        ig.PerSampleGrads(model, capture="hooks", fallback=False).norms(
+            torch.randn(2, 1, 4), torch.randn(2, 4), F.mse_loss
+        )
 
 
 def test_native_capture_refuses_what_it_cannot_run():

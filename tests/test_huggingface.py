@@ -1,7 +1,7 @@
 """A real Hugging Face model (a tiny BERT classifier built from a config, no download) through
 the hooks capture: per-sample gradients, norms and clipped sums against a per-sample loop of
 plain autograd in float64 (torch.func cannot run it: BERT checks its mask with data-dependent
-control flow). And GPT-2, whose Conv1D layers and tied output head are refused by name."""
+control flow). GPT-2, Llama, ViT and the rest: tests/test_transformers.py."""
 
 import pytest
 import torch
@@ -63,14 +63,3 @@ def test_bert_classifier(device):
     torch.testing.assert_close(engine.clipped_grad_sum(inputs, labels, loss, 0.5), ref_norms, rtol=1e-10, atol=1e-12)
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_sum[k], rtol=1e-10, atol=1e-12, msg=k)
-
-
-def test_gpt2_is_refused_by_name():
-    cfg = transformers.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8)
-    with pytest.raises(
-        ig.UnsupportedModuleError,
-        match=r"'transformer\.h\.0\.attn\.c_attn' \(Conv1D\): no per-sample "
-        r"gradient rule(.|\n)*'lm_head' \(Linear\): parameter 'weight' is "
-        r"also module 'transformer\.wte''s",
-    ):
-        ig.PerSampleGrads(transformers.GPT2LMHeadModel(cfg))

@@ -23,22 +23,24 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from indivgrad_cuda import randomness
-from indivgrad_cuda.capture.layers import Layer, ModelScan
+from indivgrad_cuda.capture.layers import Layer, ModelScan, tied_names
 from indivgrad_cuda.capture.losses import loss_grad_seed
 from indivgrad_cuda.capture.precision import no_autocast
 from indivgrad_cuda.chunking import batch_size, split_batch
-from indivgrad_cuda.layers import Factors
+from indivgrad_cuda.errors import UnsupportedModuleError
+from indivgrad_cuda.layers import Factors, FallbackRule
 
 # visit(layer index, its Factors or None when it had no gradient, n0, n1)
 Visit = Callable[[int, Optional[Factors], int, int], None]
 
 
 class HooksCapture:
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fallback: bool = True):
         self.model = model
-        self.scan = ModelScan(model)
+        self.scan = ModelScan(model, fallback)
         self.scan.check()  # every trainable parameter belongs to a supported layer
         self._checked = set()  # input signatures whose parameter uses were checked
 
@@ -49,12 +51,19 @@ class HooksCapture:
 
     @staticmethod
     def params(layers: list[Layer], layout: str) -> dict[str, tuple]:
-        """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters."""
-        return {
-            layer.names[attr]: (p, layer.rule.grad_shape(layer.module, attr, layout))
-            for layer in layers
-            for attr, p in layer.trainable().items()
-        }
+        """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters
+        (a parameter several layers share takes its own shape whatever the layout)."""
+        tied = tied_names(layers)
+        out = {}
+        for layer in layers:
+            for attr, p in layer.trainable().items():
+                name = layer.names[attr]
+                if name not in out:
+                    out[name] = (
+                        p,
+                        tuple(p.shape) if name in tied else layer.rule.grad_shape(layer.module, attr, layout),
+                    )
+        return out
 
     def device(self) -> torch.device:
         for layer in self.scan.layers:
@@ -122,15 +131,16 @@ class _Tap(torch.autograd.Function):
 
 @dataclass
 class _Call:
-    record: Optional[torch.Tensor]  # what the rule keeps of the input
-    output: torch.Tensor  # what the layer returned through the tap
-    grad: Optional[torch.Tensor] = None  # the gradient at the output, once the backward has reached it
+    record: object  # what the rule keeps of the input
+    outputs: list  # the tapped outputs, as the layer returned them through the taps
+    grads: list  # the gradient at each tapped output, once the backward has reached it (else None)
 
 
 @dataclass
 class _Recording:
     layer: Layer
     calls: list[_Call] = field(default_factory=list)
+    expected: int = 0  # tapped outputs over all calls
     arrived: int = 0
     done: bool = False
     local_uses: dict[int, int] = field(default_factory=dict)  # id(param) -> autograd edges inside the calls
@@ -138,12 +148,12 @@ class _Recording:
 
 class _Recorder:
     """Forward hooks on the layers while active; hands each layer's factors to `on_layer`
-    once the gradients of all its calls have arrived (or, for those that never do, in
-    finish())."""
+    once the gradients of all its calls' tapped outputs have arrived (or, for those that never
+    do, in finish())."""
 
-    def __init__(self, layers: list[Layer], count_uses: bool, n: int, on_layer: Callable, device: torch.device):
+    def __init__(self, layers: list[Layer], check: bool, n: int, on_layer: Callable, device: torch.device):
         self.recordings = [_Recording(layer) for layer in layers]
-        self.count_uses = count_uses
+        self.check = check
         self.n = n
         self.on_layer = on_layer
         self.probe = torch.empty(0, device=device, requires_grad=True)  # every tap feeds it: the backward's target
@@ -152,8 +162,10 @@ class _Recorder:
 
     def __enter__(self):
         for i, rec in enumerate(self.recordings):
-            self.handles.append(rec.layer.module.register_forward_pre_hook(self._expand_shared))
-            self.handles.append(rec.layer.module.register_forward_hook(self._hook(i, rec)))
+            m = rec.layer.module
+            if not isinstance(rec.layer.rule, FallbackRule):  # the fallback takes its inputs as they come
+                self.handles.append(m.register_forward_pre_hook(self._expand_shared))
+            self.handles.append(m.register_forward_hook(self._hook(i, rec), with_kwargs=True))
         return self
 
     def _expand_shared(self, module, inputs):
@@ -170,37 +182,47 @@ class _Recorder:
             h.remove()
 
     def _hook(self, index: int, rec: _Recording):
-        def hook(module, inputs, output):
-            if not isinstance(output, torch.Tensor) or not output.requires_grad:
+        layer = rec.layer
+
+        def hook(module, args, kwargs, output):
+            leaves, spec = tree_flatten(output)
+            taps = layer.rule.taps(output)
+            if not taps or not all(isinstance(leaves[i], torch.Tensor) and leaves[i].requires_grad for i in taps):
                 raise RuntimeError(
-                    f"module '{rec.layer.path}' ({type(module).__name__}) returned no tensor that "
-                    f"requires grad; is the forward running under torch.no_grad()?"
+                    f"module '{layer.path}' ({type(module).__name__}) returned no tensor that requires grad; is the "
+                    f"forward running under torch.no_grad()?"
                 )
-            x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-            if x is None or x.dim() == 0 or x.shape[0] != self.n or output.shape[0] != self.n:
-                got = "no tensor" if x is None else f"shape {list(x.shape)}"
-                raise ValueError(
-                    f"module '{rec.layer.path}' ({type(module).__name__}) was called with {got}; per-sample "
-                    f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}), or 1 for "
-                    f"an input shared by all samples (e.g. positions [1, T])"
-                )
-            if self.count_uses:
-                stop = {t.grad_fn for t in inputs if isinstance(t, torch.Tensor) and t.grad_fn is not None}
-                for pid, count in _param_edges([output.grad_fn], stop).items():
+            if not isinstance(layer.rule, FallbackRule):
+                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                out = leaves[taps[0]]
+                if x is None or x.dim() == 0 or x.shape[0] != self.n or out.shape[0] != self.n:
+                    got = "no tensor" if x is None else f"shape {list(x.shape)}"
+                    raise ValueError(
+                        f"module '{layer.path}' ({type(module).__name__}) was called with {got}; per-sample "
+                        f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}), or 1 "
+                        f"for an input shared by all samples (e.g. positions [1, T])"
+                    )
+            if self.check:
+                inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+                stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
+                for pid, count in _param_edges([leaves[i].grad_fn for i in taps], stop).items():
                     rec.local_uses[pid] = rec.local_uses.get(pid, 0) + count
-            call = _Call(rec.layer.rule.record(module, inputs, output), output)
-            tapped = _Tap.apply(output, self.probe, lambda g: self._arrive(index, call, g))
+            call = _Call(layer.rule.record(module, args, kwargs, output, self.n, self.check), [], [None] * len(taps))
+            for k, i in enumerate(taps):
+                call.outputs.append(leaves[i])
+                leaves[i] = _Tap.apply(leaves[i], self.probe, lambda g, call=call, k=k: self._arrive(index, call, k, g))
             rec.calls.append(call)
+            rec.expected += len(taps)
             self.calls_recorded += 1
-            return tapped
+            return tree_unflatten(leaves, spec)
 
         return hook
 
-    def _arrive(self, index: int, call: _Call, grad: torch.Tensor):
+    def _arrive(self, index: int, call: _Call, k: int, grad: torch.Tensor):
         rec = self.recordings[index]
-        call.grad = grad
+        call.grads[k] = grad
         rec.arrived += 1
-        if rec.arrived == len(rec.calls):
+        if rec.arrived == rec.expected:
             self._complete(index)
 
     def _complete(self, index: int):
@@ -208,10 +230,10 @@ class _Recorder:
         rule, module = rec.layer.rule, rec.layer.module
         records, grads = [], []
         for call in rec.calls:
-            g = call.grad if call.grad is not None else torch.zeros_like(call.output)
+            got = [g if g is not None else torch.zeros_like(o) for g, o in zip(call.grads, call.outputs)]
             records.append(call.record)
-            grads.append(rule.output_grad(module, g))
-            call.record = call.grad = call.output = None  # nothing of the call outlives the layer's reduction
+            grads.append(rule.output_grad(module, got))
+            call.record = call.grads = call.outputs = None  # nothing of the call outlives the layer's reduction
         rec.done = True
         self.on_layer(index, rule.combine(records, grads) if records else None)
 
@@ -222,17 +244,29 @@ class _Recorder:
                 self._complete(i)
 
     def check_parameter_uses(self, loss: torch.Tensor):
+        """Every use of a trainable parameter in the loss's graph must be inside a call of a layer
+        serving it; names every parameter that is not."""
         total = _param_edges([loss.grad_fn], set())
+        local, owners = {}, {}
         for rec in self.recordings:
+            for pid, count in rec.local_uses.items():
+                local[pid] = local.get(pid, 0) + count
             for attr, p in rec.layer.trainable().items():
-                outside = total.get(id(p), 0) - rec.local_uses.get(id(p), 0)
-                if outside > 0:
-                    raise RuntimeError(
-                        f"parameter '{rec.layer.names[attr]}' of module '{rec.layer.path}' "
-                        f"({type(rec.layer.module).__name__}) is used outside that module's forward (tied to another "
-                        f"layer, or used by functional code such as nn.MultiheadAttention's); its per-sample gradient "
-                        f"would miss those uses. Call the module instead, or freeze the parameter"
-                    )
+                owners.setdefault(id(p), (rec.layer.names[attr], rec.layer))
+        problems = [
+            f"parameter '{name}' (of '{layer.path}', {type(layer.module).__name__})"
+            for pid, (name, layer) in owners.items()
+            if total.get(pid, 0) > local.get(pid, 0)
+        ]
+        if problems:
+            raise UnsupportedModuleError(
+                "these parameters are used outside the forward of every module that owns them (by functional code, "
+                "or by a parent module's forward that never calls the module), so their per-sample gradients would "
+                "miss those uses:\n  - "
+                + "\n  - ".join(problems)
+                + "\nCall the module instead, serve the parent that uses them by the fallback (give it the parameter), "
+                "untie it, or freeze it"
+            )
 
 
 def _param_edges(roots, stop) -> dict[int, int]:
@@ -269,10 +303,11 @@ def _signature(inputs, model, layers):
 
 
 def _check_no_batch_statistics(batch_norms) -> None:
-    for path, m in batch_norms:
-        if m.training:
-            raise ValueError(
-                f"module '{path}' ({type(m).__name__}) is in train mode: it normalises each sample with statistics "
-                f"of the whole batch, which mixes samples, so per-sample gradients do not exist. Put it in eval "
-                f"mode (model.eval() or m.eval()), or use a per-sample normalisation (LayerNorm, GroupNorm)"
-            )
+    training = [f"'{path}' ({type(m).__name__})" for path, m in batch_norms if m.training]
+    if training:
+        raise UnsupportedModuleError(
+            f"modules {', '.join(training)} are in train mode: they normalise each sample with statistics of the "
+            f"whole batch, which mixes samples, so per-sample gradients do not exist. Put them in eval mode "
+            f"(model.eval() or m.eval()), or use a per-sample normalisation (GroupNorm, LayerNorm: "
+            f"opacus.validators.ModuleValidator.fix(model) swaps BatchNorm for GroupNorm)"
+        )

@@ -1,17 +1,17 @@
-"""Which modules of a model the hooks capture serves: every module with trainable
-parameters must be a supported layer (:data:`indivgrad_cuda.layers.RULES`). The model is
-scanned once; each call re-reads only ``requires_grad`` and the parameters themselves."""
+"""Which modules of a model the hooks capture serves, and how: every module with trainable
+parameters gets a layer rule (:data:`indivgrad_cuda.layers.RULES`), else the per-module
+fallback (``fallback=True``), else it is refused. A parameter shared by several modules (tied
+weights) belongs to each of their layers, under its ``named_parameters()`` name. The model
+is scanned once; each call re-reads only ``requires_grad`` and the parameters themselves."""
 
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
 
+from indivgrad_cuda.errors import UnsupportedModuleError
 from indivgrad_cuda.layers import LayerRule, rule_for, supported_names
-
-
-class UnsupportedModuleError(TypeError):
-    """The model contains a module the per-sample gradient engine cannot handle."""
 
 
 @dataclass
@@ -19,19 +19,19 @@ class Layer:
     path: str  # the module's name in model.named_modules()
     module: nn.Module
     rule: LayerRule
-    names: dict[str, str]  # parameter attribute -> its name in model.named_parameters()
+    names: dict[str, str]  # parameter attribute (dotted below the module for a subtree) -> its named_parameters() name
     # trainable() as read when this copy was made for one call (ModelScan.wanted_layers): the
     # reducers ask for it per layer and chunk, and reading the module each time cost a
     # noticeable share of a small model's call
     snapshot: Optional[dict[str, nn.Parameter]] = None
 
     def trainable(self) -> dict[str, nn.Parameter]:
-        """The module's parameters that require grad now (or when the snapshot was taken), by attribute."""
+        """The served parameters that require grad now (or when the snapshot was taken), by attribute."""
         if self.snapshot is not None:
             return self.snapshot
         out = {}
-        for attr in self.rule.params:
-            p = getattr(self.module, attr, None)
+        for attr in self.names:
+            p = self.module._parameters.get(attr) if "." not in attr else self.module.get_parameter(attr)
             if p is not None and p.requires_grad:
                 out[attr] = p
         return out
@@ -50,62 +50,61 @@ class _Refused:
 
 def supported_text() -> str:
     return (
-        f"layers with trainable parameters: {supported_names()} (Linear on [N, *, D_in], LayerNorm with "
-        f"elementwise affine, Embedding without max_norm or scale_grad_by_freq); parameter-free modules and "
+        f"layers with trainable parameters: {supported_names()}; any other module by the per-module fallback "
+        f"(fallback=True) when torch.func can run its forward sample by sample; parameter-free modules and "
         f"functional code anywhere; frozen parameters (requires_grad=False) anywhere"
     )
 
 
 class ModelScan:
-    """The supported layers that own parameters (in module order) and the modules with
-    parameters the engine cannot serve, which are fine while those parameters are frozen."""
+    """The layers that own trainable parameters (in module order, each with its rule) and the
+    modules the engine cannot serve, which are fine while their parameters are frozen."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, fallback: bool = True):
+        self.model = model
         names = {id(p): n for n, p in model.named_parameters()}
-        owners = {}
         self.layers: list[Layer] = []
         self.refused: list[_Refused] = []
         self.batch_norms: list[tuple[str, nn.Module]] = []
         self.dropouts: list[tuple[str, nn.Module]] = []
+        owners = []  # paths of modules whose rule serves their whole subtree
         for path, m in model.named_modules():
-            path = path or "(the model)"
+            label = path or "(the model)"
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                self.batch_norms.append((path, m))
+                self.batch_norms.append((label, m))
             if type(m) is nn.Dropout:
-                self.dropouts.append((path, m))
+                self.dropouts.append((label, m))
+            if any(o == "" or path.startswith(o + ".") for o in owners):
+                continue  # its parameters are its owner's
             direct = dict(m.named_parameters(recurse=False))
+            rule = rule_for(m, label, fallback)
+            if rule is not None and rule.owns_subtree:
+                owners.append(path)
+                direct = dict(m.named_parameters())
             if not direct:
                 continue
-            for a, p in direct.items():
-                if id(p) in owners:
-                    self.refused.append(
-                        _Refused(
-                            path,
-                            m,
-                            f"parameter '{a}' is also module '{owners[id(p)]}''s (shared between modules)",
-                            (a,),
-                        )
-                    )
-                owners.setdefault(id(p), path)
-            rule = rule_for(m)
             if rule is None:
-                self.refused.append(_Refused(path, m, _why_not(m), tuple(direct)))
+                self.refused.append(_Refused(label, m, _why_not(m), tuple(direct)))
                 continue
-            extra = tuple(a for a in direct if a not in rule.params)
-            if extra:
-                self.refused.append(_Refused(path, m, f"unknown parameters {list(extra)}", extra))
             why = rule.unsupported_setting(m)
             if why:
-                self.refused.append(_Refused(path, m, why, tuple(direct)))
+                self.refused.append(_Refused(label, m, why, tuple(direct)))
                 continue
-            self.layers.append(Layer(path, m, rule, {a: names[id(p)] for a, p in direct.items()}))
+            attrs = rule.attrs(m)
+            extra = tuple(a for a in direct if a not in attrs)
+            if extra and fallback:  # a subclass with parameters its type's rule does not know
+                rule, attrs = rule_for(nn.Module(), label, True), list(direct)
+            elif extra:
+                self.refused.append(_Refused(label, m, f"unknown parameters {list(extra)}", extra))
+                continue
+            self.layers.append(Layer(label, m, rule, {a: names[id(direct[a])] for a in attrs}))
 
     def check(self) -> None:
         """Raises UnsupportedModuleError naming every refused module with a trainable parameter."""
         problems = [
             f"'{r.path}' ({type(r.module).__name__}): {r.why}"
             for r in self.refused
-            if any(getattr(r.module, a).requires_grad for a in r.attrs)
+            if any(r.module.get_parameter(a).requires_grad for a in r.attrs)
         ]
         if problems:
             raise UnsupportedModuleError(
@@ -115,8 +114,8 @@ class ModelScan:
             )
 
     def wanted_layers(self) -> list[Layer]:
-        """The supported layers with trainable parameters now (after check()), each a copy
-        holding those parameters for the call that asks."""
+        """The layers with trainable parameters now (after check()), each a copy holding those
+        parameters for the call that asks."""
         out = []
         for layer in self.layers:
             now = layer.trainable()
@@ -124,11 +123,42 @@ class ModelScan:
                 out.append(Layer(layer.path, layer.module, layer.rule, layer.names, now))
         return out
 
+    def describe(self) -> dict[str, str]:
+        """How each parameter is served, by its named_parameters() name."""
+        uses = defaultdict(list)
+        for layer in self.layers:
+            for name in layer.names.values():
+                uses[name].append(f"{layer.rule.served_by} ({type(layer.module).__name__} '{layer.path}')")
+        refused = {}
+        for r in self.refused:
+            for a in r.attrs:
+                refused[id(r.module.get_parameter(a))] = f"refused ({type(r.module).__name__} '{r.path}': {r.why})"
+        out = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                out[name] = "frozen"
+            elif id(p) in refused:
+                out[name] = refused[id(p)]
+            elif len(uses[name]) > 1:
+                out[name] = "tied: " + " + ".join(uses[name])
+            else:
+                out[name] = uses[name][0] if uses[name] else "unserved"
+        return out
+
+
+def tied_names(layers: list[Layer]) -> dict[str, int]:
+    """{name: number of layers using it} of the trainable parameters several layers share."""
+    count = defaultdict(int)
+    for layer in layers:
+        for attr in layer.trainable():
+            count[layer.names[attr]] += 1
+    return {name: k for name, k in count.items() if k > 1}
+
 
 def _why_not(module) -> str:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return (
             "BatchNorm normalises with statistics of the whole batch in train mode, which mixes samples; "
-            "freeze it, or use LayerNorm/GroupNorm"
+            "freeze it, or use LayerNorm/GroupNorm (or fallback=True, to serve it in eval mode)"
         )
-    return "no per-sample gradient rule for this type"
+    return "no per-sample gradient rule for this type (fallback=True serves it by torch.func)"

@@ -2,7 +2,7 @@
 gradients, squared norms and a clipped sum (see :mod:`indivgrad_cuda.layers`)."""
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -14,9 +14,20 @@ class Factors:
     [N, T, ...]), and ``g``, the gradient at its output ([N, T, ...]), with the calls of a
     module used several times in one forward concatenated along T."""
 
-    a: torch.Tensor
-    g: torch.Tensor
+    a: Any
+    g: Any
     cache: dict = field(default_factory=dict)  # what a rule computes once for several reductions
+
+    def rows(self, n0: int, n1: int) -> "Factors":
+        """Samples n0..n1 of these factors (and of the per-sample gradients a rule cached)."""
+        cut = Factors(_rows(self.a, n0, n1), _rows(self.g, n0, n1))
+        if "grads" in self.cache:
+            cut.cache["grads"] = {k: v[n0:n1] for k, v in self.cache["grads"].items()}
+        return cut
+
+
+def _rows(t, n0, n1):
+    return t[n0:n1] if isinstance(t, torch.Tensor) else t
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,20 +42,47 @@ def squared_rows(t: torch.Tensor) -> torch.Tensor:
 
 class LayerRule:
     """Per supported layer type. ``params`` names the module's parameter attributes a rule
-    knows; a module's trainable ones among them get results."""
+    knows; a module's trainable ones among them get results. ``module_type`` is the type it
+    serves (with that type's forward: a subclass that overrides it is not recognised)."""
 
     params = ("weight", "bias")
+    module_type: type = nn.Module
+    owns_subtree = (
+        False  # the rule serves the parameters of the module's submodules too (their forward is never called)
+    )
+    served_by = "rule"  # how describe() reports it
+
+    def matches(self, module: nn.Module) -> bool:
+        cls = self.module_type
+        return isinstance(module, cls) and type(module).forward is cls.forward
+
+    def bind(self, path: str, module: nn.Module, fallback: bool = True) -> "LayerRule":
+        """The rule for the module at ``path`` (rules that keep state per module return a new
+        one); ``fallback``: whether the engine may serve it by the fallback instead."""
+        return self
+
+    def attrs(self, module: nn.Module) -> list[str]:
+        """The parameter attributes this rule serves on ``module`` (dotted below it when it owns its subtree)."""
+        return [a for a, p in module.named_parameters(recurse=False) if a in self.params]
+
+    def name(self, module: nn.Module) -> str:
+        return type(module).__name__
 
     def unsupported_setting(self, module: nn.Module) -> Optional[str]:
         """Why this module's settings cannot be served (None: they can)."""
         return None
 
-    def record(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        """What to keep of one call's input, as [N, T, ...] (detached)."""
+    def taps(self, output) -> list[int]:
+        """Which leaves of the output (torch.utils._pytree order) carry gradients to record."""
+        return [0]
+
+    def record(self, module: nn.Module, args: tuple, kwargs: dict, output, n: int, check: bool = False) -> Any:
+        """What to keep of one call's input, as [N, T, ...] (detached); n is the batch; ``check``:
+        the first call with this input signature (a rule may verify its assumptions then)."""
         raise NotImplementedError
 
-    def output_grad(self, module: nn.Module, grad: torch.Tensor) -> torch.Tensor:
-        """The gradient at one call's output, as [N, T, ...]."""
+    def output_grad(self, module: nn.Module, grads: list[torch.Tensor]) -> Any:
+        """The gradients at one call's tapped outputs (one per taps() leaf), as the rule keeps them."""
         raise NotImplementedError
 
     def combine(self, records: list[torch.Tensor], grads: list[torch.Tensor]) -> Factors:
@@ -54,7 +92,7 @@ class LayerRule:
 
     def grad_shape(self, module: nn.Module, attr: str, layout: str) -> tuple:
         """Shape of one sample's gradient of ``module.<attr>`` in ``layout``."""
-        return tuple(getattr(module, attr).shape)
+        return tuple(module.get_parameter(attr).shape)
 
     def grads(self, module: nn.Module, f: Factors, layout: str, out: dict[str, torch.Tensor]) -> None:
         """Writes per-sample gradients [N, *grad_shape] into ``out[attr]`` (the wanted attrs)."""

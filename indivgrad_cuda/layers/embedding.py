@@ -17,6 +17,7 @@ from indivgrad_cuda.layers.base import LayerRule, acc_dtype, fit, write_or_add
 
 
 class EmbeddingRule(LayerRule):
+    module_type = nn.Embedding
     params = ("weight",)
 
     def unsupported_setting(self, module):
@@ -26,11 +27,12 @@ class EmbeddingRule(LayerRule):
             return "scale_grad_by_freq=True scales by token counts over the whole batch, which mixes samples"
         return None
 
-    def record(self, module, inputs, output):
-        ids = inputs[0]
+    def record(self, module, args, kwargs, output, n, check=False):
+        ids = args[0]
         return ids.reshape(ids.shape[0], -1)
 
-    def output_grad(self, module, grad):
+    def output_grad(self, module, grads):
+        grad = grads[0]
         return grad.reshape(grad.shape[0], -1, grad.shape[-1])
 
     def grads(self, module, f, layout, out):
@@ -78,4 +80,4 @@ class EmbeddingRule(LayerRule):
         return {"weight": ops.seq_outer(rows, g @ p_cols.t(), layout="in_out").flatten(1)}
 
 
-RULE = (nn.Embedding, EmbeddingRule())
+RULE = EmbeddingRule()

@@ -4,6 +4,10 @@ Sample n's weight gradient is ``sum_t g_t ⊗ a_t = G_nᵀ A_n``; its squared no
 norm ``<A_n A_nᵀ, G_n G_nᵀ>`` or the direct ``||G_nᵀ A_n||²``, whichever costs fewer
 multiply-adds (``indivgrad_cuda._C.linear_norm_uses_ghost``); the clipped sum is one GEMM
 over the N·T rows, each scaled by its sample's coefficient.
+
+Hugging Face's GPT-2 ``Conv1D`` is the same layer with its weight stored transposed,
+``[D_in, D_out]`` (``y = x W + b``): :class:`Conv1DRule` is this rule in that orientation.
+Its per-sample gradients always take the weight's own shape (``layout`` is nn.Linear's).
 """
 
 import math
@@ -16,21 +20,33 @@ from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_
 
 
 class LinearRule(LayerRule):
-    def record(self, module, inputs, output):
-        a = inputs[0].detach()
+    module_type = nn.Linear
+    transposed = False  # the weight is stored [D_in, D_out] (Conv1D), not nn.Linear's [D_out, D_in]
+
+    def widths(self, module) -> tuple[int, int]:
+        """(D_in, D_out)."""
+        return module.in_features, module.out_features
+
+    def _layout(self, layout: str) -> str:
+        return "in_out" if self.transposed else layout
+
+    def record(self, module, args, kwargs, output, n, check=False):
+        a = args[0].detach()
         return a.reshape(a.shape[0], -1, a.shape[-1])
 
-    def output_grad(self, module, grad):
+    def output_grad(self, module, grads):
+        grad = grads[0]
         return grad.reshape(grad.shape[0], -1, grad.shape[-1])
 
     def grad_shape(self, module, attr, layout):
-        if attr == "weight" and layout == "in_out":
-            return (module.in_features, module.out_features)
-        return tuple(getattr(module, attr).shape)
+        if attr == "weight":
+            d_in, d_out = self.widths(module)
+            return (d_in, d_out) if self._layout(layout) == "in_out" else (d_out, d_in)
+        return tuple(module.get_parameter(attr).shape)
 
     def grads(self, module, f: Factors, layout, out: dict[str, torch.Tensor]):
         if "weight" in out:
-            ops.seq_outer(f.a, f.g, layout=layout, out=out["weight"])
+            ops.seq_outer(f.a, f.g, layout=self._layout(layout), out=out["weight"])
         if "bias" in out:
             out["bias"].copy_(_bias_grads(f))
 
@@ -51,10 +67,11 @@ class LinearRule(LayerRule):
             else:
                 g = g * c[:, None, None]
             rows_g, rows_a, w = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), grads["weight"]
+            left, right = (rows_a.t(), rows_g) if self.transposed else (rows_g.t(), rows_a)
             if accumulate:
-                w.addmm_(rows_g.t(), rows_a)
+                w.addmm_(left, right)
             else:
-                torch.mm(rows_g.t(), rows_a, out=w)
+                torch.mm(left, right, out=w)
         if "bias" in grads:
             write_or_add(grads["bias"], c @ _bias_grads(f), accumulate)
 
@@ -70,12 +87,13 @@ class LinearRule(LayerRule):
         return out
 
     def projection_dims(self, module, want, share):
-        d_out, d_in = module.out_features, module.in_features
+        d_in, d_out = self.widths(module)
         dims = {}
         if "weight" in want:  # k_out·(k_in + 1 for the bias) <= share, k_in ~ sqrt(share)
             k_in = fit(d_in, math.isqrt(int(share)))
             k_out = fit(d_out, share // (k_in + ("bias" in want)))
-            dims["weight"] = (("out", k_out, d_out), ("in", k_in, d_in))
+            pair = (("out", k_out, d_out), ("in", k_in, d_in))
+            dims["weight"] = pair[::-1] if self.transposed else pair
         else:
             k_out = fit(d_out, share)
         if "bias" in want:  # projected by the weight's P_out, as LoGra does
@@ -84,13 +102,15 @@ class LinearRule(LayerRule):
 
     def project(self, module, f: Factors, mats):
         acc = acc_dtype(f.g.dtype)
-        p_out = (mats.get("weight") or mats["bias"])[0]
-        g = f.g.to(acc) @ p_out.t()  # [N, T, k_out]: P_out g_t
         out = {}
         if "weight" in mats:  # P_out (sum_t g_t ⊗ a_t) P_inᵀ = sum_t (P_out g_t) ⊗ (P_in a_t)
-            out["weight"] = ops.seq_outer(f.a.to(acc) @ mats["weight"][1].t(), g, layout="out_in").flatten(1)
-        if "bias" in mats:
-            out["bias"] = g.sum(1)
+            p_out, p_in = mats["weight"][::-1] if self.transposed else mats["weight"]
+            g = f.g.to(acc) @ p_out.t()  # [N, T, k_out]: P_out g_t
+            a = f.a.to(acc) @ p_in.t()
+            out["weight"] = ops.seq_outer(a, g, layout="in_out" if self.transposed else "out_in").flatten(1)
+        if "bias" in mats:  # the weight's P_out unless the weight is tied elsewhere
+            (p_bias,) = mats["bias"]
+            out["bias"] = (g if "weight" in mats and p_bias is p_out else f.g.to(acc) @ p_bias.t()).sum(1)
         return out
 
 
@@ -101,4 +121,25 @@ def _bias_grads(f: Factors) -> torch.Tensor:
     return f.cache["bias"]
 
 
-RULE = (nn.Linear, LinearRule())
+class Conv1DRule(LinearRule):
+    """Hugging Face's ``Conv1D`` (GPT-2, GPT, ...), recognised by name so that nothing imports
+    transformers unless the model has one: ``transformers.*.Conv1D`` with ``nx``, ``nf`` and
+    its forward ``addmm(bias, x, weight)``."""
+
+    transposed = True
+
+    def matches(self, module):
+        cls = type(module)
+        return (
+            cls.__name__ == "Conv1D"
+            and cls.__module__.startswith("transformers.")
+            and isinstance(getattr(module, "weight", None), nn.Parameter)
+            and tuple(module.weight.shape) == (getattr(module, "nx", None), getattr(module, "nf", None))
+        )
+
+    def widths(self, module):
+        return module.nx, module.nf
+
+
+RULE = LinearRule()
+CONV1D_RULE = Conv1DRule()

@@ -1,0 +1,73 @@
+"""Rules whose per-sample gradients are small enough to form for a chunk of samples (the
+gains of a normalisation layer, the parameters the fallback serves): every reduction is
+then a reduction of those gradients, so a rule of this kind only says how to form them."""
+
+import math
+
+import torch
+
+from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows, write_or_add
+
+
+class PerSampleRule(LayerRule):
+    """Subclasses implement :meth:`per_sample`; the reductions follow from it."""
+
+    matrix_projections = True  # project a gradient of 2 or more dims by two matrices (False: as one vector)
+
+    def per_sample(self, module, f: Factors) -> dict[str, torch.Tensor]:
+        """{attr: [N, *grad_shape]} of every attr the layer serves that requires grad."""
+        raise NotImplementedError
+
+    def _grads(self, module, f: Factors) -> dict[str, torch.Tensor]:
+        """Per-sample gradients, once per chunk (the clipped sum needs them for the norms too)."""
+        if "grads" not in f.cache:
+            f.cache["grads"] = self.per_sample(module, f)
+        return f.cache["grads"]
+
+    def grads(self, module, f, layout, out):
+        per_sample = self._grads(module, f)
+        for attr, buf in out.items():
+            buf.copy_(per_sample[attr].reshape(buf.shape))
+
+    def sq_norms(self, module, f, want, method):
+        per_sample = self._grads(module, f)
+        return {attr: squared_rows(per_sample[attr]) for attr in want}
+
+    def clipped_sum(self, module, f, coef, grads, accumulate):
+        per_sample = self._grads(module, f)
+        for attr, dst in grads.items():
+            g = per_sample[attr]
+            summed = torch.tensordot(coef.to(acc_dtype(g.dtype)), g.to(acc_dtype(g.dtype)), dims=1)
+            write_or_add(dst, summed.reshape(dst.shape), accumulate)
+
+    def gram(self, module, fa, fb, want, per_param):
+        ga, gb = self._grads(module, fa), self._grads(module, fb)
+        return {(attr,): gram_rows(ga[attr], gb[attr]) for attr in want}
+
+    def projection_dims(self, module, want, share):
+        """A vector gets one matrix; a gradient of shape [R, *C] two, ``P_R W P_Cᵀ`` with W as [R, prod(C)]."""
+        dims = {}
+        for attr in want:
+            shape = module.get_parameter(attr).shape
+            each = share / len(want)
+            if len(shape) <= 1 or not self.matrix_projections:
+                d = math.prod(shape)
+                dims[attr] = ((attr, fit(d, each), d),)
+            else:
+                rows, cols = shape[0], math.prod(shape[1:])
+                k_cols = fit(cols, math.isqrt(int(each)))
+                dims[attr] = ((f"{attr}/rows", fit(rows, each // k_cols), rows), (f"{attr}/cols", k_cols, cols))
+        return dims
+
+    def project(self, module, f, mats):
+        per_sample = self._grads(module, f)
+        out = {}
+        for attr, m in mats.items():
+            g = per_sample[attr]
+            g = g.to(acc_dtype(g.dtype))
+            if len(m) == 1:
+                out[attr] = g.flatten(1) @ m[0].t()
+            else:
+                rows, cols = m
+                out[attr] = (rows @ g.reshape(g.shape[0], rows.shape[1], cols.shape[1]) @ cols.t()).flatten(1)
+        return out
