@@ -6,8 +6,10 @@ gradients alone (each result checked against the other first).
 
 Setups: a stack of Llama RMS norms between frozen Linear layers (only the gains train:
 ``LlamaRMSNorm`` by its rule, and a copy of it named so that only the fallback serves it);
-a block with an ``nn.MultiheadAttention`` (served by the fallback) between frozen layers.
-Prints the median times of the per-sample gradients and norms, and the summed step's.
+a block with an ``nn.MultiheadAttention`` between frozen layers (by its rule, from its
+projections' factors, and by the fallback, torch.func over its forward, which serves MHA
+with ``bias_k``/``bias_v``). Prints the median times of the per-sample gradients and
+norms, the summed step's and torch.func's for the same parameters.
 """
 
 import argparse
@@ -22,6 +24,7 @@ from torch.func import functional_call, grad, vmap
 
 import common
 import indivgrad_cuda as ig
+from indivgrad_cuda.layers import multihead_attention
 
 
 def norm_stack(norm_cls, d, layers=4):
@@ -107,7 +110,14 @@ def main():
     fallback = norm_stack(unrecognised, d).to(device)
     measure("LlamaRMSNorm x4: rule", rule, x, target, device)
     measure("LlamaRMSNorm x4: fallback", fallback, x, target, device)
-    measure("MultiheadAttention", Attention(d).to(device), x, target, device)
+    attention = Attention(d).to(device)
+    measure("MultiheadAttention: rule", attention, x, target, device)
+    rule = multihead_attention.RULE
+    rule.bind = lambda path, module, fallback=True: multihead_attention.MultiheadAttentionFallback(path)
+    try:  # the fallback MHA with bias_k/bias_v gets, forced on the same module
+        measure("MultiheadAttention: fallback", attention, x, target, device)
+    finally:
+        del rule.bind
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import indivgrad_cuda as ig
-from tests.reference import clipped_sum_ref
+from tests.reference import clipped_sum_ref, loop_module_grads
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[test])")
 
@@ -33,18 +33,6 @@ def loss(out, target):
     return F.cross_entropy(out.logits, target)
 
 
-def loop_grads(model, inputs, target):
-    grads = {k: [] for k, p in model.named_parameters() if p.requires_grad}
-    params = dict(model.named_parameters())
-    for i in range(len(target)):
-        model.zero_grad(set_to_none=True)
-        loss(model(**{k: v[i : i + 1] for k, v in inputs.items()}), target[i : i + 1]).backward()
-        for k in grads:
-            g = params[k].grad
-            grads[k].append(torch.zeros_like(params[k]) if g is None else g.clone())
-    return {k: torch.stack(v) for k, v in grads.items()}
-
-
 def test_bert_classifier(device):
     torch.manual_seed(0)
     model = bert(device)
@@ -52,7 +40,7 @@ def test_bert_classifier(device):
     mask = (torch.arange(10, device=device) < torch.tensor([[10], [7], [5], [9], [3]], device=device)).long()
     inputs = {"input_ids": ids, "attention_mask": mask}
     labels = torch.randint(0, 3, (5,), device=device)
-    ref = loop_grads(model, inputs, labels)
+    ref = loop_module_grads(model, inputs, labels, loss)
     engine = ig.PerSampleGrads(model)
     got = engine(inputs, labels, loss)
     assert list(got) == list(ref) and len(got) == 41

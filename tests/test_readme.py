@@ -1,6 +1,7 @@
 """The README's examples (Any model, DP-SGD, Data attribution) run as written, and their results are right."""
 
 import re
+import textwrap
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_any_model_examples_run():
     section = README.read_text().split("### Any model", 1)[1].split("\n### ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
     scope = {}
     torch.manual_seed(0)
     exec(blocks[0], scope)  # the documentation's own code
@@ -24,6 +25,10 @@ def test_any_model_examples_run():
         torch.testing.assert_close(grads[name], ref[name], rtol=1e-4, atol=1e-6, msg=name)
     exec(blocks[1], scope)
     assert scope["grads"]["0.weight"].shape == (1000, 100, 100)
+    exec(textwrap.dedent(blocks[2]), scope)  # describe() on GPT-2 (the block sits in a list item)
+    how = scope["how"]
+    assert how["transformer.wte.weight"] == "tied: rule (Embedding 'transformer.wte') + rule (Linear 'lm_head')"
+    assert how["transformer.h.0.attn.c_attn.weight"] == "rule (Conv1D 'transformer.h.0.attn.c_attn')"
 
 
 def test_dp_sgd_example_runs():

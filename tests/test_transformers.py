@@ -92,10 +92,10 @@ def padded_ids(n, t, vocab, lengths, seed=0):
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
-def test_gpt2_with_padding_mask(tied):
+def test_gpt2_with_padding_mask(tied, device):
     torch.manual_seed(0)
-    model = gpt2(tied)
-    ids, mask = padded_ids(4, 8, 50, [8, 5, 7, 3])
+    model = gpt2(tied).to(device)
+    ids, mask = (t.to(device) for t in padded_ids(4, 8, 50, [8, 5, 7, 3]))
     inputs = {"input_ids": ids, "attention_mask": mask}
     ref = loop_module_grads(model, inputs, ids, lm_loss)
     engine = check_all(model, inputs, ids, lm_loss, ref)
@@ -160,10 +160,10 @@ def llama(**kw):
     return transformers.LlamaForCausalLM(cfg).double().eval()
 
 
-def test_llama_grouped_query_attention():
+def test_llama_grouped_query_attention(device):
     torch.manual_seed(2)
-    model = llama()
-    ids, mask = padded_ids(3, 6, 40, [6, 4, 5], seed=2)
+    model = llama().to(device)
+    ids, mask = (t.to(device) for t in padded_ids(3, 6, 40, [6, 4, 5], seed=2))
     inputs = {"input_ids": ids, "attention_mask": mask}
     ref = loop_module_grads(model, inputs, ids, lm_loss)
     engine = check_all(model, inputs, ids, lm_loss, ref)
@@ -184,11 +184,11 @@ def vit():
     return transformers.ViTForImageClassification(cfg).double().eval()
 
 
-def test_vit_embeddings_and_patches_by_the_fallback():
+def test_vit_embeddings_and_patches_by_the_fallback(device):
     torch.manual_seed(3)
-    model = vit()
-    pixels = torch.randn(4, 3, 8, 8, dtype=torch.float64)
-    labels = torch.tensor([0, 2, 1, 2])
+    model = vit().to(device)
+    pixels = torch.randn(4, 3, 8, 8, dtype=torch.float64, device=device)
+    labels = torch.tensor([0, 2, 1, 2], device=device)
     inputs = {"pixel_values": pixels}
     ref = loop_module_grads(model, inputs, labels, cls_loss)
     engine = check_all(model, inputs, labels, cls_loss, ref)
@@ -198,26 +198,6 @@ def test_vit_embeddings_and_patches_by_the_fallback():
     assert how["vit.embeddings.patch_embeddings.projection.weight"].startswith("fallback (Conv2d")
     with pytest.raises(ig.UnsupportedModuleError, match=r"'vit\.embeddings' \(ViTEmbeddings\)(.|\n)*Conv2d"):
         ig.PerSampleGrads(model, fallback=False)
-
-
-def test_bert_with_default_position_ids():
-    torch.manual_seed(4)
-    cfg = transformers.BertConfig(
-        vocab_size=30,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=24,
-        max_position_embeddings=12,
-        num_labels=3,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    model = transformers.BertForSequenceClassification(cfg).double().eval()
-    ids, mask = padded_ids(3, 7, 30, [7, 4, 6], seed=4)
-    inputs = {"input_ids": ids, "attention_mask": mask}  # no position_ids: BERT's own [1, T] buffer
-    labels = torch.tensor([0, 2, 1])
-    check_all(model, inputs, labels, cls_loss, loop_module_grads(model, inputs, labels, cls_loss))
 
 
 # ---------------------------------------------------------------- RMS norms
@@ -305,7 +285,7 @@ class Attending(nn.Module):
             q, k, v = (x.transpose(0, 1) for x in (q, k, v))
         kw = {"key_padding_mask": pad, "need_weights": self.need_weights}
         if self.mask == "2d":
-            kw["attn_mask"] = torch.triu(torch.full((t, s), float("-inf"), dtype=q.dtype), 1)
+            kw["attn_mask"] = torch.triu(torch.full((t, s), float("-inf"), dtype=q.dtype, device=q.device), 1)
         elif self.mask == "3d":
             kw["attn_mask"] = bias.flatten(0, 1)
         out, weights = self.mha(q, k, v, **kw)
@@ -317,24 +297,53 @@ class Attending(nn.Module):
 @pytest.mark.parametrize("mask", ["none", "2d", "3d"])
 @pytest.mark.parametrize("need_weights", [True, False])
 @pytest.mark.parametrize("case", sorted(MHA_CASES))
-def test_multihead_attention(case, need_weights, mask):
+def test_multihead_attention(case, need_weights, mask, device):
     torch.manual_seed(6)
     kw = MHA_CASES[case]
-    model = Attending(mask, need_weights, **kw).double()
+    model = Attending(mask, need_weights, **kw).double().to(device)
     n, t, s = 4, 5, 5
-    q = torch.randn(n, t, 8, dtype=torch.float64)
-    k = torch.randn(n, s, kw.get("kdim", 8), dtype=torch.float64)
-    v = torch.randn(n, s, kw.get("vdim", 8), dtype=torch.float64)
-    pad = torch.arange(s)[None] >= torch.tensor([5, 3, 4, 2])[:, None]
-    bias = torch.randn(n, 2, t, s, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64, device=device)
+    q = torch.randn(n, t, 8, **f64)
+    k = torch.randn(n, s, kw.get("kdim", 8), **f64)
+    v = torch.randn(n, s, kw.get("vdim", 8), **f64)
+    pad = torch.arange(s, device=device)[None] >= torch.tensor([5, 3, 4, 2], device=device)[:, None]
+    bias = torch.randn(n, 2, t, s, **f64)
     if mask != "none":  # one mask type for both (mixed types are deprecated by MHA)
-        pad = torch.zeros(n, s, dtype=torch.float64).masked_fill(pad, float("-inf"))
-    target = torch.randint(0, 3, (n,))
+        pad = torch.zeros(n, s, **f64).masked_fill(pad, float("-inf"))
+    target = torch.randint(0, 3, (n,), device=device)
     inputs = (q, k, v, pad, bias)
     ref = loop_module_grads(model, inputs, target, F.cross_entropy)
     engine = check_all(model, inputs, target, F.cross_entropy, ref)
+    mha = "fallback" if "bias_kv" in case else "rule"  # bias_k/bias_v are not projections: torch.func serves them
     for name, how in engine.describe().items():
-        assert how == ("rule (Linear 'head')" if name.startswith("head") else "fallback (MultiheadAttention 'mha')")
+        assert how == ("rule (Linear 'head')" if name.startswith("head") else f"{mha} (MultiheadAttention 'mha')")
+
+
+@pytest.mark.parametrize("bias_kv", [False, True])
+def test_multihead_attention_dropout_in_train_mode(bias_kv):
+    """The rule takes the factors of the forward that ran, dropout included; the fallback, which
+    would draw new dropout, refuses at the first call."""
+    torch.manual_seed(13)
+    model = Attending("none", False, batch_first=True, dropout=0.5, add_bias_kv=bias_kv).double().train()
+    q = torch.randn(4, 5, 8, dtype=torch.float64)
+    inputs, target = (q, q, q, torch.zeros(4, 5, dtype=torch.bool), None), torch.randint(0, 3, (4,))
+    engine = ig.PerSampleGrads(model)
+    if bias_kv:
+        with pytest.raises(ig.UnsupportedModuleError, match=r"'mha' \(MultiheadAttention\): .*draws random numbers"):
+            engine.norms(inputs, target, F.cross_entropy)
+        return
+    torch.manual_seed(14)
+    norms, per_param = engine.norms(inputs, target, F.cross_entropy, per_param=True)
+    torch.manual_seed(14)  # the same dropout: MHA draws from torch's generator
+    grads = engine(inputs, target, F.cross_entropy)
+    for name, g in grads.items():
+        torch.testing.assert_close(per_param[name], g.flatten(1).norm(dim=1), **F64, msg=name)
+    # the summed gradient of a normal step with that dropout is the sum of the per-sample ones
+    torch.manual_seed(14)
+    model.zero_grad()
+    F.cross_entropy(model(*inputs), target, reduction="sum").backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name].sum(0), p.grad, **F64, msg=name)
 
 
 def test_multihead_attention_with_frozen_in_projection():
@@ -398,12 +407,12 @@ class Custom(nn.Module):
         return self.unembed(h.mean(1))
 
 
-def test_custom_module_with_raw_parameters_and_shared_weights():
+def test_custom_module_with_raw_parameters_and_shared_weights(device):
     torch.manual_seed(8)
-    model = Custom().double()
-    x = torch.randn(5, 5, 6, dtype=torch.float64)
-    ids = torch.randint(0, 10, (5, 5))
-    target = torch.randint(0, 10, (5,))
+    model = Custom().double().to(device)
+    x = torch.randn(5, 5, 6, dtype=torch.float64, device=device)
+    ids = torch.randint(0, 10, (5, 5), device=device)
+    target = torch.randint(0, 10, (5,), device=device)
     inputs = (x, ids)
     ref = func_module_grads(model, inputs, target, F.cross_entropy)
     engine = check_all(model, inputs, target, F.cross_entropy, ref)

@@ -159,14 +159,36 @@ class _Recorder:
         self.probe = torch.empty(0, device=device, requires_grad=True)  # every tap feeds it: the backward's target
         self.calls_recorded = 0
         self.handles = []
+        self.inside = []  # the intercepts of the inner rules' calls in progress
 
     def __enter__(self):
         for i, rec in enumerate(self.recordings):
-            m = rec.layer.module
-            if not isinstance(rec.layer.rule, FallbackRule):  # the fallback takes its inputs as they come
+            m, rule = rec.layer.module, rec.layer.rule
+            if rule.inner:
+                self.handles.append(m.register_forward_pre_hook(self._begin_inner(i, rec)))
+            elif not isinstance(rule, FallbackRule):  # the fallback takes its inputs as they come
                 self.handles.append(m.register_forward_pre_hook(self._expand_shared))
             self.handles.append(m.register_forward_hook(self._hook(i, rec), with_kwargs=True))
         return self
+
+    def _begin_inner(self, index: int, rec: _Recording):
+        """An inner rule's call: its intercept taps what it needs until the forward hook."""
+
+        def pre_hook(module, inputs):
+            call = _Call(None, [], [])
+
+            def tap(t):
+                k = len(call.grads)
+                call.outputs.append(t)
+                call.grads.append(None)
+                rec.expected += 1
+                return _Tap.apply(t, self.probe, lambda g: self._arrive(index, call, k, g))
+
+            intercept = rec.layer.rule.intercept(module, self.n, tap)
+            intercept.__enter__()
+            self.inside.append((call, intercept))
+
+        return pre_hook
 
     def _expand_shared(self, module, inputs):
         """An input of one row while the batch has N (positions [1, T] shared by every sample,
@@ -180,12 +202,16 @@ class _Recorder:
     def __exit__(self, *exc):
         for h in self.handles:
             h.remove()
+        while self.inside:  # a forward that raised inside an inner rule's call
+            self.inside.pop()[1].__exit__(None, None, None)
 
     def _hook(self, index: int, rec: _Recording):
         layer = rec.layer
 
         def hook(module, args, kwargs, output):
             leaves, spec = tree_flatten(output)
+            if layer.rule.inner:
+                return self._end_inner(rec, module, args, kwargs, leaves)
             taps = layer.rule.taps(output)
             if not taps or not all(isinstance(leaves[i], torch.Tensor) and leaves[i].requires_grad for i in taps):
                 raise RuntimeError(
@@ -203,10 +229,7 @@ class _Recorder:
                         f"for an input shared by all samples (e.g. positions [1, T])"
                     )
             if self.check:
-                inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-                stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
-                for pid, count in _param_edges([leaves[i].grad_fn for i in taps], stop).items():
-                    rec.local_uses[pid] = rec.local_uses.get(pid, 0) + count
+                self._count_local_uses(rec, args, kwargs, [leaves[i] for i in taps])
             call = _Call(layer.rule.record(module, args, kwargs, output, self.n, self.check), [], [None] * len(taps))
             for k, i in enumerate(taps):
                 call.outputs.append(leaves[i])
@@ -217,6 +240,27 @@ class _Recorder:
             return tree_unflatten(leaves, spec)
 
         return hook
+
+    def _end_inner(self, rec: _Recording, module, args, kwargs, leaves):
+        call, intercept = self.inside.pop()
+        intercept.__exit__(None, None, None)
+        call.record = intercept.pieces
+        if not call.outputs:
+            raise RuntimeError(
+                f"module '{rec.layer.path}' ({type(module).__name__}) used none of its trainable parameters where its "
+                f"rule looks for them; is the forward running under torch.no_grad()?"
+            )
+        if self.check:
+            self._count_local_uses(rec, args, kwargs, [t for t in leaves if isinstance(t, torch.Tensor)])
+        rec.calls.append(call)
+        self.calls_recorded += 1
+        return None
+
+    def _count_local_uses(self, rec: _Recording, args, kwargs, outputs):
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
+        for pid, count in _param_edges([t.grad_fn for t in outputs], stop).items():
+            rec.local_uses[pid] = rec.local_uses.get(pid, 0) + count
 
     def _arrive(self, index: int, call: _Call, k: int, grad: torch.Tensor):
         rec = self.recordings[index]

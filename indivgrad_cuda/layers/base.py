@@ -47,9 +47,10 @@ class LayerRule:
 
     params = ("weight", "bias")
     module_type: type = nn.Module
-    owns_subtree = (
-        False  # the rule serves the parameters of the module's submodules too (their forward is never called)
-    )
+    # the rule serves the parameters of the module's submodules too (their forward is never called)
+    owns_subtree = False
+    # the factors come from inside the module's forward (intercept()), not from its input and output
+    inner = False
     served_by = "rule"  # how describe() reports it
 
     def matches(self, module: nn.Module) -> bool:
@@ -71,6 +72,12 @@ class LayerRule:
     def unsupported_setting(self, module: nn.Module) -> Optional[str]:
         """Why this module's settings cannot be served (None: they can)."""
         return None
+
+    def intercept(self, module: nn.Module, n: int, tap):
+        """For an ``inner`` rule: a context active during one call of the module, which passes
+        each tensor whose gradient it needs through ``tap`` (returning the tapped tensor) and
+        whose ``pieces`` are the call's record."""
+        raise NotImplementedError
 
     def taps(self, output) -> list[int]:
         """Which leaves of the output (torch.utils._pytree order) carry gradients to record."""

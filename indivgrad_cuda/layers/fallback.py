@@ -128,6 +128,12 @@ class FallbackRule(PerSampleRule):
         except UnsupportedModuleError:
             raise
         except Exception as e:
+            if "random" in str(e):
+                raise UnsupportedModuleError(
+                    f"'{self.path}' ({type(module).__name__}): its forward draws random numbers (Dropout in train mode "
+                    f"with p > 0?), so replaying it sample by sample would not reproduce the batch's; put it in eval "
+                    f"mode, or freeze its parameters"
+                ) from e
             raise UnsupportedModuleError(
                 f"'{self.path}' ({type(module).__name__}): the per-module fallback cannot run its forward sample by "
                 f"sample under torch.func.vmap ({type(e).__name__}: {e}); freeze its parameters, or give it a rule"
