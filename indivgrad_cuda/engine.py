@@ -7,13 +7,14 @@ products), the hooks capture hands them to the layer rules (``indivgrad_cuda.lay
 through the reducers (``indivgrad_cuda.reducers``).
 """
 
+import functools
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from indivgrad_cuda import randomness
-from indivgrad_cuda.capture.hooks import HooksCapture
+from indivgrad_cuda.capture.hooks import HooksCapture, Replanned
 from indivgrad_cuda.capture.native import NativeCapture
 from indivgrad_cuda.chunking import batch_size
 from indivgrad_cuda.errors import UnsupportedModuleError
@@ -22,6 +23,26 @@ from indivgrad_cuda.projection import Projection
 from indivgrad_cuda.reducers import clipped_sum, inner_products, materialise, norms, projections
 
 REDUCTIONS = ("mean", "sum")
+MAX_REPLANS = 3
+
+
+def _replanning(method):
+    """Runs the call again, with the same random draws, when its first call with an input
+    signature moved parameters to a fallback (see HooksCapture._check_parameter_uses)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        state = randomness.RandomState(kwargs.get("generator"))
+        for _ in range(MAX_REPLANS):
+            try:
+                return method(self, *args, **kwargs)
+            except Replanned:
+                state.restore()
+        return method(self, *args, **kwargs)
+
+    return run
+
+
 CAPTURES = ("auto", "native", "hooks")
 
 
@@ -139,6 +160,7 @@ class PerSampleGrads:
 
     # ---------------------------------------------------------------- public API
 
+    @_replanning
     def __call__(
         self,
         inputs,
@@ -163,6 +185,7 @@ class PerSampleGrads:
         """
         return materialise.per_sample_grads(self, inputs, target, loss_fn, reduction, layout, into, out, generator)
 
+    @_replanning
     def norms(
         self,
         inputs,
@@ -181,6 +204,7 @@ class PerSampleGrads:
         get float32 norms."""
         return norms.norms(self, inputs, target, loss_fn, reduction, per_param, generator)
 
+    @_replanning
     def clipped_grad_sum(
         self,
         inputs,
@@ -204,6 +228,7 @@ class PerSampleGrads:
             self, inputs, target, loss_fn, max_norm, reduction, noise_multiplier, generator
         )
 
+    @_replanning
     def inner_products(
         self,
         inputs_a,
@@ -246,6 +271,7 @@ class PerSampleGrads:
         ``D_proj`` (at most ``dim``; see :mod:`indivgrad_cuda.projection` for the rule)."""
         return self._projection.get(self, dim, seed)
 
+    @_replanning
     def project(self, inputs, target, loss_fn: Callable, *, dim: int, seed: int = 0, reduction: str = "mean"):
         """Each sample's gradient, over every parameter that requires grad, randomly projected
         to ``[N, D_proj]`` by :meth:`projection` ``(dim, seed=seed)``, layer by layer from its

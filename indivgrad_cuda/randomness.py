@@ -90,3 +90,24 @@ def add_noise(grads: Sequence[Optional[torch.Tensor]], std: float, generator: Op
     for g in grads:
         if g is not None:
             g.add_(torch.normal(0.0, std, g.shape, generator=generator, dtype=g.dtype, device=g.device))
+
+
+class RandomState:
+    """The state of ``generator`` (if given) and torch's default generators, to draw the same
+    numbers again (a call the engine restarts: see capture.hooks.Replanned)."""
+
+    def __init__(self, generator: Optional[torch.Generator]):
+        self.generator = generator if isinstance(generator, torch.Generator) else None  # others: refused later
+        self.states = (
+            self.generator.get_state() if self.generator is not None else None,
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        )
+
+    def restore(self) -> None:
+        mine, cpu, cuda = self.states
+        if mine is not None:
+            self.generator.set_state(mine)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)

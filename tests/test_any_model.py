@@ -286,7 +286,7 @@ def test_what_cannot_be_right_is_refused():
         match=r"used outside the forward of every module that owns them.*\n  - parameter "
         r"'emb.weight' \(of 'emb', Embedding\)\n.*untie it, or freeze it",
     ):
-        ig.per_sample_grad_norms(Tied(), ids, None, lambda o: o.sum())
+        ig.per_sample_grad_norms(Tied(), ids, None, lambda o: o.sum(), fallback=False)
     with pytest.raises(
         ValueError, match=r"module 'pos' \(Embedding\) was called with shape \[4\]; .*\(N=2\), or 1 for"
     ):

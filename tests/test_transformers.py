@@ -428,6 +428,64 @@ def test_custom_module_with_raw_parameters_and_shared_weights(device):
     ig.PerSampleGrads(model, fallback=False)  # frozen: fine
 
 
+class Uncalled(nn.Module):
+    """Uses its child's parameters without calling the child (as MHA uses out_proj)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.randn(4))
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return F.linear(x * self.scale, self.proj.weight, self.proj.bias)
+
+
+class TiedByCode(nn.Module):
+    """The output projection is the embedding's table, used by functional code."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, ids):
+        return self.mix(self.emb(ids)).mean(1) @ self.emb.weight.t()
+
+
+@pytest.mark.parametrize("generator", [False, True])
+def test_parameters_used_outside_their_module_move_to_a_fallback(generator):
+    """A parameter used outside its layers' calls is served by the fallback of the innermost
+    module whose forward holds all its uses; the first call runs again, with the same draws."""
+    torch.manual_seed(15)
+    model = nn.Sequential(Uncalled(), nn.Dropout(0.3), nn.Linear(4, 3)).double()
+    x, target = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    engine = ig.PerSampleGrads(model)
+    g = torch.Generator().manual_seed(16) if generator else None
+    torch.manual_seed(17)
+    got = {k: v.clone() for k, v in engine(x, target, F.cross_entropy, generator=g).items()}  # replanned
+    assert engine.describe()["0.proj.weight"] == "fallback (Uncalled '0')"
+    g = torch.Generator().manual_seed(16) if generator else None
+    torch.manual_seed(17)
+    again = engine(x, target, F.cross_entropy, generator=g)  # planned: the same masks, the same results
+    for name in got:
+        torch.testing.assert_close(again[name], got[name], rtol=0, atol=0, msg=name)
+    model.eval()
+    check_all(model, x, target, F.cross_entropy, func_module_grads(model, x, target, F.cross_entropy))
+
+    torch.manual_seed(18)
+    tied = TiedByCode().double()
+    ids, target = torch.randint(0, 7, (5, 3)), torch.randint(0, 7, (5,))
+    engine = check_all(tied, ids, target, F.cross_entropy, func_module_grads(tied, ids, target, F.cross_entropy))
+    assert engine.describe()["emb.weight"] == "fallback (TiedByCode '(the model)')"
+    assert engine.describe()["mix.weight"] == "rule (Linear 'mix')"
+
+    def regularised(out, t):  # a use in the loss: no module holds it
+        return F.cross_entropy(out, t) + tied.mix.weight.square().sum()
+
+    with pytest.raises(ig.UnsupportedModuleError, match=r"\n  - parameter 'mix.weight' \(of 'mix', Linear\)"):
+        ig.PerSampleGrads(tied).norms(ids, target, regularised)
+
+
 class Mixing(nn.Module):
     def __init__(self):
         super().__init__()

@@ -18,6 +18,7 @@ other uses the rules would miss, found by a walk of the autograd graph on the fi
 each input signature.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -40,6 +41,7 @@ Visit = Callable[[int, Optional[Factors], int, int], None]
 class HooksCapture:
     def __init__(self, model: nn.Module, fallback: bool = True):
         self.model = model
+        self.fallback = fallback
         self.scan = ModelScan(model, fallback)
         self.scan.check()  # every trainable parameter belongs to a supported layer
         self._checked = set()  # input signatures whose parameter uses were checked
@@ -49,8 +51,7 @@ class HooksCapture:
         self.scan.check()
         return self.scan.wanted_layers()
 
-    @staticmethod
-    def params(layers: list[Layer], layout: str) -> dict[str, tuple]:
+    def params(self, layers: list[Layer], layout: str) -> dict[str, tuple]:
         """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters
         (a parameter several layers share takes its own shape whatever the layout)."""
         tied = tied_names(layers)
@@ -59,11 +60,9 @@ class HooksCapture:
             for attr, p in layer.trainable().items():
                 name = layer.names[attr]
                 if name not in out:
-                    out[name] = (
-                        p,
-                        tuple(p.shape) if name in tied else layer.rule.grad_shape(layer.module, attr, layout),
-                    )
-        return out
+                    shape = tuple(p.shape) if name in tied else layer.rule.grad_shape(layer.module, attr, layout)
+                    out[name] = (p, shape)
+        return dict(sorted(out.items(), key=lambda item: self.scan.order[item[0]]))  # named_parameters() order
 
     def device(self) -> torch.device:
         for layer in self.scan.layers:
@@ -94,17 +93,93 @@ class HooksCapture:
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
             rec = _Recorder(layers, check, n1 - n0, lambda i, f, n0=n0, n1=n1: visit(i, f, n0, n1), device)
-            with masks.rows(n0, n1), rec, no_autocast(device.type), torch.enable_grad():
+            modules = _ModuleUses(self.model, layers) if check else contextlib.nullcontext()
+            with masks.rows(n0, n1), rec, modules, no_autocast(device.type), torch.enable_grad():
                 output = _call(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
             if check:
-                rec.check_parameter_uses(seed.loss)
+                self._check_parameter_uses(rec, modules, seed.loss)
                 self._checked.add(signature)
             if rec.calls_recorded and seed.loss.requires_grad:  # else no layer's output reaches the loss
                 torch.autograd.backward(seed.loss, grad_tensors=seed.grad, inputs=[rec.probe])
             rec.finish()
             if end_chunk is not None:
                 end_chunk(n0, n1)
+
+    def _check_parameter_uses(self, rec: "_Recorder", modules: "_ModuleUses", loss: torch.Tensor) -> None:
+        """Every use of a trainable parameter in the loss's graph must be inside a call of a
+        layer serving it. With the fallback, a parameter used elsewhere (by functional code in
+        a parent's forward, by a parent that never calls the submodule owning it) moves to the
+        fallback of the innermost called module whose forward holds all its uses, and the call
+        starts again (:class:`Replanned`); what no module holds is refused, every one named."""
+        total = _param_edges([loss.grad_fn], set())
+        outside = rec.params_used_outside(total)
+        if not outside:
+            return
+        moves, refused = [], []
+        for pid, (name, layer) in outside.items():
+            holder = modules.holder(pid, total[pid]) if self.fallback else None
+            if holder is None:
+                refused.append(f"parameter '{name}' (of '{layer.path}', {type(layer.module).__name__})")
+            else:
+                moves.append((name, *holder))
+        if refused:
+            raise UnsupportedModuleError(
+                "these parameters are used outside the forward of every module that owns them (by functional code, "
+                "or by a parent module's forward that never calls the module), so their per-sample gradients would "
+                "miss those uses:\n  - "
+                + "\n  - ".join(refused)
+                + "\nCall the module instead, compute the use inside a module (the fallback then serves it), untie "
+                "it, or freeze it"
+            )
+        for name, path, module, attr in moves:
+            self.scan.adopt(name, path, module, attr)
+        raise Replanned()
+
+
+class Replanned(Exception):
+    """The first call moved parameters to a fallback: the engine runs the call again."""
+
+
+class _ModuleUses:
+    """On a checked call, forward hooks on every module that is not a layer: which were called,
+    and the autograd edges into each parameter inside their calls."""
+
+    def __init__(self, model: nn.Module, layers: list[Layer]):
+        served = {id(layer.module) for layer in layers if not isinstance(layer.rule, FallbackRule)}
+        self.modules = [(path, m) for path, m in model.named_modules() if id(m) not in served]
+        self.depth = {id(m): path.count(".") + bool(path) for path, m in self.modules}
+        self.uses: dict[int, dict[int, int]] = {}  # id(module) -> id(param) -> edges
+        self.handles = []
+
+    def __enter__(self):
+        for _, m in self.modules:
+            self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, module, args, kwargs, output):
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outputs = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+        stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
+        counts = self.uses.setdefault(id(module), {})
+        for pid, k in _param_edges([t.grad_fn for t in outputs], stop).items():
+            counts[pid] = counts.get(pid, 0) + k
+
+    def holder(self, pid: int, total: int):
+        """(path, module, the parameter's name below it) of the innermost called module whose
+        calls hold all `total` uses of the parameter and own it, or None."""
+        best = None
+        for path, m in self.modules:
+            if self.uses.get(id(m), {}).get(pid, 0) != total:
+                continue
+            attr = next((a for a, p in m.named_parameters() if id(p) == pid), None)
+            if attr is not None and (best is None or self.depth[id(m)] > self.depth[id(best[1])]):
+                best = (path or "(the model)", m, attr)
+        return best
 
 
 def _call(model, inputs):
@@ -257,10 +332,14 @@ class _Recorder:
         return None
 
     def _count_local_uses(self, rec: _Recording, args, kwargs, outputs):
+        """The edges into the layer's own parameters inside this call (a fallback's forward may
+        use others, which stay outside uses until a module holding them serves them)."""
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
+        own = {id(p) for p in rec.layer.trainable().values()}
         for pid, count in _param_edges([t.grad_fn for t in outputs], stop).items():
-            rec.local_uses[pid] = rec.local_uses.get(pid, 0) + count
+            if pid in own:
+                rec.local_uses[pid] = rec.local_uses.get(pid, 0) + count
 
     def _arrive(self, index: int, call: _Call, k: int, grad: torch.Tensor):
         rec = self.recordings[index]
@@ -287,30 +366,16 @@ class _Recorder:
             if not rec.done:
                 self._complete(i)
 
-    def check_parameter_uses(self, loss: torch.Tensor):
-        """Every use of a trainable parameter in the loss's graph must be inside a call of a layer
-        serving it; names every parameter that is not."""
-        total = _param_edges([loss.grad_fn], set())
+    def params_used_outside(self, total: dict[int, int]) -> dict[int, tuple]:
+        """{id(param): (name, a layer serving it)} of the trainable parameters with more autograd
+        edges in the loss's graph (``total``) than inside the calls of the layers serving them."""
         local, owners = {}, {}
         for rec in self.recordings:
             for pid, count in rec.local_uses.items():
                 local[pid] = local.get(pid, 0) + count
             for attr, p in rec.layer.trainable().items():
                 owners.setdefault(id(p), (rec.layer.names[attr], rec.layer))
-        problems = [
-            f"parameter '{name}' (of '{layer.path}', {type(layer.module).__name__})"
-            for pid, (name, layer) in owners.items()
-            if total.get(pid, 0) > local.get(pid, 0)
-        ]
-        if problems:
-            raise UnsupportedModuleError(
-                "these parameters are used outside the forward of every module that owns them (by functional code, "
-                "or by a parent module's forward that never calls the module), so their per-sample gradients would "
-                "miss those uses:\n  - "
-                + "\n  - ".join(problems)
-                + "\nCall the module instead, serve the parent that uses them by the fallback (give it the parameter), "
-                "untie it, or freeze it"
-            )
+        return {pid: owner for pid, owner in owners.items() if total.get(pid, 0) > local.get(pid, 0)}
 
 
 def _param_edges(roots, stop) -> dict[int, int]:

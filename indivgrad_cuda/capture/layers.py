@@ -62,7 +62,9 @@ class ModelScan:
 
     def __init__(self, model: nn.Module, fallback: bool = True):
         self.model = model
+        self.fallback = fallback
         names = {id(p): n for n, p in model.named_parameters()}
+        self.order = {n: i for i, n in enumerate(names.values())}  # named_parameters() order
         self.layers: list[Layer] = []
         self.refused: list[_Refused] = []
         self.batch_norms: list[tuple[str, nn.Module]] = []
@@ -122,6 +124,20 @@ class ModelScan:
             if now:
                 out.append(Layer(layer.path, layer.module, layer.rule, layer.names, now))
         return out
+
+    def adopt(self, name: str, path: str, module: nn.Module, attr: str) -> None:
+        """Parameter ``name`` (``attr`` below ``module``) is served by the fallback of the module
+        at ``path`` from now on, and by no other layer."""
+        for layer in self.layers:
+            if layer.module is not module:
+                layer.names = {a: n for a, n in layer.names.items() if n != name}
+        self.layers = [layer for layer in self.layers if layer.names]
+        holder = next((layer for layer in self.layers if layer.module is module), None)
+        if holder is None:
+            holder = Layer(path, module, rule_for(nn.Module(), path, True), {})
+            self.layers.append(holder)
+        holder.rule.adopted.append(attr)
+        holder.names[attr] = name
 
     def describe(self) -> dict[str, str]:
         """How each parameter is served, by its named_parameters() name."""

@@ -1,6 +1,7 @@
 """What a layer rule is: how one supported layer type turns its factors into per-sample
 gradients, squared norms and a clipped sum (see :mod:`indivgrad_cuda.layers`)."""
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -139,6 +140,18 @@ class LayerRule:
 def fit(d: int, k: float) -> int:
     """A projection's dimension: k rounded down, at least 1 and at most d."""
     return max(1, min(d, int(k)))
+
+
+def parameter_projection_dims(attr: str, shape, share: float) -> tuple:
+    """A parameter's projection matrices ``(key, k, d)`` for its gradient of ``shape``: one
+    for a vector (``P w``), two for ``[R, *C]`` (``P_R W P_Cᵀ`` with W as [R, prod(C)]), with
+    ``prod(k)`` at most ``share`` (and at least 1)."""
+    if len(shape) <= 1:
+        d = math.prod(shape)
+        return ((attr, fit(d, share), d),)
+    rows, cols = shape[0], math.prod(shape[1:])
+    k_cols = fit(cols, math.isqrt(int(share)))
+    return ((f"{attr}/rows", fit(rows, share // k_cols), rows), (f"{attr}/cols", k_cols, cols))
 
 
 def gram_rows(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -48,12 +48,13 @@ class FallbackRule(PerSampleRule):
 
     def __init__(self, path: str = ""):
         self.path = path  # the module's name, for errors
+        self.adopted: list[str] = []  # parameters below the module its forward uses without calling their owner
 
     def bind(self, path, module, fallback=True):
         return type(self)(path)
 
     def attrs(self, module):
-        return [a for a, _ in module.named_parameters(recurse=self.owns_subtree)]
+        return [a for a, _ in module.named_parameters(recurse=self.owns_subtree)] + self.adopted
 
     # -------------------------------------------------------------- recording
 

@@ -17,7 +17,6 @@ the keys, not projected) MHA is served by the per-module fallback instead
 """
 
 import inspect
-import math
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +25,7 @@ from torch.utils._pytree import tree_leaves
 
 from indivgrad_cuda import ops
 from indivgrad_cuda.errors import UnsupportedModuleError
-from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows
+from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, gram_rows, parameter_projection_dims, squared_rows
 from indivgrad_cuda.layers.fallback import FallbackRule
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -112,16 +111,7 @@ class MultiheadAttentionRule(LayerRule):
         return out
 
     def projection_dims(self, module, want, share):
-        dims = {}
-        for attr in want:
-            shape = module.get_parameter(attr).shape
-            each = share / len(want)
-            if len(shape) == 1:
-                dims[attr] = ((attr, fit(shape[0], each), shape[0]),)
-            else:
-                k_cols = fit(shape[1], math.isqrt(int(each)))
-                dims[attr] = ((f"{attr}/rows", fit(shape[0], each // k_cols), shape[0]), (f"{attr}/cols", k_cols, shape[1]))
-        return dims
+        return {a: parameter_projection_dims(a, module.get_parameter(a).shape, share / len(want)) for a in want}
 
     def project(self, module, f, mats):
         out = {}

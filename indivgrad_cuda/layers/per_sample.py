@@ -6,7 +6,15 @@ import math
 
 import torch
 
-from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows, write_or_add
+from indivgrad_cuda.layers.base import (
+    Factors,
+    LayerRule,
+    acc_dtype,
+    gram_rows,
+    parameter_projection_dims,
+    squared_rows,
+    write_or_add,
+)
 
 
 class PerSampleRule(LayerRule):
@@ -49,14 +57,9 @@ class PerSampleRule(LayerRule):
         dims = {}
         for attr in want:
             shape = module.get_parameter(attr).shape
-            each = share / len(want)
-            if len(shape) <= 1 or not self.matrix_projections:
-                d = math.prod(shape)
-                dims[attr] = ((attr, fit(d, each), d),)
-            else:
-                rows, cols = shape[0], math.prod(shape[1:])
-                k_cols = fit(cols, math.isqrt(int(each)))
-                dims[attr] = ((f"{attr}/rows", fit(rows, each // k_cols), rows), (f"{attr}/cols", k_cols, cols))
+            if not self.matrix_projections:
+                shape = (math.prod(shape),)
+            dims[attr] = parameter_projection_dims(attr, shape, share / len(want))
         return dims
 
     def project(self, module, f, mats):

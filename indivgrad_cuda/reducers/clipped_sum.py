@@ -29,7 +29,7 @@ def clipped_grad_sum(engine, inputs, target, loss_fn, max_norm, reduction, noise
     if cap is engine._native:
         cap.clipped_sum(inputs, target, loss_fn, reduction, generator, max_norm, grads, sq)
     else:
-        reducer = NormsReducer(layers, sq, engine.norm_method)
+        reducer = NormsReducer(layers, params, sq, engine.norm_method)
         pending = []  # (layer, factors, own attrs, tied groups) of the chunk: the GEMMs wait for every layer's norms
 
         def visit(i, f, n0, n1):

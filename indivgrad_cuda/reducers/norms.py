@@ -3,7 +3,7 @@
 import torch
 
 from indivgrad_cuda.layers import ties
-from indivgrad_cuda.reducers.visits import LayerVisits, param_rows
+from indivgrad_cuda.reducers.visits import LayerVisits
 
 
 def squared_norm_buffer(params, n, device) -> torch.Tensor:
@@ -24,9 +24,9 @@ class NormsReducer:
     writes the chunk's into sq's columns in one copy (one per parameter cost a launch each
     on a GPU, where small models are bound by launches)."""
 
-    def __init__(self, layers, sq: torch.Tensor, method: str):
+    def __init__(self, layers, params, sq: torch.Tensor, method: str):
         self.layers, self.sq, self.method = layers, sq, method
-        self.rows = param_rows(layers)
+        self.rows = {name: i for i, name in enumerate(params)}  # sq's rows: params' order
         self.visits = LayerVisits(layers)
         self.got = [None] * sq.shape[0]
 
@@ -53,7 +53,7 @@ def norms(engine, inputs, target, loss_fn, reduction, per_param, generator):
     if cap is engine._native:
         cap.norms(inputs, target, loss_fn, reduction, generator, sq)
     else:
-        reducer = NormsReducer(layers, sq, engine.norm_method)
+        reducer = NormsReducer(layers, params, sq, engine.norm_method)
         cap.run(
             layers, inputs, target, loss_fn, reduction, generator, engine.max_chunk, reducer.visit, reducer.end_chunk
         )

@@ -34,12 +34,3 @@ class LayerVisits:
                 done.append((name, merge(self._uses.pop(name, []))))
                 del self._seen[name]
         return own, done
-
-
-def param_rows(layers: list[Layer]) -> dict[str, int]:
-    """Each trainable parameter's row in a [P, N] buffer (named_parameters() order, a tied one once)."""
-    rows = {}
-    for layer in layers:
-        for attr in layer.trainable():
-            rows.setdefault(layer.names[attr], len(rows))
-    return rows
