@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from indivgrad_cuda import randomness
-from indivgrad_cuda.capture.hooks import HooksCapture, Replanned
+from indivgrad_cuda.capture.hooks import HooksCapture
 from indivgrad_cuda.capture.native import NativeCapture
+from indivgrad_cuda.capture.parameter_uses import Replanned
 from indivgrad_cuda.chunking import batch_size
 from indivgrad_cuda.errors import UnsupportedModuleError
 from indivgrad_cuda.ops import NORM_METHODS

@@ -13,9 +13,15 @@ The tap's output is a detached alias of the layer's output, not a view: an in-pl
 afterwards (``ReLU(inplace=True)``, ``+=``) is recorded after the tap, which still receives
 the gradient at the unmodified output (the version counter stays shared, so autograd still
 refuses in-place changes to tensors a backward saved). What would be silently wrong is
-refused: a parameter used outside its module's forward (tied weights, functional code), whose
-other uses the rules would miss, found by a walk of the autograd graph on the first call with
-each input signature.
+refused: a parameter used outside the calls of the layers serving it (functional code, a
+parent using a submodule's weights), whose other uses the rules would miss, found by a walk of
+the autograd graph on the first call with each input signature; with the fallback it moves to
+the fallback of the module holding its uses instead (:mod:`parameter_uses`).
+
+Rules whose factors come from the module's input and output (Linear, ...) record the input
+and tap the output; the fallback records the call's arguments and taps every output that
+carries a gradient; an ``inner`` rule (nn.MultiheadAttention) taps tensors inside its
+module's forward (its projections) through the rule's intercept.
 """
 
 import contextlib
@@ -27,6 +33,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
 from indivgrad_cuda import randomness
+from indivgrad_cuda.capture import parameter_uses
 from indivgrad_cuda.capture.layers import Layer, ModelScan, tied_names
 from indivgrad_cuda.capture.losses import loss_grad_seed
 from indivgrad_cuda.capture.precision import no_autocast
@@ -93,93 +100,18 @@ class HooksCapture:
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
             rec = _Recorder(layers, check, n1 - n0, lambda i, f, n0=n0, n1=n1: visit(i, f, n0, n1), device)
-            modules = _ModuleUses(self.model, layers) if check else contextlib.nullcontext()
+            modules = parameter_uses.ModuleUses(self.model, layers) if check else contextlib.nullcontext()
             with masks.rows(n0, n1), rec, modules, no_autocast(device.type), torch.enable_grad():
                 output = _call(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
             if check:
-                self._check_parameter_uses(rec, modules, seed.loss)
+                parameter_uses.check(self.scan, rec, modules, seed.loss, self.fallback)
                 self._checked.add(signature)
             if rec.calls_recorded and seed.loss.requires_grad:  # else no layer's output reaches the loss
                 torch.autograd.backward(seed.loss, grad_tensors=seed.grad, inputs=[rec.probe])
             rec.finish()
             if end_chunk is not None:
                 end_chunk(n0, n1)
-
-    def _check_parameter_uses(self, rec: "_Recorder", modules: "_ModuleUses", loss: torch.Tensor) -> None:
-        """Every use of a trainable parameter in the loss's graph must be inside a call of a
-        layer serving it. With the fallback, a parameter used elsewhere (by functional code in
-        a parent's forward, by a parent that never calls the submodule owning it) moves to the
-        fallback of the innermost called module whose forward holds all its uses, and the call
-        starts again (:class:`Replanned`); what no module holds is refused, every one named."""
-        total = _param_edges([loss.grad_fn], set())
-        outside = rec.params_used_outside(total)
-        if not outside:
-            return
-        moves, refused = [], []
-        for pid, (name, layer) in outside.items():
-            holder = modules.holder(pid, total[pid]) if self.fallback else None
-            if holder is None:
-                refused.append(f"parameter '{name}' (of '{layer.path}', {type(layer.module).__name__})")
-            else:
-                moves.append((name, *holder))
-        if refused:
-            raise UnsupportedModuleError(
-                "these parameters are used outside the forward of every module that owns them (by functional code, "
-                "or by a parent module's forward that never calls the module), so their per-sample gradients would "
-                "miss those uses:\n  - "
-                + "\n  - ".join(refused)
-                + "\nCall the module instead, compute the use inside a module (the fallback then serves it), untie "
-                "it, or freeze it"
-            )
-        for name, path, module, attr in moves:
-            self.scan.adopt(name, path, module, attr)
-        raise Replanned()
-
-
-class Replanned(Exception):
-    """The first call moved parameters to a fallback: the engine runs the call again."""
-
-
-class _ModuleUses:
-    """On a checked call, forward hooks on every module that is not a layer: which were called,
-    and the autograd edges into each parameter inside their calls."""
-
-    def __init__(self, model: nn.Module, layers: list[Layer]):
-        served = {id(layer.module) for layer in layers if not isinstance(layer.rule, FallbackRule)}
-        self.modules = [(path, m) for path, m in model.named_modules() if id(m) not in served]
-        self.depth = {id(m): path.count(".") + bool(path) for path, m in self.modules}
-        self.uses: dict[int, dict[int, int]] = {}  # id(module) -> id(param) -> edges
-        self.handles = []
-
-    def __enter__(self):
-        for _, m in self.modules:
-            self.handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-
-    def _hook(self, module, args, kwargs, output):
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        outputs = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-        stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
-        counts = self.uses.setdefault(id(module), {})
-        for pid, k in _param_edges([t.grad_fn for t in outputs], stop).items():
-            counts[pid] = counts.get(pid, 0) + k
-
-    def holder(self, pid: int, total: int):
-        """(path, module, the parameter's name below it) of the innermost called module whose
-        calls hold all `total` uses of the parameter and own it, or None."""
-        best = None
-        for path, m in self.modules:
-            if self.uses.get(id(m), {}).get(pid, 0) != total:
-                continue
-            attr = next((a for a, p in m.named_parameters() if id(p) == pid), None)
-            if attr is not None and (best is None or self.depth[id(m)] > self.depth[id(best[1])]):
-                best = (path or "(the model)", m, attr)
-        return best
 
 
 def _call(model, inputs):
@@ -337,7 +269,7 @@ class _Recorder:
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
         own = {id(p) for p in rec.layer.trainable().values()}
-        for pid, count in _param_edges([t.grad_fn for t in outputs], stop).items():
+        for pid, count in parameter_uses.param_edges([t.grad_fn for t in outputs], stop).items():
             if pid in own:
                 rec.local_uses[pid] = rec.local_uses.get(pid, 0) + count
 
@@ -376,25 +308,6 @@ class _Recorder:
             for attr, p in rec.layer.trainable().items():
                 owners.setdefault(id(p), (rec.layer.names[attr], rec.layer))
         return {pid: owner for pid, owner in owners.items() if total.get(pid, 0) > local.get(pid, 0)}
-
-
-def _param_edges(roots, stop) -> dict[int, int]:
-    """id(parameter) -> number of autograd edges into its AccumulateGrad node, over the graph
-    reachable from `roots` without entering the nodes in `stop`."""
-    counts, seen, todo = {}, set(stop), [r for r in roots if r is not None]
-    seen.update(todo)
-    while todo:
-        node = todo.pop()
-        for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
-            var = getattr(nxt, "variable", None)
-            if var is not None:
-                counts[id(var)] = counts.get(id(var), 0) + 1
-            elif nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return counts
 
 
 def _signature(inputs, model, layers):
