@@ -3,12 +3,13 @@ targets and loss) and max_norm, and returns a callable whose result is checked a
 float64 reference before it is timed: per-sample gradients {name: [N, *param.shape]}, norms
 [N], or clipped sums {name: grad}. Competitors are optional: a factory raises Skip when its
 package is absent or it does not apply to the model (the seed's bmm and BackPACK take the
-seed's nn.Sequential MLPs, with its BCE-with-logits loss, only)."""
+seed's nn.Sequential MLPs, with its BCE-with-logits loss, only). Inputs are a tuple
+(model(*inputs)) or, for Hugging Face models, a dict (model(**inputs))."""
 
 import copy
 import importlib.util
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -28,26 +29,45 @@ def _require(module, pip_name):
 
 @dataclass
 class Task:
-    """One problem: model(*inputs) and loss(output, target), the loss a mean over the batch;
-    per_sample_loss is the same loss with reduction="none"."""
+    """One problem: model(*inputs) (model(**inputs) for a dict) and loss(output, target), the
+    loss a mean over the batch; per_sample_loss is the same loss with reduction="none" (one
+    loss per sample, [N])."""
 
     model: nn.Module
-    inputs: tuple
+    inputs: "tuple | dict"
     target: torch.Tensor
     loss: Callable
     per_sample_loss: Callable
     mlp: bool = False  # the seed's nn.Sequential of Linear and ReLU layers, BCE-with-logits loss
+    # The same model with its tied weights untied (the same values, so the same forward), for
+    # the methods in REFUSES_TIED; their results are checked against this model's reference.
+    untied: Optional[nn.Module] = None
 
     @property
     def n(self):
-        return self.inputs[0].shape[0]
+        return next(iter(self._tensors())).shape[0]
 
     @property
     def engine_inputs(self):
+        if isinstance(self.inputs, dict):
+            return self.inputs
         return self.inputs[0] if len(self.inputs) == 1 else self.inputs
 
+    def forward(self, model):
+        return model(**self.inputs) if isinstance(self.inputs, dict) else model(*self.inputs)
+
     def rows(self, n0, n1):
+        if isinstance(self.inputs, dict):
+            return {k: t[n0:n1] for k, t in self.inputs.items()}, self.target[n0:n1]
         return tuple(t[n0:n1] for t in self.inputs), self.target[n0:n1]
+
+    def forward_rows(self, model, n0, n1):
+        """(model's output, target) of samples n0:n1."""
+        inputs, target = self.rows(n0, n1)
+        return (model(**inputs) if isinstance(inputs, dict) else model(*inputs)), target
+
+    def _tensors(self):
+        return self.inputs.values() if isinstance(self.inputs, dict) else self.inputs
 
 
 def summed(task, **_):
@@ -56,7 +76,7 @@ def summed(task, **_):
 
     def run():
         model.zero_grad(set_to_none=True)
-        task.loss(model(*task.inputs), task.target).backward()
+        task.loss(task.forward(model), task.target).backward()
         return {k: p.grad for k, p in params.items()}
 
     return run
@@ -71,8 +91,7 @@ def loop(task, **_):
         out = {k: torch.empty(task.n, *p.shape, dtype=p.dtype, device=p.device) for k, p in params.items()}
         for n in range(task.n):
             model.zero_grad(set_to_none=True)
-            inputs, target = task.rows(n, n + 1)
-            task.loss(model(*inputs), target).backward()
+            task.loss(*task.forward_rows(model, n, n + 1)).backward()
             for k, p in params.items():
                 out[k][n] = p.grad
         return out
@@ -129,30 +148,50 @@ def indivgrad_clipped(task, max_norm, **_):
 
 
 def torch_func(task, **_):
+    """vmap of grad over single-sample batches. A model torch.func cannot trace (data-dependent
+    control flow, an in-place op on a captured tensor) is skipped with torch's reason."""
     from torch.func import functional_call, grad, vmap
 
     model = task.model
     params = {k: p.detach() for k, p in model.named_parameters()}
 
     def sample_loss(p, xi, yi):
+        if isinstance(xi, dict):
+            return task.loss(functional_call(model, p, (), {k: t[None] for k, t in xi.items()}), yi[None])
         return task.loss(functional_call(model, p, tuple(t[None] for t in xi)), yi[None])
 
     per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0))
-    return lambda: per_sample(params, task.inputs, task.target)
+
+    def run():
+        try:
+            return per_sample(params, task.inputs, task.target)
+        except RuntimeError as e:  # vmap's refusals are RuntimeErrors that name the construct
+            text = str(e)
+            if "data-dependent control flow" in text or "vmap" in text or "functorch" in text:
+                raise Skip(f"torch.func cannot run it: {text.splitlines()[0][:120]}") from e
+            raise
+
+    return run
+
+
+def _opacus_copy(model):
+    """A copy in train mode: Opacus's hooks record activations only of modules in training
+    (the bench's models have no dropout, or dropout 0, so train mode computes the same)."""
+    return copy.deepcopy(model).train()
 
 
 def opacus_hooks(task, **_):
     _require("opacus", "opacus")
     from opacus import GradSampleModule
 
-    gsm = GradSampleModule(copy.deepcopy(task.model), loss_reduction="mean")
+    gsm = GradSampleModule(_opacus_copy(task.model), loss_reduction="mean")
     params = dict(gsm._module.named_parameters())
 
     def run():
         gsm.zero_grad(set_to_none=True)
         for p in params.values():
             p.grad_sample = None
-        task.loss(gsm(*task.inputs), task.target).backward()
+        task.loss(task.forward(gsm), task.target).backward()
         return {k: p.grad_sample for k, p in params.items()}
 
     return run
@@ -160,18 +199,20 @@ def opacus_hooks(task, **_):
 
 def opacus_ghost_clipping(task, max_norm, **_):
     """Opacus's fast gradient clipping with ghost norms: two backward passes, as its
-    DPTensorFastGradientClipping.backward does."""
+    DPTensorFastGradientClipping.backward does. It refuses tied parameters ("Parameter tying
+    is not supported with Ghost Clipping"): a task with tied weights gives it task.untied."""
     _require("opacus", "opacus")
     from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
+    model = task.untied if task.untied is not None else task.model
     gsm = GradSampleModuleFastGradientClipping(
-        copy.deepcopy(task.model), loss_reduction="mean", max_grad_norm=max_norm, use_ghost_clipping=True
+        _opacus_copy(model), loss_reduction="mean", max_grad_norm=max_norm, use_ghost_clipping=True
     )
     params = dict(gsm._module.named_parameters())
 
     def run():
         gsm.zero_grad(set_to_none=True)
-        losses = task.per_sample_loss(gsm(*task.inputs), task.target).flatten()
+        losses = task.per_sample_loss(task.forward(gsm), task.target).flatten()
         losses.mean().backward(retain_graph=True)
         coef = gsm.get_clipping_coef()
         gsm.zero_grad(set_to_none=True)
@@ -214,6 +255,9 @@ def backpack_batch_l2(task, **_):
         task, "BatchL2Grad", lambda ps: torch.stack([p.batch_l2 for p in ps.values()]).sum(0).sqrt() * task.n
     )
 
+
+# the methods given Task.untied where the task has one (they refuse tied parameters)
+REFUSES_TIED = {"opacus_ghost"}
 
 # name -> (factory, what it returns: "mean_grad" | "grads" | "norms" | "clipped")
 METHODS = {

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 import common
 import console
 from methods import METHODS
-from run import make_task, parse_setup, setup_name
+from run import device_setups, make_task, parse_setup, setup_name
 
 ENGINE_METHODS = ["summed", "indivgrad", "indivgrad_norms", "indivgrad_clipped", "torch_func"]
 
@@ -55,6 +55,7 @@ def main(argv=None):
         parser.error(f"--calls and --top must be positive, got {args.calls} and {args.top}")
     console.silence_peer_warnings()
     device = torch.device(args.device)
+    args.setup = device_setups([args.setup], device)[0]  # a Hugging Face kind alone: the device's size
     context = common.run_context(device)
     print(f"bench/profile_engine.py on {context['device']}, torch {context['torch']}, commit {context['commit']}")
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ float64 reference before it is timed.
     python bench/run.py                    # the seed's and the model setups (plus larger MLPs on a GPU)
     python bench/run.py --setups 32,300,50 tfm:32,64,128,2 --device cpu
     python bench/run.py --quick            # a small smoke run
+    python bench/run.py --setups hf        # GPT-2, Llama and ViT shapes (Hugging Face), sized by device
 
 Setups:
   N,D,L           the seed's MLP: N samples, width D, L hidden Linear+ReLU layers, one logit,
@@ -15,6 +16,16 @@ Setups:
                   classes, mean cross-entropy; hooks capture
   resmlp:N,D,L    a custom nn.Module MLP with residual connections and LayerNorm, width D,
                   L residual layers, one logit, BCE-with-logits; hooks capture
+  gpt2:N,T,D,L,V  Hugging Face GPT2LMHeadModel from its config (no download): n_embd D, L
+                  layers, D/64 heads, vocabulary V, T tokens, lm_head tied to wte; mean
+                  next-token cross-entropy over the batch's tokens
+  llama:N,T,D,L,V LlamaForCausalLM: hidden D, L layers, D/64 heads sharing D/256 (at least 1) key/value
+                  heads (grouped-query attention), MLP 8D/3, vocabulary V; the same loss
+  vit:N,S,D,L     ViTForImageClassification: S x S images, patch 16, hidden D, D/64 heads, L
+                  layers, MLP 4D, 1000 classes, mean cross-entropy
+  hf              the three above at the device's size (HF_SETUPS: full size on a GPU,
+                  scaled down on a CPU); gpt2, llama or vit alone: that one at the device's size
+The Hugging Face setups are not in the default run (at full size they take minutes).
 For per-sample gradients the table also gives "x bound": the time over the summed step plus
 writing the gradients' bytes at the fill bandwidth measured in the same run.
 Rows are appended to bench/results/results.csv.
@@ -22,6 +33,7 @@ Rows are appended to bench/results/results.csv.
 
 import argparse
 import copy
+import dataclasses
 import functools
 import sys
 import time
@@ -34,7 +46,7 @@ from torch import nn
 
 import common
 import console
-from methods import METHODS, Skip, Task
+from methods import METHODS, REFUSES_TIED, Skip, Task
 from tests.models import ResidualMLP, TinyEncoder, token_batch
 from tests.reference import clipped_sum_ref, func_module_grads
 
@@ -48,11 +60,33 @@ MODEL_SETUPS = [
     ("resmlp", (256, 256, 4)),
 ]
 GPU_SETUPS = [("mlp", s) for s in [(256, 1024, 4), (64, 4096, 2), (512, 300, 50)]]
+# Hugging Face models built from their configs (no download; dropout 0; eval mode, and Opacus's
+# copies in train mode, which without dropout computes the same), head dimension 64 throughout.
+# kind -> {device type: dims}: full size on a GPU; on a CPU scaled down so that the three run
+# in a few minutes on 2 cores (same architecture, kinds of layers, tying and GQA; fewer, narrower
+# layers, a shorter sequence or smaller images, a smaller vocabulary).
+HF_SETUPS = {
+    # GPT-2 small: n_embd 768, 12 layers, 12 heads, vocabulary 50257, T 512, lm_head tied to wte.
+    # Opacus's ghost clipping refuses tied weights: it gets an untied copy (lm_head a copy of
+    # wte, the same forward, V x D more parameters), checked against that copy's reference.
+    "gpt2": {"cuda": (8, 512, 768, 12, 50257), "cpu": (8, 64, 128, 2, 4096)},
+    # Llama-shaped at GPT-2 small's scale: hidden 768, 12 layers, 12 query heads sharing 3
+    # key/value heads, MLP 2048, vocabulary 32000, T 512, RMSNorm, rotary positions, untied head.
+    # The CPU size has 2 query heads sharing 1 key/value head.
+    "llama": {"cuda": (8, 512, 768, 12, 32000), "cpu": (8, 64, 128, 2, 4096)},
+    # ViT-S/16: hidden 384, 6 heads, 12 layers, MLP 1536, patch 16, 224 x 224 images (197
+    # tokens), 1000 classes. The CPU size: 96 x 96 images (37 tokens), hidden 128, 2 layers.
+    "vit": {"cuda": (32, 224, 384, 12), "cpu": (8, 96, 128, 2)},
+}
+HEAD_DIM, VIT_PATCH, VIT_CLASSES = 64, 16, 1000
 QUICK_SETUPS = [("mlp", (2, 3, 1)), ("mlp", (16, 20, 3)), ("tfm", (4, 8, 32, 1)), ("resmlp", (8, 16, 2))]
 KINDS = {
     "mlp": ("[N, D, L]", 3),
     "tfm": ("transformer [N, T, d_model, layers]", 4),
     "resmlp": ("residual MLP [N, D, L]", 3),
+    "gpt2": ("GPT-2-shaped LM, lm_head tied to wte [N, T, n_embd, layers, vocab]", 5),
+    "llama": ("Llama-shaped LM, grouped-query attention [N, T, hidden, layers, vocab]", 5),
+    "vit": ("ViT-S/16-shaped classifier [N, image size, hidden, layers]", 4),
 }
 VOCAB, CLASSES = 1000, 10
 WRITE = "(write)"  # timed beside the methods: a fill of the per-sample gradients' bytes
@@ -68,8 +102,87 @@ def seed_mlp(d, hidden_layers):
     return nn.Sequential(*layers, nn.Linear(d, 1))
 
 
+def lm_loss(out, labels, reduction="mean"):
+    """Next-token cross-entropy of a causal LM's logits: the mean over the batch's tokens, or
+    (reduction="none") each sample's mean [N]; the same thing, every sample having T tokens."""
+    logits = out.logits[:, :-1]
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="none")
+    return losses.mean() if reduction == "mean" else losses.view(len(labels), -1).mean(1)
+
+
+def logits_loss(out, labels, reduction="mean"):
+    return F.cross_entropy(out.logits, labels, reduction=reduction)
+
+
+def hf_task(kind, dims, device):
+    """A Hugging Face model built from its config (see HF_SETUPS), random inputs and targets."""
+    import transformers
+
+    if kind == "vit":
+        n, size, d, layers = dims
+        cfg = transformers.ViTConfig(
+            hidden_size=d,
+            num_hidden_layers=layers,
+            num_attention_heads=d // HEAD_DIM,
+            intermediate_size=4 * d,
+            image_size=size,
+            patch_size=VIT_PATCH,
+            num_labels=VIT_CLASSES,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        model = transformers.ViTForImageClassification(cfg)
+        inputs = {"pixel_values": torch.randn(n, 3, size, size, device=device)}
+        labels = torch.randint(0, VIT_CLASSES, (n,), device=device)
+        return Task(
+            model.eval().to(device), inputs, labels, logits_loss, functools.partial(logits_loss, reduction="none")
+        )
+    n, t, d, layers, vocab = dims
+    heads, untied = d // HEAD_DIM, None
+    ids = torch.randint(0, vocab, (n, t), device=device)
+    if kind == "gpt2":
+        cfg = dict(
+            vocab_size=vocab,
+            n_embd=d,
+            n_layer=layers,
+            n_head=heads,
+            n_positions=t,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+        untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg, tie_word_embeddings=False))
+        untied.load_state_dict(model.state_dict())  # lm_head.weight: a copy of wte's values
+        untied = untied.eval().to(device)
+        # position ids given per sample: GPT-2 broadcasts its own [1, T], which Opacus's
+        # Embedding rule reads as one sample (wrong wpe gradients in hooks mode, a failure in
+        # ghost clipping); the engine and torch.func compute the same either way
+        inputs = {"input_ids": ids, "position_ids": torch.arange(t, device=device).repeat(n, 1)}
+    else:
+        cfg = transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=d,
+            intermediate_size=HEAD_DIM * -(-8 * d // (3 * HEAD_DIM)),  # 8D/3 rounded up to 64: 2048 for 768
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 4),
+            max_position_embeddings=t,
+            attention_dropout=0.0,
+        )
+        model = transformers.LlamaForCausalLM(cfg)
+        inputs = {"input_ids": ids}
+    return Task(
+        model.eval().to(device), inputs, ids, lm_loss, functools.partial(lm_loss, reduction="none"), untied=untied
+    )
+
+
 def make_task(setup, device):
     kind, dims = setup
+    if kind in HF_SETUPS:
+        return hf_task(kind, dims, device)
     bce = nn.BCEWithLogitsLoss()
     if kind == "tfm":
         n, t, d, layers = dims
@@ -96,10 +209,24 @@ def setup_name(setup):
     return dims if kind == "mlp" else f"{kind}:{dims}"
 
 
+ZERO = 1e-6  # a parameter whose reference is below this fraction of the whole gradient's norm
+
+
+def _relative(diff, ref, whole):
+    """||diff|| / ||ref||, or / ||whole|| where ref is zero but for float64 rounding (ZERO):
+    an attention key's bias, for one, has no gradient (softmax ignores a shift of all keys),
+    and float32 rounding against 0 is no relative error."""
+    return diff / torch.where(ref < ZERO * whole, whole, ref).clamp_min(1e-30)
+
+
 def rel_err(got, ref):
-    """Relative error (Frobenius) of a tensor, or the largest over a dict's entries."""
+    """Relative error (Frobenius) of a tensor, or the largest over a dict's entries (each
+    against the whole's norm where its reference is zero up to rounding, see _relative)."""
     if isinstance(ref, dict):
-        return max(rel_err(got[k], v) for k, v in ref.items())
+        whole = torch.stack([v.double().norm() for v in ref.values()]).norm()
+        return max(
+            _relative((got[k].double() - v.double()).norm(), v.double().norm(), whole).item() for k, v in ref.items()
+        )
     got, ref = got.double(), ref.double()
     return ((got - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
@@ -109,11 +236,10 @@ def samples_off(got, ref):
     A float32 forward can put a pre-activation that float64 sees just above 0 just below
     it, which changes that one sample's gradient: a rounding effect, not a wrong method,
     as long as it stays rare."""
+    norms = {k: r.flatten(1).norm(dim=1) for k, r in ref.items()}
+    whole = torch.stack(list(norms.values())).norm(dim=0)
     err = torch.stack(
-        [
-            (got[k].double() - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1).clamp_min(1e-30)
-            for k, r in ref.items()
-        ]
+        [_relative((got[k].double() - r).flatten(1).norm(dim=1), norms[k], whole) for k, r in ref.items()]
     ).amax(0)
     return int((err > TOLERANCE).sum())
 
@@ -129,17 +255,26 @@ def check(result, ref, kind):
     return err, (f"WRONG: relative error {err:.2e} > {TOLERANCE}" if err > TOLERANCE else "")
 
 
-def references(task):
-    """float64 per-sample gradients (torch.func), their mean, norms and a clipped sum
-    whose max_norm (the median norm) clips about half the samples."""
+def references(task, max_norm=None):
+    """float64 per-sample gradients (torch.func; a per-sample loop of autograd where
+    torch.func cannot run the model), their mean, norms and a clipped sum whose max_norm
+    (the median norm, unless given) clips about half the samples."""
     m64 = copy.deepcopy(task.model).double()
 
     def f64(t):
         return t.double() if t.is_floating_point() else t
 
-    grads = func_module_grads(m64, tuple(f64(t) for t in task.inputs), f64(task.target), task.loss)
+    if isinstance(task.inputs, dict):
+        inputs64 = {k: f64(t) for k, t in task.inputs.items()}
+    else:
+        inputs64 = tuple(f64(t) for t in task.inputs)
+    try:
+        grads = func_module_grads(m64, inputs64, f64(task.target), task.loss)
+    except RuntimeError:  # torch.func's refusals (data-dependent control flow ...)
+        task64 = dataclasses.replace(task, model=m64, inputs=inputs64, target=f64(task.target))
+        grads = METHODS["loop"][0](task64)()
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()]).norm(dim=0)
-    max_norm = norms.median().item()
+    max_norm = norms.median().item() if max_norm is None else max_norm
     clipped, _ = clipped_sum_ref(grads, max_norm)
     refs = {"grads": grads, "mean_grad": {k: g.mean(0) for k, g in grads.items()}, "norms": norms, "clipped": clipped}
     return refs, max_norm
@@ -152,11 +287,12 @@ def write_gradients(task, device):
     return lambda: buf.fill_(1.0)
 
 
-def bench_setup(setup, device, methods, progress):
+def bench_setup(setup, device, methods, progress, budget_s=1.0):
     torch.manual_seed(0)
     task = make_task(setup, device)
     refs, max_norm = references(task)
     rows, summed_ms, n = [], None, task.n
+    untied_refs = None  # the untied copy's references, for the methods that refuse tied weights
     timed = {}  # name -> (fn, kind, row): the methods whose results were right, timed together below
     for name in methods:
         factory, kind = METHODS[name]
@@ -168,11 +304,19 @@ def bench_setup(setup, device, methods, progress):
         except Skip as e:
             row["note"] = f"skipped: {e}"
             continue
+        method_refs, untied_note = refs, ""
+        if name in REFUSES_TIED and task.untied is not None:
+            if untied_refs is None:
+                untied_refs, _ = references(dataclasses.replace(task, model=task.untied), max_norm)
+            method_refs, untied_note = untied_refs, "on an untied copy (refuses tied weights)"
         if name == "loop" and summed_ms is not None and summed_ms * n / 1e3 > LOOP_BUDGET_S:
             row["note"] = f"skipped: about {summed_ms * n / 1e3:.0f} s a run"
             continue
         try:
             first_ms, result = first_call(fn)
+        except Skip as e:  # torch.func found what it cannot run
+            row["note"] = f"skipped: {e}"
+            continue
         except Exception as e:  # a competitor's failure is a row, not the end of the bench
             if name.startswith("indivgrad"):
                 raise
@@ -180,12 +324,16 @@ def bench_setup(setup, device, methods, progress):
             continue
         if name == "summed":
             summed_ms = first_ms  # only to skip a loop that would take too long
-        row["max_rel_err"], row["note"] = check(result, refs[kind], kind)
+        row["max_rel_err"], row["note"] = check(result, method_refs[kind], kind)
+        row["note"] = "; ".join(filter(None, [row["note"], untied_note]))
         if not row["note"].startswith("WRONG"):
             timed[name] = (fn, kind, row)
     progress(f"{setup_name(setup)}: timing {len(timed)} methods in turn")
     medians = common.time_interleaved(
-        {WRITE: write_gradients(task, device), **{name: fn for name, (fn, _, _) in timed.items()}}, device, warmup=1
+        {WRITE: write_gradients(task, device), **{name: fn for name, (fn, _, _) in timed.items()}},
+        device,
+        warmup=1,
+        budget_s=budget_s,
     )
     summed_ms, bound_write_ms = medians.get("summed"), medians[WRITE]
     for name, (_, kind, row) in timed.items():
@@ -219,6 +367,10 @@ def print_table(setup, setup_rows):
 
 
 def parse_setup(text):
+    """(kind, dims); a Hugging Face kind alone (or "hf", all three) gets dims None: the
+    device's size from HF_SETUPS, filled in by device_setups."""
+    if text == "hf" or text in HF_SETUPS:
+        return text, None
     kind, _, dims = text.rpartition(":")
     kind = kind or "mlp"
     try:
@@ -227,9 +379,20 @@ def parse_setup(text):
         parts = ()
     if kind not in KINDS or len(parts) != KINDS[kind][1] or min(parts, default=0) < 1:
         raise argparse.ArgumentTypeError(
-            f"a setup is N,D,L, tfm:N,T,D,L or resmlp:N,D,L with positive integers, got {text!r}"
+            "a setup is N,D,L, tfm:N,T,D,L, resmlp:N,D,L, gpt2:N,T,D,L,V, llama:N,T,D,L,V or vit:N,S,D,L with "
+            f"positive integers, or hf, gpt2, llama, vit alone; got {text!r}"
         )
     return kind, parts
+
+
+def device_setups(setups, device):
+    """The setups with each Hugging Face kind given alone sized for the device (HF_SETUPS)."""
+    size = "cuda" if device.type == "cuda" else "cpu"
+    out = []
+    for kind, dims in setups:
+        kinds = list(HF_SETUPS) if kind == "hf" else [kind]
+        out += [(k, HF_SETUPS[k][size] if dims is None else dims) for k in kinds]
+    return out
 
 
 def main(argv=None):
@@ -238,19 +401,26 @@ def main(argv=None):
         "--setups",
         nargs="+",
         type=parse_setup,
-        help="N,D,L | tfm:N,T,D,L | resmlp:N,D,L (default: "
-        "the seed's six MLPs and the model setups, plus larger MLPs on a GPU)",
+        help="N,D,L | tfm:N,T,D,L | resmlp:N,D,L | gpt2:N,T,D,L,V | llama:N,T,D,L,V | vit:N,S,D,L | hf | gpt2 "
+        "| llama | vit (default: the seed's six MLPs and the model setups, plus larger MLPs on a GPU)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--quick", action="store_true", help="two small setups, for smoke tests")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=1.0,
+        help="seconds of timing per method and setup, at least 5 rounds (default 1; the smoke tests use less)",
+    )
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--no-plot", action="store_true")
     console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
     console.silence_peer_warnings()
     device = torch.device(args.device)
-    setups = args.setups or (
+    setups = device_setups(args.setups, device) if args.setups else None
+    setups = setups or (
         QUICK_SETUPS if args.quick else SEED_SETUPS + MODEL_SETUPS + (GPU_SETUPS if device.type == "cuda" else [])
     )
     if "summed" not in args.methods:
@@ -262,7 +432,7 @@ def main(argv=None):
     progress = console.Progress(len(setups) * (len(args.methods) + 1), args.quiet)
     all_rows = []
     for setup in setups:
-        rows = bench_setup(setup, device, args.methods, progress.start)
+        rows = bench_setup(setup, device, args.methods, progress.start, args.budget_s)
         with progress.paused():
             print_table(setup, rows)
         rows = [{**context, "bench": "run", **r} for r in rows]

@@ -220,3 +220,73 @@ def test_attribution_digits_smoke(tmp_path, device):
     assert [r["bench"] for r in rows] == ["attribution"] * 7 + ["gram_kernel"] * (10 if device == "cuda" else 0)
     found = re.search(r"TracIn self-influence \(exact\)\s+([\d.]+)\s+([\d.]+)", proc.stdout)
     assert found and float(found.group(2)) > 0.4, proc.stdout
+
+
+HF_TIMED = {"summed", "indivgrad", "indivgrad_norms", "indivgrad_clipped", "torch_func", "opacus", "opacus_ghost"}
+
+
+@pytest.mark.parametrize(
+    "setup, title",
+    [
+        (
+            "gpt2:2,8,64,1,100",
+            "GPT-2-shaped LM, lm_head tied to wte [N, T, n_embd, layers, vocab] = [2, 8, 64, 1, 100]",
+        ),
+        (
+            "llama:2,8,64,1,100",
+            "Llama-shaped LM, grouped-query attention [N, T, hidden, layers, vocab] = [2, 8, 64, 1, 100]",
+        ),
+        ("vit:2,32,64,1", "ViT-S/16-shaped classifier [N, image size, hidden, layers] = [2, 32, 64, 1]"),
+    ],
+    ids=["gpt2", "llama", "vit"],
+)
+def test_run_hugging_face_setups(tmp_path, device, setup, title):
+    """The Hugging Face setups (GPT-2 with its tied head, Llama with GQA, ViT), tiny: every
+    method's result right and timed, Opacus's ghost clipping on GPT-2's untied copy."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[test])")
+    pytest.importorskip("opacus", reason="opacus is not installed (pip install -e .[bench])")
+    extra = ("--setups", setup, "--methods", *sorted(HF_TIMED), "--budget-s", "0.1", "--no-plot", "--quiet")
+    proc, rows = run_bench("run.py", tmp_path, device, *extra)
+    assert title in proc.stdout, proc.stdout
+    timed = {r["method"]: r for r in rows if r["median_ms"]}
+    assert set(timed) == HF_TIMED, proc.stdout
+    for r in timed.values():
+        assert float(r["max_rel_err"]) < 1e-3 and float(r["ratio_vs_summed"]) > 0 and float(r["peak_mem_mb"]) >= 0
+    untied = "on an untied copy" in timed["opacus_ghost"]["note"]
+    assert untied == setup.startswith("gpt2"), timed["opacus_ghost"]
+
+
+def test_hugging_face_setups_are_sized_by_device():
+    """hf, or a kind alone, takes HF_SETUPS' size for the device: full size on a GPU only."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+
+    import run
+
+    setups = [run.parse_setup(text) for text in ("hf", "vit", "gpt2:1,2,64,1,10")]
+    for device in ("cpu", "cuda"):
+        want = [(k, run.HF_SETUPS[k][device]) for k in ("gpt2", "llama", "vit", "vit")] + [("gpt2", (1, 2, 64, 1, 10))]
+        assert run.device_setups(setups, torch.device(device)) == want
+    assert run.HF_SETUPS["gpt2"]["cuda"] == (8, 512, 768, 12, 50257)  # GPT-2 small at T 512
+    assert run.HF_SETUPS["vit"]["cuda"] == (32, 224, 384, 12)  # ViT-S/16 on 224 x 224 images
+
+
+def test_lora_dp_sgd_two_steps():
+    """The LoRA DP-SGD example: two steps print a loss, an epsilon that grows and a step time."""
+    pytest.importorskip("peft", reason="peft is not installed (pip install -e .[bench])")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "lora_dp_sgd.py"), "--steps", "2", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Warning" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    steps = [
+        line.split()
+        for line in proc.stdout.splitlines()
+        if re.fullmatch(r"\s+\d+\s+\d+\s+[\d.]+\s+[\d.]+\s+[\d.]+", line)
+    ]
+    assert [int(s[0]) for s in steps] == [1, 2], proc.stdout
+    assert 0 < float(steps[0][3]) < float(steps[1][3]), proc.stdout  # epsilon grows with the steps
+    assert "LoRA r=4" in proc.stdout and "2 steps: median" in proc.stdout, proc.stdout
