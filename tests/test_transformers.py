@@ -333,7 +333,7 @@ def test_multihead_attention_dropout_in_train_mode(bias_kv):
             engine.norms(inputs, target, F.cross_entropy)
         return
     torch.manual_seed(14)
-    norms, per_param = engine.norms(inputs, target, F.cross_entropy, per_param=True)
+    _, per_param = engine.norms(inputs, target, F.cross_entropy, per_param=True)
     torch.manual_seed(14)  # the same dropout: MHA draws from torch's generator
     grads = engine(inputs, target, F.cross_entropy)
     for name, g in grads.items():
@@ -502,6 +502,9 @@ def test_what_the_fallback_cannot_serve_is_refused_by_name():
     gru = nn.Sequential(nn.GRU(3, 3))  # seq-first: dim 0 of its output is not the batch
     with pytest.raises(ig.UnsupportedModuleError, match=r"'0' \(GRU\)"):
         ig.PerSampleGrads(gru).norms(torch.randn(4, 6, 3), None, lambda o: o[0].sum())
+    both = nn.Sequential(Mixing(), nn.Linear(3, 3), Mixing())
+    with pytest.raises(ig.UnsupportedModuleError, match=r"'2' \(Mixing\): (.|\n)*\n'0' \(Mixing\): "):
+        ig.PerSampleGrads(both).norms(x, t, F.mse_loss)  # every one named, in the order their gradients came
 
 
 # ---------------------------------------------------------------- precision, DP-SGD, LoRA

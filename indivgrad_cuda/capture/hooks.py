@@ -110,6 +110,8 @@ class HooksCapture:
             if rec.calls_recorded and seed.loss.requires_grad:  # else no layer's output reaches the loss
                 torch.autograd.backward(seed.loss, grad_tensors=seed.grad, inputs=[rec.probe])
             rec.finish()
+            if rec.refused:
+                raise UnsupportedModuleError("\n".join(rec.refused))
             if end_chunk is not None:
                 end_chunk(n0, n1)
 
@@ -167,6 +169,7 @@ class _Recorder:
         self.calls_recorded = 0
         self.handles = []
         self.inside = []  # the intercepts of the inner rules' calls in progress
+        self.refused = []  # what the layers' reductions refused (a fallback that cannot run, ...)
 
     def __enter__(self):
         for i, rec in enumerate(self.recordings):
@@ -290,7 +293,10 @@ class _Recorder:
             grads.append(rule.output_grad(module, got))
             call.record = call.grads = call.outputs = None  # nothing of the call outlives the layer's reduction
         rec.done = True
-        self.on_layer(index, rule.combine(records, grads) if records else None)
+        try:
+            self.on_layer(index, rule.combine(records, grads) if records else None)
+        except UnsupportedModuleError as e:  # the other layers go on: every such module is named at once
+            self.refused.append(str(e))
 
     def finish(self):
         """Layers whose outputs got no gradient (unused, or not called): zeros, or None."""

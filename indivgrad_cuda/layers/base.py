@@ -20,15 +20,24 @@ class Factors:
     cache: dict = field(default_factory=dict)  # what a rule computes once for several reductions
 
     def rows(self, n0: int, n1: int) -> "Factors":
-        """Samples n0..n1 of these factors (and of the per-sample gradients a rule cached)."""
-        cut = Factors(_rows(self.a, n0, n1), _rows(self.g, n0, n1))
+        """Samples n0..n1 of these factors: of the per-sample gradients when a rule has formed
+        them (a fallback's records are calls, not rows), else of every tensor in a and g."""
         if "grads" in self.cache:
+            cut = Factors(None, None)
             cut.cache["grads"] = {k: v[n0:n1] for k, v in self.cache["grads"].items()}
-        return cut
+            return cut
+        return Factors(_rows(self.a, n0, n1), _rows(self.g, n0, n1))
 
 
 def _rows(t, n0, n1):
-    return t[n0:n1] if isinstance(t, torch.Tensor) else t
+    """Rows n0..n1 of every tensor in t (a tensor, or a dict, list or tuple of them)."""
+    if isinstance(t, torch.Tensor):
+        return t[n0:n1]
+    if isinstance(t, dict):
+        return {k: _rows(v, n0, n1) for k, v in t.items()}
+    if isinstance(t, (list, tuple)):
+        return type(t)(_rows(v, n0, n1) for v in t)
+    return t
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
