@@ -24,27 +24,29 @@ from indivgrad_cuda.projection import Projection
 from indivgrad_cuda.reducers import clipped_sum, inner_products, materialise, norms, projections
 
 REDUCTIONS = ("mean", "sum")
+CAPTURES = ("auto", "native", "hooks")
 MAX_REPLANS = 3
 
 
 def _replanning(method):
-    """Runs the call again, with the same random draws, when its first call with an input
-    signature moved parameters to a fallback (see HooksCapture._check_parameter_uses)."""
+    """Runs the call again when its first call with an input signature moved parameters to a
+    fallback (see capture.parameter_uses). Until the engine's first check has passed, with the
+    same random draws (the random state is saved: a cost per call avoided afterwards, when a
+    move is rare: a model whose parameter uses change with the input's shape)."""
 
     @functools.wraps(method)
     def run(self, *args, **kwargs):
-        state = randomness.RandomState(kwargs.get("generator"))
+        fresh = self._hooks is not None and self._hooks.unchecked()
+        state = randomness.RandomState(kwargs.get("generator")) if fresh else None
         for _ in range(MAX_REPLANS):
             try:
                 return method(self, *args, **kwargs)
             except Replanned:
-                state.restore()
+                if state is not None:
+                    state.restore()
         return method(self, *args, **kwargs)
 
     return run
-
-
-CAPTURES = ("auto", "native", "hooks")
 
 
 class PerSampleGrads:

@@ -71,6 +71,10 @@ class HooksCapture:
                     out[name] = (p, shape)
         return dict(sorted(out.items(), key=lambda item: self.scan.order[item[0]]))  # named_parameters() order
 
+    def unchecked(self) -> bool:
+        """No call has passed the check of parameter uses yet."""
+        return not self._checked
+
     def device(self) -> torch.device:
         for layer in self.scan.layers:
             return next(iter(layer.module.parameters())).device
