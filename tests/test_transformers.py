@@ -486,6 +486,27 @@ def test_parameters_used_outside_their_module_move_to_a_fallback(generator):
         ig.PerSampleGrads(tied).norms(ids, target, regularised)
 
 
+class GainTiedToChild(nn.Module):
+    """No rule: its own gain is its child's weight, which its forward also uses through the child."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.gain = self.lin.weight
+
+    def forward(self, x):
+        return self.lin(x) * self.gain.sum(0)
+
+
+def test_a_fallback_sharing_a_parameter_with_a_layer_below_it_counts_each_use_once():
+    torch.manual_seed(19)
+    model = nn.Sequential(GainTiedToChild(), nn.Linear(4, 3)).double()
+    x, target = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    engine = check_all(model, x, target, F.cross_entropy, func_module_grads(model, x, target, F.cross_entropy))
+    assert engine.describe()["0.gain"] == "fallback (GainTiedToChild '0')"  # lin.weight, named once
+    assert engine.describe()["0.lin.bias"] == "rule (Linear '0.lin')"
+
+
 class Mixing(nn.Module):
     def __init__(self):
         super().__init__()

@@ -11,7 +11,7 @@ from typing import Optional
 from torch import nn
 
 from indivgrad_cuda.errors import UnsupportedModuleError
-from indivgrad_cuda.layers import LayerRule, rule_for, supported_names
+from indivgrad_cuda.layers import FallbackRule, LayerRule, rule_for, supported_names
 
 
 @dataclass
@@ -100,6 +100,21 @@ class ModelScan:
                 self.refused.append(_Refused(label, m, f"unknown parameters {list(extra)}", extra))
                 continue
             self.layers.append(Layer(label, m, rule, {a: names[id(direct[a])] for a in attrs}))
+        self._inside_fallbacks_once()
+
+    def _inside_fallbacks_once(self) -> None:
+        """A fallback replays its module's forward with its parameters replaced wherever the
+        forward reaches them (torch.func.functional_call ties them): a parameter it shares with
+        a layer below it is then served by the fallback alone, not twice."""
+        for outer in self.layers:
+            if not isinstance(outer.rule, FallbackRule):
+                continue
+            prefix = "" if outer.path == "(the model)" else outer.path + "."
+            shared = set(outer.names.values())
+            for inner in self.layers:
+                if inner is not outer and inner.path.startswith(prefix) and inner.path != "(the model)":
+                    inner.names = {a: n for a, n in inner.names.items() if n not in shared}
+        self.layers = [layer for layer in self.layers if layer.names]
 
     def check(self) -> None:
         """Raises UnsupportedModuleError naming every refused module with a trainable parameter."""
