@@ -531,11 +531,14 @@ def test_what_the_fallback_cannot_serve_is_refused_by_name():
 # ---------------------------------------------------------------- precision, DP-SGD, LoRA
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_tied_gpt2_low_precision_against_float64(dtype):
+def test_low_precision_against_float64(dtype, kind):
+    """Norms of the rounded model against float64 on it: tied GPT-2 (Conv1D, the cross term),
+    Llama (its RMS norms, GQA)."""
     torch.manual_seed(9)
-    model = gpt2(True).to(dtype)
-    ids, mask = padded_ids(3, 8, 50, [8, 6, 4], seed=9)
+    model = (gpt2(True) if kind == "gpt2" else llama()).to(dtype)
+    ids, mask = padded_ids(3, 8, 40, [8, 6, 4], seed=9)
     inputs = {"input_ids": ids, "attention_mask": mask}
     ref = loop_module_grads(copy.deepcopy(model).double(), inputs, ids, lm_loss)
     _, ref_norms = clipped_sum_ref(ref, 1.0)
@@ -543,8 +546,10 @@ def test_tied_gpt2_low_precision_against_float64(dtype):
     norms, per_param = engine.norms(inputs, ids, lm_loss, per_param=True)
     rel = 2e-2 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(norms.double(), ref_norms, rtol=rel, atol=0)
-    wte = ref["transformer.wte.weight"].flatten(1).norm(dim=1)
-    torch.testing.assert_close(per_param["transformer.wte.weight"].double(), wte, rtol=rel * 2, atol=0)
+    for name in ("transformer.wte.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        if name in ref:
+            want = ref[name].flatten(1).norm(dim=1)
+            torch.testing.assert_close(per_param[name].double(), want, rtol=rel * 2, atol=0, msg=name)
 
 
 def test_dpsgd_step_on_tied_gpt2():
