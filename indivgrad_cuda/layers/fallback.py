@@ -145,8 +145,7 @@ class FallbackRule(PerSampleRule):
 
     def _check_outputs(self, module, reference, outs):
         for i, (want, got) in enumerate(zip(reference, outs)):
-            scale = want.abs().max().item() if want.numel() else 0.0
-            diff = (want - got).abs().max().item() if want.numel() else 0.0
+            diff, scale = difference(got, want)
             if not diff <= OUTPUT_CHECK_TOL.get(want.dtype, 1e-4) * max(scale, 1e-30):
                 raise UnsupportedModuleError(
                     f"'{self.path}' ({type(module).__name__}): its output {i} computed sample by sample differs from "
@@ -154,3 +153,10 @@ class FallbackRule(PerSampleRule):
                     f"statistics) or draws random numbers (Dropout in train mode with p > 0). Put it in eval mode, or "
                     f"freeze its parameters"
                 )
+
+
+def difference(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
+    """(the largest |got - want|, the largest |want|): how close a replayed output comes."""
+    if not want.numel():
+        return 0.0, 0.0
+    return (got - want).abs().max().item(), want.abs().max().item()

@@ -23,7 +23,7 @@ from torch.utils._pytree import tree_unflatten
 
 from indivgrad_cuda.errors import UnsupportedModuleError
 from indivgrad_cuda.layers.base import Factors, acc_dtype
-from indivgrad_cuda.layers.fallback import FallbackRule
+from indivgrad_cuda.layers.fallback import FallbackRule, difference
 from indivgrad_cuda.layers.per_sample import PerSampleRule
 
 # how close s(w) ⊙ h(x) must come to the module's output, relative to its largest magnitude:
@@ -101,7 +101,7 @@ class ScaleNormRule(FallbackRule):
         for call, (g,) in zip(f.a, f.g):
             part = _sum_positions(self._h(module, call, self.offset), g, 1)
             total = part if total is None else total + part
-        return {"weight": total.to(module.weight.dtype) if total.dtype != module.weight.dtype else total}
+        return {"weight": total.to(module.weight.dtype)}
 
     @staticmethod
     def _run(module, call, weight):
@@ -143,10 +143,8 @@ class ScaleNormRule(FallbackRule):
 
 
 def _close(got, want) -> bool:
-    want = want.to(got.dtype)
-    scale = want.abs().max().item() if want.numel() else 0.0
-    tol = FORM_TOL.get(got.dtype, FORM_TOL_DEFAULT)
-    return (got - want).abs().max().item() <= tol * max(scale, 1e-30)
+    diff, scale = difference(got, want.to(got.dtype))
+    return diff <= FORM_TOL.get(got.dtype, FORM_TOL_DEFAULT) * max(scale, 1e-30)
 
 
 RULE = RMSNormRule()

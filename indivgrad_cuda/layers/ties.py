@@ -84,9 +84,8 @@ def sq_norms(uses: list[Use], method: str) -> torch.Tensor:
 
 def gram(ua: Use, ub: Use) -> torch.Tensor:
     """[N_a, N_b] inner products of one use's per-sample gradients in set a and one in set b."""
-    if ua.kind() is not None and ua.kind() == ub.kind():
-        return ua.rule.gram(ua.module, ua.f, ub.f, [ua.attr], True)[(ua.attr,)]
-    if isinstance(ua.rule, type(ub.rule)) and ua.module is ub.module:
+    same_kind = ua.kind() is not None and ua.kind() == ub.kind()
+    if same_kind or (type(ua.rule) is type(ub.rule) and ua.module is ub.module):  # the rule's own Gram
         return ua.rule.gram(ua.module, ua.f, ub.f, [ua.attr], True)[(ua.attr,)]
     return cross(ua, ub, diagonal=False)
 
