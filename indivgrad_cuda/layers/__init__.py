@@ -8,7 +8,7 @@ from typing import Optional
 
 from torch import nn
 
-from indivgrad_cuda.layers import embedding, layer_norm, linear, multihead_attention, rms_norm
+from indivgrad_cuda.layers import conv, embedding, group_norm, layer_norm, linear, multihead_attention, rms_norm
 from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, squared_rows  # noqa: F401
 from indivgrad_cuda.layers.fallback import FallbackRule
 
@@ -17,6 +17,9 @@ RULES = [
     ("nn.Linear on [N, *, D_in]", linear.RULE),
     ("nn.LayerNorm with elementwise affine", layer_norm.RULE),
     ("nn.Embedding without max_norm or scale_grad_by_freq", embedding.RULE),
+    ("nn.Conv1d/2d/3d (any stride, padding, padding_mode, dilation, groups)", conv.RULE),
+    ("nn.GroupNorm with affine parameters", group_norm.GROUP_NORM),
+    ("nn.InstanceNorm1d/2d/3d with affine=True", group_norm.INSTANCE_NORM),
     ("nn.RMSNorm", rms_norm.RULE),
     ("nn.MultiheadAttention", multihead_attention.RULE),
     ("Hugging Face's Conv1D (GPT-2)", linear.CONV1D_RULE),

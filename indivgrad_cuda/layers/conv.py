@@ -1,0 +1,356 @@
+"""nn.Conv1d, nn.Conv2d and nn.Conv3d: a Linear over unfolded input patches.
+
+With the input unfolded into patches ``A`` ([N, T, C_in/g·k] per group g, T output
+positions, k the kernel's size) and ``G`` the gradient at the output ([N, T, C_out/g] per
+group), sample n's weight gradient is group by group ``G_nᵀ A_n``: the Linear rule's
+factors, with the groups folded into the batch ([N·g, T, ...]), so the Linear ops serve
+them (:func:`indivgrad_cuda.ops.seq_outer`, ``linear_sq_norms``, ``linear_gram``).
+
+Unfolding multiplies the input's memory by k, so what unfolds works a block of samples at
+a time, each block's patches at most ``BLOCK_BYTES``; and where it is cheaper the
+per-sample gradients are formed without unfolding, as the weight gradient of a convolution
+grouped over the batch (Rochette et al. 2019: the batch folded into the channels, one
+group per sample and conv group). Each reduction picks its form per layer and call by a
+cost rule measured with ``bench/norms.py``:
+
+- per-sample gradients (materialised, and the direct norm's): grouped over the batch when
+  :func:`grads_use_grouped` (few output positions per kernel element favour the unfolded
+  GEMM);
+- norms: the ghost norm ``<A Aᵀ, G Gᵀ>`` from the unfolded patches when
+  :func:`indivgrad_cuda.ops.linear_norm_uses_ghost` picks it for ``(T, C_in/g·k,
+  C_out/g)`` (fastDP's mixed ghost rule in other words), else the squares of the
+  per-sample gradients of a block;
+- the clipped sum: the layer's own weight gradient with each sample's output gradient
+  scaled by its coefficient (``convolution_backward``: no patches unfolded, the arithmetic
+  of the summed step);
+- inner products and projections: the Linear forms on unfolded blocks (groups = 1), or
+  the per-sample gradients of a block (grouped convolutions, whose gradients are small).
+
+Every padding (numbers, ``"same"`` (asymmetric for even kernels), ``"valid"``) and
+``padding_mode`` is the module's own: the input is padded as its forward pads it
+(``_reversed_padding_repeated_twice``), then convolved without padding. A module called
+several times adds up its calls (each call is its own set of patches; they are
+concatenated along T where the Linear forms need one).
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from indivgrad_cuda import ops
+from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows, write_or_add
+
+BLOCK_BYTES = 64 << 20  # the most bytes of unfolded patches (or per-sample gradients) formed at once
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def grads_use_grouped(t: int, kernel: int, c_in: int, c_out: int, method: str = "auto") -> bool:
+    """Whether the per-sample gradients of a convolution (per group: ``c_in`` input and
+    ``c_out`` output channels, ``kernel`` elements, ``t`` output positions) are formed by a
+    convolution grouped over the batch rather than from unfolded patches: when each kernel
+    element sees many positions (``t >= 256``) and the channels are wide enough for the
+    grouped kernel (``c_in·c_out >= 1024``), measured on CPU (bench/norms.py, NOTES.md)."""
+    if method in ("grouped", "unfold"):
+        return method == "grouped"
+    return t >= 256 and c_in * c_out >= 1024
+
+
+class _Geometry:
+    """A convolution's shape facts, read from the module once per reduction."""
+
+    def __init__(self, module: nn.Module, x: torch.Tensor):
+        self.dims = len(module.kernel_size)
+        self.kernel = tuple(module.kernel_size)
+        self.stride = tuple(module.stride)
+        self.dilation = tuple(module.dilation)
+        self.groups = module.groups
+        self.c_in, self.c_out = module.in_channels, module.out_channels
+        pads = list(module._reversed_padding_repeated_twice)  # (last dim's left, right, ...), as F.pad takes them
+        self.pads = pads
+        symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(self.dims))
+        # zeros padding the same on both sides is passed to the convolution (no padded copy)
+        self.inline = module.padding_mode == "zeros" and symmetric
+        self.padding = (
+            tuple(pads[2 * (self.dims - 1 - i)] for i in range(self.dims)) if self.inline else (0,) * self.dims
+        )
+        self.mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        size = [
+            x.shape[2 + i] + pads[2 * (self.dims - 1 - i)] + pads[2 * (self.dims - 1 - i) + 1] for i in range(self.dims)
+        ]
+        self.out_size = tuple(
+            (size[i] - self.dilation[i] * (self.kernel[i] - 1) - 1) // self.stride[i] + 1 for i in range(self.dims)
+        )
+        self.t = math.prod(self.out_size)
+        self.k = math.prod(self.kernel)
+        self.d_in, self.d_out = self.c_in // self.groups * self.k, self.c_out // self.groups
+
+    def padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the convolution sees it, apart from inline padding."""
+        if self.inline or not any(self.pads):
+            return x
+        return F.pad(x, self.pads, mode=self.mode)
+
+    def unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """[N, C_in, *S] -> the patches [N·g, T, C_in/g·k], group-major, in the weight's
+        (channel, kernel) order."""
+        x = F.pad(x, self.pads, mode=self.mode) if any(self.pads) else x
+        for i in range(self.dims):
+            x = x.unfold(2 + i, self.dilation[i] * (self.kernel[i] - 1) + 1, self.stride[i])
+        if any(d > 1 for d in self.dilation):
+            x = x[(slice(None),) * (2 + self.dims) + tuple(slice(None, None, d) for d in self.dilation)]
+        n, d = x.shape[0], self.dims
+        x = x.reshape(n, self.groups, self.c_in // self.groups, *x.shape[2:])  # [N, g, C/g, *So, *k]
+        x = x.permute(0, 1, *range(3, 3 + d), 2, *range(3 + d, 3 + 2 * d))  # [N, g, *So, C/g, *k]
+        return x.reshape(n * self.groups, self.t, self.d_in)
+
+    def fold_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """[N, C_out, *So] -> [N·g, T, C_out/g] (a view)."""
+        return g.reshape(g.shape[0] * self.groups, self.d_out, self.t).transpose(1, 2)
+
+    def grouped_grads(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight gradients [N, C_out, C_in/g, *k] by one convolution grouped over the batch."""
+        n = x.shape[0]
+        x = self.padded(x)
+        weight = g.new_empty(1).expand(n * self.c_out, self.c_in // self.groups, *self.kernel)
+        return torch.ops.aten.convolution_backward(
+            g.reshape(1, n * self.c_out, *g.shape[2:]),
+            x.reshape(1, n * self.c_in, *x.shape[2:]),
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            (0,) * self.dims,
+            n * self.groups,
+            (False, True, False),
+        )[1].view(n, self.c_out, self.c_in // self.groups, *self.kernel)
+
+    def weight_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The summed weight gradient [C_out, C_in/g, *k] (the normal backward's)."""
+        weight = g.new_empty(1).expand(self.c_out, self.c_in // self.groups, *self.kernel)
+        return torch.ops.aten.convolution_backward(
+            g,
+            self.padded(x),
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            (0,) * self.dims,
+            self.groups,
+            (False, True, False),
+        )[1]
+
+
+def _blocks(n: int, per_sample_bytes: int):
+    """Sample ranges whose temporaries take at most BLOCK_BYTES (at least one sample each)."""
+    step = max(1, BLOCK_BYTES // max(1, per_sample_bytes))
+    for n0 in range(0, n, step):
+        yield n0, min(n, n0 + step)
+
+
+class ConvRule(LayerRule):
+    grad_method = "auto"  # "unfold" or "grouped" forces the per-sample gradients' form (tests, bench)
+
+    def __init__(self, path: str = ""):
+        self.path = path
+
+    def matches(self, module):
+        return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in CONV_TYPES)
+
+    def bind(self, path, module, fallback=True):
+        return type(self)(path)
+
+    def unsupported_setting(self, module):
+        if not isinstance(module.padding_mode, str) or module.padding_mode not in (
+            "zeros",
+            "reflect",
+            "replicate",
+            "circular",
+        ):
+            return f"padding_mode={module.padding_mode!r} is not one of zeros, reflect, replicate, circular"
+        return None
+
+    def record(self, module, args, kwargs, output, n, check=False):
+        x = args[0]
+        dims = len(module.kernel_size)
+        if x.dim() != dims + 2:
+            raise ValueError(
+                f"module '{self.path}' ({type(module).__name__}) was called with an unbatched input of shape "
+                f"{list(x.shape)}; per-sample gradients need a batch, [N, C_in{', *S' if dims else ''}] with "
+                f"{dims + 2} dims (N={n})"
+            )
+        return x.detach()
+
+    def output_grad(self, module, grads):
+        return grads[0]
+
+    def combine(self, records, grads):
+        return Factors(list(records), list(grads))  # calls of any sizes: each is its own set of patches
+
+    # ------------------------------------------------------------------ pieces
+    def _calls(self, module, f: Factors):
+        return [(_Geometry(module, x), x, g) for x, g in zip(f.a, f.g)]
+
+    def _bias_grads(self, f: Factors) -> torch.Tensor:
+        """[N, C_out]: sum over the positions (and calls) of g."""
+        if "bias" not in f.cache:
+            total = None
+            for g in f.g:
+                part = g.flatten(2).sum(2)
+                total = part if total is None else total + part
+            f.cache["bias"] = total
+        return f.cache["bias"]
+
+    def _weight_grads(self, module, f: Factors, n0: int, n1: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Samples n0..n1's weight gradients [n, C_out, C_in/g, *k], into ``out`` when given."""
+        for k, (geo, x, g) in enumerate(self._calls(module, f)):
+            x, g = x[n0:n1], g[n0:n1]
+            if grads_use_grouped(geo.t, geo.k, geo.c_in // geo.groups, geo.d_out, self.grad_method):
+                part = geo.grouped_grads(x, g)
+                if out is None:
+                    out = part
+                elif k == 0:
+                    out.copy_(part)
+                else:
+                    out.add_(part)
+                continue
+            a, gf = geo.unfold(x), geo.fold_grad(g)
+            if out is None:
+                out = torch.empty((n1 - n0, *module.weight.shape), dtype=module.weight.dtype, device=x.device)
+            view = out.view(a.shape[0], geo.d_out, geo.d_in)
+            if k == 0:
+                ops.seq_outer(a, gf, layout="out_in", out=view)
+            else:
+                view.add_(ops.seq_outer(a, gf, layout="out_in"))
+        return out
+
+    def _unfolded(self, module, f: Factors, n0: int, n1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples n0..n1's patches and output gradients, [n·g, T, C_in/g·k] and [n·g, T,
+        C_out/g], the calls concatenated along T."""
+        parts = [(geo.unfold(x[n0:n1]), geo.fold_grad(g[n0:n1])) for geo, x, g in self._calls(module, f)]
+        if len(parts) == 1:
+            return parts[0]
+        return torch.cat([a for a, _ in parts], 1), torch.cat([g for _, g in parts], 1)
+
+    def _sizes(self, module, f: Factors) -> tuple[int, int, int]:
+        """(T over the calls, bytes of one sample's patches, bytes of one sample's gradients)."""
+        calls = self._calls(module, f)
+        t = sum(geo.t for geo, _, _ in calls)
+        elem = f.a[0].element_size()
+        return t, t * calls[0][0].c_in * calls[0][0].k * elem, module.weight.numel() * elem
+
+    # ------------------------------------------------------------------ reductions
+    def grads(self, module, f, layout, out):
+        n = f.a[0].shape[0]
+        if "weight" in out:
+            _, patch_bytes, _ = self._sizes(module, f)
+            for n0, n1 in _blocks(n, patch_bytes):
+                self._weight_grads(module, f, n0, n1, out["weight"][n0:n1])
+        if "bias" in out:
+            out["bias"].copy_(self._bias_grads(f))
+
+    def sq_norms(self, module, f, want, method):
+        norms = {}
+        if "weight" in want:
+            norms["weight"] = self._weight_sq_norms(module, f, method)
+        if "bias" in want:
+            norms["bias"] = squared_rows(self._bias_grads(f))
+        return norms
+
+    def _weight_sq_norms(self, module, f: Factors, method: str) -> torch.Tensor:
+        n = f.a[0].shape[0]
+        geo = self._calls(module, f)[0][0]
+        t, patch_bytes, grad_bytes = self._sizes(module, f)
+        ghost = ops.linear_norm_uses_ghost(t, geo.d_in, geo.d_out) if method == "auto" else method == "ghost"
+        out = torch.empty(n, dtype=acc_dtype(f.g[0].dtype), device=f.g[0].device)
+        if ghost:
+            # the ghost norm's T x T Grams are formed by the op in its own blocks
+            for n0, n1 in _blocks(n, patch_bytes):
+                a, g = self._unfolded(module, f, n0, n1)
+                out[n0:n1] = ops.linear_sq_norms(a, g, method="ghost").view(n1 - n0, geo.groups).sum(1)
+        else:
+            for n0, n1 in _blocks(n, max(patch_bytes, grad_bytes)):
+                out[n0:n1] = squared_rows(self._weight_grads(module, f, n0, n1))
+        return out
+
+    def clipped_sum(self, module, f, coef, grads, accumulate):
+        c = coef.to(f.g[0].dtype)
+        if "weight" in grads:
+            w = grads["weight"]
+            for k, (geo, x, g) in enumerate(self._calls(module, f)):
+                scale = c.view(-1, *([1] * (g.dim() - 1)))
+                write_or_add(w, geo.weight_grad(x, g * scale), accumulate or k > 0)
+        if "bias" in grads:
+            write_or_add(grads["bias"], c @ self._bias_grads(f), accumulate)
+
+    def gram(self, module, fa, fb, want, per_param):
+        out = {}
+        if "weight" in want:
+            out[("weight",)] = self._weight_gram(module, fa, fb)
+        if "bias" in want:
+            out[("bias",)] = gram_rows(self._bias_grads(fa), self._bias_grads(fb))
+        return out
+
+    def _weight_gram(self, module, fa: Factors, fb: Factors) -> torch.Tensor:
+        na, nb = fa.a[0].shape[0], fb.a[0].shape[0]
+        out = torch.zeros(na, nb, dtype=acc_dtype(fa.g[0].dtype), device=fa.g[0].device)
+        grouped = module.groups > 1  # the per-sample gradients are small: contract them
+        _, pa, ga = self._sizes(module, fa)
+        _, pb, _ = self._sizes(module, fb)
+        for b0, b1 in _blocks(nb, max(pb, ga) * 2):
+            right = self._weight_grads(module, fb, b0, b1) if grouped else self._unfolded(module, fb, b0, b1)
+            for a0, a1 in _blocks(na, max(pa, ga) * 2):
+                if grouped:
+                    out[a0:a1, b0:b1] = gram_rows(self._weight_grads(module, fa, a0, a1), right)
+                else:
+                    xa, gla = self._unfolded(module, fa, a0, a1)
+                    out[a0:a1, b0:b1] = ops.linear_gram(xa, gla, *right)
+        return out
+
+    def projection_dims(self, module, want, share):
+        """The weight as the matrix [C_out, C_in/g·k]: ``P_out W P_inᵀ`` (k_in ~ sqrt(share));
+        the bias by the weight's ``P_out``, as the Linear rule does."""
+        d_out, d_in = module.out_channels, module.weight[0].numel()
+        dims = {}
+        if "weight" in want:
+            k_in = fit(d_in, math.isqrt(int(share)))
+            k_out = fit(d_out, share // (k_in + ("bias" in want)))
+            dims["weight"] = (("out", k_out, d_out), ("in", k_in, d_in))
+        else:
+            k_out = fit(d_out, share)
+        if "bias" in want:
+            dims["bias"] = (("out", k_out, d_out),)
+        return dims
+
+    def project(self, module, f, mats):
+        acc = acc_dtype(f.g[0].dtype)
+        n = f.a[0].shape[0]
+        out = {}
+        if "weight" in mats:
+            # P_out W_n P_inᵀ = sum over positions and groups j of (P_out[:, j] g_tj) ⊗ (P_in a_tj)
+            p_out, p_in = mats["weight"]
+            geo = self._calls(module, f)[0][0]
+            gs = geo.groups
+            p_out_g = p_out.view(p_out.shape[0], gs, geo.d_out)
+            _, patch_bytes, _ = self._sizes(module, f)
+            rows = []
+            for n0, n1 in _blocks(n, patch_bytes):
+                a, g = self._unfolded(module, f, n0, n1)  # [n·g, T, d_in], [n·g, T, d_out]
+                a = (a.to(acc) @ p_in.t()).view(n1 - n0, -1, p_in.shape[0])  # [n, g·T, k_in]
+                g = g.to(acc).reshape(n1 - n0, gs, -1, geo.d_out)
+                g = torch.einsum("njto,kjo->njtk", g, p_out_g).reshape(n1 - n0, -1, p_out.shape[0])
+                rows.append(ops.seq_outer(a, g, layout="out_in").flatten(1))
+            out["weight"] = torch.cat(rows) if len(rows) > 1 else rows[0]
+        if "bias" in mats:
+            (p_bias,) = mats["bias"]
+            out["bias"] = self._bias_grads(f).to(acc) @ p_bias.t()
+        return out
+
+
+RULE = ConvRule()
