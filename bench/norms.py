@@ -1,6 +1,10 @@
-"""The cost rules of the sequence norms, measured: ghost against direct squared norms of
-per-sample gradients (ig.ops.linear_sq_norms, ig.ops.embedding_sq_norms) over T, beside the
-method "auto" picks, each result checked against the other method first.
+"""The cost rules of the sequence and convolution norms, measured: ghost against direct
+squared norms of per-sample gradients (ig.ops.linear_sq_norms, ig.ops.embedding_sq_norms)
+over T; for convolutions (indivgrad_cuda.layers.conv) the per-sample gradients from
+unfolded patches against a convolution grouped over the batch, the ghost against the
+direct norm, and the clipped sum by the layer's weight gradient against one GEMM over the
+unfolded rows; each beside the method "auto" picks, each result checked against the other
+method first.
 
     python bench/norms.py [--device cpu|cuda] [--n 32] [--quick]
 
@@ -17,28 +21,101 @@ import torch
 
 import common
 import indivgrad_cuda as ig
+from indivgrad_cuda.layers import Factors, conv
 
 LINEAR_SHAPES = [(128, 128), (256, 1024), (768, 768)]
 TOKENS = [4, 16, 64, 256, 1024]
 EMBEDDING = (1000, 128)  # vocabulary, width
+# (C_in, C_out, kernel, image side, groups): the Opacus CIFAR-10 CNN's and WRN-16-4's layers,
+# a 1-D and a 3-D one, depthwise
+CONV_SHAPES = [
+    (3, 32, 3, 32, 1),
+    (32, 64, 3, 16, 1),
+    (64, 64, 3, 8, 1),
+    (64, 128, 3, 4, 1),
+    (16, 64, 3, 32, 1),
+    (128, 128, 3, 16, 1),
+    (256, 256, 3, 8, 1),
+    (64, 64, 3, 32, 64),
+    (128, 128, 3, 8, 4),
+]
 
 
-def compare(label, run, ghost_picked, device):
-    """(row text, whether auto's pick is within 20% of the faster method)."""
-    ghost, direct = run("ghost"), run("direct")
-    torch.testing.assert_close(ghost, direct, rtol=1e-4, atol=0)
-    times = common.time_interleaved(
-        {"ghost": lambda: run("ghost"), "direct": lambda: run("direct")}, device, budget_s=0.3
-    )
-    t_ghost, t_direct = times["ghost"], times["direct"]
-    picked = t_ghost if ghost_picked else t_direct
-    ok = picked <= 1.2 * min(t_ghost, t_direct)
-    faster = "ghost" if t_ghost < t_direct else "direct"
-    pick = "ghost" if ghost_picked else "direct"
+def compare(label, run, ghost_picked, device, methods=("ghost", "direct")):
+    """(row text, whether auto's pick is within 20% of the faster method); ``ghost_picked``:
+    auto picks the first of ``methods``."""
+    first, second = methods
+    a, b = run(first), run(second)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+    times = common.time_interleaved({m: (lambda m=m: run(m)) for m in methods}, device, budget_s=0.3)
+    t_a, t_b = times[first], times[second]
+    picked = t_a if ghost_picked else t_b
+    ok = picked <= 1.2 * min(t_a, t_b)
+    faster = first if t_a < t_b else second
+    pick = first if ghost_picked else second
     return (
-        f"  {label:<8} {t_ghost:>10.3f} {t_direct:>10.3f}  {faster:<7} {pick:<7}{'' if ok else '  <- slower pick'}",
+        f"  {label:<22} {t_a:>10.3f} {t_b:>10.3f}  {faster:<8} {pick:<8}{'' if ok else '  <- slower pick'}",
         ok,
     )
+
+
+def conv_tables(shapes, n, device):
+    """Per convolution shape: per-sample gradients (unfold, grouped), norms (ghost, direct),
+    clipped sums (the weight gradient, a GEMM over unfolded rows). Whether every auto pick
+    is within 20% of the faster."""
+    all_ok = True
+    rows = {"grads": [], "norms": [], "clipped": []}
+    for c_in, c_out, k, side, groups in shapes:
+        layer = torch.nn.Conv2d(c_in, c_out, k, padding=k // 2, groups=groups).to(device)
+        x = torch.randn(n, c_in, side, side, device=device)
+        g = torch.randn(n, c_out, side, side, device=device)
+        f = Factors([x], [g])
+        rule = conv.ConvRule()  # its own, as grad_method is set below
+        geo = conv._Geometry(layer, x)
+        label = f"{c_in}->{c_out} {side}x{side} g{groups}"
+        coef = torch.rand(n, device=device)
+
+        def grads(method, rule=rule, f=f, layer=layer, n=n):
+            rule.grad_method = method
+            out = torch.empty(n, *layer.weight.shape, device=device)
+            rule.grads(layer, f, "out_in", {"weight": out})
+            return out
+
+        def norms(method, rule=rule, f=f, layer=layer):
+            rule.grad_method = "auto"
+            return rule.sq_norms(layer, f, ["weight"], method)["weight"]
+
+        def clipped(method, rule=rule, f=f, layer=layer, geo=geo, x=x, g=g, coef=coef, groups=groups):
+            if method == "wgrad":
+                out = torch.empty_like(layer.weight)
+                rule.clipped_sum(layer, f, coef, {"weight": out}, False)
+                return out
+            a, gf = geo.unfold(x), geo.fold_grad(g * coef[:, None, None, None])  # [N·g, T, ...]
+            a = a.view(n, groups, -1, a.shape[-1]).transpose(0, 1).flatten(1, 2)  # [g, N·T, d_in]
+            gf = gf.reshape(n, groups, -1, gf.shape[-1]).transpose(0, 1).flatten(1, 2)
+            return torch.bmm(gf.transpose(1, 2), a).reshape(layer.weight.shape)
+
+        grouped = conv.grads_use_grouped(geo.t, geo.k, c_in // groups, c_out // groups)
+        ghost = ig.ops.linear_norm_uses_ghost(geo.t, geo.d_in, geo.d_out)
+        for kind, run, pick, methods in (
+            ("grads", grads, not grouped, ("unfold", "grouped")),
+            ("norms", norms, ghost, ("ghost", "direct")),
+            ("clipped", clipped, True, ("wgrad", "gemm")),
+        ):
+            row, ok = compare(label, run, pick, device, methods)
+            rows[kind].append((row, methods))
+            all_ok &= ok
+    titles = {
+        "grads": "per-sample gradients",
+        "norms": "squared norms",
+        "clipped": "clipped sum (auto: the weight gradient)",
+    }
+    for kind, entries in rows.items():
+        a, b = entries[0][1]
+        print(f"\nConv2d {titles[kind]}\n  {'layer':<22} {a:>10} {b:>10}  {'faster':<8} {'auto':<8}")
+        for row, _ in entries:
+            print(row)
+    return all_ok
 
 
 def main(argv=None):
@@ -48,12 +125,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
     args = parser.parse_args(argv)
     shapes, tokens, (v, d) = ([(16, 24)], [2, 90], (50, 8)) if args.quick else (LINEAR_SHAPES, TOKENS, EMBEDDING)
+    conv_shapes = [(3, 8, 3, 8, 1), (4, 8, 3, 6, 2)] if args.quick else CONV_SHAPES
     device = torch.device(args.device)
     torch.manual_seed(0)
     print(f"bench/norms.py on {common.device_name(device)}, N={args.n}, float32; times in ms")
     all_ok = True
     for d_in, d_out in shapes:
-        print(f"\nLinear {d_in} -> {d_out}\n  {'T':<8} {'ghost':>10} {'direct':>10}  {'faster':<7} {'auto':<7}")
+        print(f"\nLinear {d_in} -> {d_out}\n  {'T':<22} {'ghost':>10} {'direct':>10}  {'faster':<8} {'auto':<8}")
         for t in tokens:
             x = torch.randn(args.n, t, d_in, device=device)
             g = torch.randn(args.n, t, d_out, device=device)
@@ -65,7 +143,7 @@ def main(argv=None):
             )
             print(row)
             all_ok &= ok
-    print(f"\nEmbedding {v} x {d}\n  {'T':<8} {'ghost':>10} {'direct':>10}  {'faster':<7} {'auto':<7}")
+    print(f"\nEmbedding {v} x {d}\n  {'T':<22} {'ghost':>10} {'direct':>10}  {'faster':<8} {'auto':<8}")
     for t in tokens:
         ids = torch.randint(0, v, (args.n, t), device=device)
         g = torch.randn(args.n, t, d, device=device)
@@ -77,6 +155,7 @@ def main(argv=None):
         )
         print(row)
         all_ok &= ok
+    all_ok &= conv_tables(conv_shapes, args.n, device)
     print(
         "\nauto picks " + ("within 20% of the faster method everywhere" if all_ok else "a slower method where marked")
     )

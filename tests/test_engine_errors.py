@@ -16,8 +16,8 @@ def small():
     "model,pattern",
     [
         (
-            nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.Conv1d(1, 1, 1))),
-            r"cannot serve:\n  - '1\.1' \(Conv1d\): no per-sample gradient rule for this type \(fallback=True serves "
+            nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.ConvTranspose1d(1, 1, 1))),
+            r"cannot serve:\n  - '1\.1' \(ConvTranspose1d\): no per-sample gradient rule for this type \(fallback=True serves "
             r"it by torch\.func\)\nSupported: layers with trainable parameters: nn\.Linear on \[N, \*, D_in\]; "
             r"nn\.LayerNorm",
         ),
@@ -42,8 +42,10 @@ def test_unsupported_models(model, pattern):
 
 
 def test_every_offending_module_is_named_and_frozen_ones_are_fine():
-    model = nn.Sequential(nn.Conv1d(1, 1, 1), nn.Flatten(), nn.Linear(4, 4), nn.GRU(4, 4), nn.PReLU())
-    with pytest.raises(ig.UnsupportedModuleError, match=r"'0' \(Conv1d\).*\n  - '3' \(GRU\).*\n  - '4' \(PReLU\)"):
+    model = nn.Sequential(nn.ConvTranspose1d(1, 1, 1), nn.Flatten(), nn.Linear(4, 4), nn.GRU(4, 4), nn.PReLU())
+    with pytest.raises(
+        ig.UnsupportedModuleError, match=r"'0' \(ConvTranspose1d\).*\n  - '3' \(GRU\).*\n  - '4' \(PReLU\)"
+    ):
         ig.PerSampleGrads(model, fallback=False)
     for i in (0, 3, 4):
         model[i].requires_grad_(False)

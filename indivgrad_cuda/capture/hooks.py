@@ -234,6 +234,9 @@ class _Recorder:
                 )
             if not isinstance(layer.rule, FallbackRule):
                 x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+                why = None if x is None else layer.rule.bad_input(module, x)
+                if why:
+                    raise ValueError(f"module '{layer.path}' ({type(module).__name__}) {why} (N={self.n})")
                 out = leaves[taps[0]]
                 if x is None or x.dim() == 0 or x.shape[0] != self.n or out.shape[0] != self.n:
                     got = "no tensor" if x is None else f"shape {list(x.shape)}"

@@ -83,6 +83,11 @@ class LayerRule:
         """Why this module's settings cannot be served (None: they can)."""
         return None
 
+    def bad_input(self, module: nn.Module, x: torch.Tensor) -> Optional[str]:
+        """Why the layer's input x cannot be a batch of samples (None: it can); the capture
+        prefixes the module's name."""
+        return None
+
     def intercept(self, module: nn.Module, n: int, tap):
         """For an ``inner`` rule: a context active during one call of the module, which passes
         each tensor whose gradient it needs through ``tap`` (returning the tapped tensor) and

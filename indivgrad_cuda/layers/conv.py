@@ -157,35 +157,25 @@ def _blocks(n: int, per_sample_bytes: int):
 class ConvRule(LayerRule):
     grad_method = "auto"  # "unfold" or "grouped" forces the per-sample gradients' form (tests, bench)
 
-    def __init__(self, path: str = ""):
-        self.path = path
-
     def matches(self, module):
         return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in CONV_TYPES)
 
-    def bind(self, path, module, fallback=True):
-        return type(self)(path)
-
     def unsupported_setting(self, module):
-        if not isinstance(module.padding_mode, str) or module.padding_mode not in (
-            "zeros",
-            "reflect",
-            "replicate",
-            "circular",
-        ):
+        if module.padding_mode not in ("zeros", "reflect", "replicate", "circular"):
             return f"padding_mode={module.padding_mode!r} is not one of zeros, reflect, replicate, circular"
         return None
 
-    def record(self, module, args, kwargs, output, n, check=False):
-        x = args[0]
-        dims = len(module.kernel_size)
-        if x.dim() != dims + 2:
-            raise ValueError(
-                f"module '{self.path}' ({type(module).__name__}) was called with an unbatched input of shape "
-                f"{list(x.shape)}; per-sample gradients need a batch, [N, C_in{', *S' if dims else ''}] with "
-                f"{dims + 2} dims (N={n})"
+    def bad_input(self, module, x):
+        dims = len(module.kernel_size) + 2
+        if x.dim() != dims:
+            return (
+                f"was called with an unbatched input of shape {list(x.shape)}; per-sample gradients need a batch "
+                f"[N, C_in, ...] of {dims} dims, dim 0 the samples"
             )
-        return x.detach()
+        return None
+
+    def record(self, module, args, kwargs, output, n, check=False):
+        return args[0].detach()
 
     def output_grad(self, module, grads):
         return grads[0]

@@ -46,8 +46,9 @@ class ChannelAffineRule(PerSampleRule):
         weight = bias = None
         for x, g in zip(f.a, f.g):
             g = g.to(acc_dtype(g.dtype))
-            w = (self.normalised(module, x) * g).flatten(2).sum(2)
-            b = g.flatten(2).sum(2)
+            n, c = g.shape[:2]
+            w = (self.normalised(module, x) * g).reshape(n, c, -1).sum(2)  # [N, C, *S] or [N, C]
+            b = g.reshape(n, c, -1).sum(2)
             weight, bias = (w, b) if weight is None else (weight + w, bias + b)
         dtype = module.weight.dtype
         return {"weight": weight.to(dtype), "bias": bias.to(dtype)}
