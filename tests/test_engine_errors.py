@@ -17,9 +17,9 @@ def small():
     [
         (
             nn.Sequential(nn.Linear(4, 4), nn.Sequential(nn.ReLU(), nn.ConvTranspose1d(1, 1, 1))),
-            r"cannot serve:\n  - '1\.1' \(ConvTranspose1d\): no per-sample gradient rule for this type \(fallback=True serves "
-            r"it by torch\.func\)\nSupported: layers with trainable parameters: nn\.Linear on \[N, \*, D_in\]; "
-            r"nn\.LayerNorm",
+            r"cannot serve:\n  - '1\.1' \(ConvTranspose1d\): no per-sample gradient rule for this type "
+            r"\(fallback=True serves it by torch\.func\)\nSupported: layers with trainable parameters: "
+            r"nn\.Linear on \[N, \*, D_in\]; nn\.LayerNorm",
         ),
         (
             nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)),
