@@ -20,9 +20,10 @@ cost rule measured with ``bench/norms.py``:
   :func:`indivgrad_cuda.ops.linear_norm_uses_ghost` picks it for ``(T, C_in/g·k,
   C_out/g)`` (fastDP's mixed ghost rule in other words), else the squares of the
   per-sample gradients of a block;
-- the clipped sum: the layer's own weight gradient with each sample's output gradient
-  scaled by its coefficient (``convolution_backward``: no patches unfolded, the arithmetic
-  of the summed step);
+- the clipped sum: the layer's own weight gradient with each sample's input or output
+  gradient (the smaller) scaled by its coefficient (``convolution_backward``: no patches
+  unfolded, the arithmetic of the summed step); or, where the norms formed the per-sample
+  gradients and they take no more memory than the layer's factors, their weighted sum;
 - inner products and projections: the Linear forms on unfolded blocks (groups = 1), or
   the per-sample gradients of a block (grouped convolutions, whose gradients are small).
 
@@ -265,17 +266,32 @@ class ConvRule(LayerRule):
                 a, g = self._unfolded(module, f, n0, n1)
                 out[n0:n1] = ops.linear_sq_norms(a, g, method="ghost").view(n1 - n0, geo.groups).sum(1)
         else:
+            held = sum(t.numel() * t.element_size() for t in (*f.a, *f.g))
+            keep = n * grad_bytes <= held  # no more memory than the factors: keep them for the clipped sum
+            kept = (
+                torch.empty((n, *module.weight.shape), dtype=module.weight.dtype, device=out.device) if keep else None
+            )
             for n0, n1 in _blocks(n, max(patch_bytes, grad_bytes)):
-                out[n0:n1] = squared_rows(self._weight_grads(module, f, n0, n1))
+                out[n0:n1] = squared_rows(self._weight_grads(module, f, n0, n1, None if kept is None else kept[n0:n1]))
+            if keep:
+                f.cache["weight"] = kept
         return out
 
     def clipped_sum(self, module, f, coef, grads, accumulate):
         c = coef.to(f.g[0].dtype)
-        if "weight" in grads:
+        if "weight" in grads and "weight" in f.cache:  # the norms' per-sample gradients: no convolution
+            kept = f.cache["weight"]
+            acc = acc_dtype(kept.dtype)
+            write_or_add(grads["weight"], torch.tensordot(coef.to(acc), kept.to(acc), dims=1), accumulate)
+        elif "weight" in grads:
             w = grads["weight"]
             for k, (geo, x, g) in enumerate(self._calls(module, f)):
-                scale = c.view(-1, *([1] * (g.dim() - 1)))
-                write_or_add(w, geo.weight_grad(x, g * scale), accumulate or k > 0)
+                # the layer's weight gradient with each sample scaled: scale the smaller of x and g
+                if x.numel() < g.numel():
+                    x = x * c.view(-1, *([1] * (x.dim() - 1)))
+                else:
+                    g = g * c.view(-1, *([1] * (g.dim() - 1)))
+                write_or_add(w, geo.weight_grad(x, g), accumulate or k > 0)
         if "bias" in grads:
             write_or_add(grads["bias"], c @ self._bias_grads(f), accumulate)
 
