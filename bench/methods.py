@@ -2,8 +2,9 @@
 targets and loss) and max_norm, and returns a callable whose result is checked against the
 float64 reference before it is timed: per-sample gradients {name: [N, *param.shape]}, norms
 [N], or clipped sums {name: grad}. Competitors are optional: a factory raises Skip when its
-package is absent or it does not apply to the model (the seed's bmm and BackPACK take the
-seed's nn.Sequential MLPs, with its BCE-with-logits loss, only). Inputs are a tuple
+package is absent or it does not apply to the model (the seed's bmm takes the seed's
+nn.Sequential MLPs only; BackPACK the tasks with a backpack_loss, the seed's MLPs and the CNNs,
+where it has a rule for every layer with parameters). Inputs are a tuple
 (model(*inputs)) or, for Hugging Face models, a dict (model(**inputs))."""
 
 import copy
@@ -39,6 +40,9 @@ class Task:
     loss: Callable
     per_sample_loss: Callable
     mlp: bool = False  # the seed's nn.Sequential of Linear and ReLU layers, BCE-with-logits loss
+    # The mean loss as a module BackPACK extends (the seed's MLPs: BCE-with-logits; the CNNs:
+    # cross-entropy) for a model of one input; None: BackPACK is skipped.
+    backpack_loss: Optional[nn.Module] = None
     # The same model with its tied weights untied (the same values, so the same forward), for
     # the methods in REFUSES_TIED; their results are checked against this model's reference.
     untied: Optional[nn.Module] = None
@@ -224,18 +228,32 @@ def opacus_ghost_clipping(task, max_norm, **_):
     return run
 
 
+def _backpack_unsupported(model, extension):
+    """The names of the kinds of layers with parameters in model that extension has no rule
+    for (BackPACK's first-order extensions only warn about them, and leave them without a
+    result)."""
+    rules = getattr(extension(), "_BackpropExtension__module_extensions", None)
+    if rules is None:  # another BackPACK's layout: let it run, and fail as a row if it must
+        return []
+    with_params = (m for m in model.modules() if next(m.parameters(recurse=False), None) is not None)
+    return sorted({type(m).__name__ for m in with_params if type(m) not in rules})
+
+
 def _backpack(task, extension_name, result):
     """A BackPACK extension run on an extended copy of the model; result(params) reads its
     per-parameter outputs. BackPACK's are those of the mean loss's terms: 1/N-scaled."""
-    if not task.mlp:
-        raise Skip("the seed's MLPs only")
+    if task.backpack_loss is None:
+        raise Skip("the seed's MLPs and the CNNs only")
     _require("backpack", "backpack-for-pytorch")
     from backpack import backpack, extend, extensions
 
-    (x,), y = task.inputs, task.target
-    bp_model, bp_loss = extend(copy.deepcopy(task.model)), extend(nn.BCEWithLogitsLoss())
-    params = dict(bp_model.named_parameters())
     extension = getattr(extensions, extension_name)
+    unsupported = _backpack_unsupported(task.model, extension)
+    if unsupported:
+        raise Skip(f"BackPACK's {extension_name} has no rule for {', '.join(unsupported)}")
+    (x,), y = task.inputs, task.target
+    bp_model, bp_loss = extend(copy.deepcopy(task.model)), extend(copy.deepcopy(task.backpack_loss))
+    params = dict(bp_model.named_parameters())
 
     def run():
         bp_model.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
-"""End-to-end benchmark: per-sample gradients, norms and clipped sums of MLPs and small
-transformers, indivgrad_cuda beside plain autograd, a per-sample loop, the seed's bmm
+"""End-to-end benchmark: per-sample gradients, norms and clipped sums of MLPs, small
+transformers, Hugging Face models and CNNs, indivgrad_cuda beside plain autograd, a per-sample loop, the seed's bmm
 method, torch.func, Opacus (hooks and ghost clipping) and BackPACK, each checked against a
 float64 reference before it is timed.
 
@@ -7,6 +7,7 @@ float64 reference before it is timed.
     python bench/run.py --setups 32,300,50 tfm:32,64,128,2 --device cpu
     python bench/run.py --quick            # a small smoke run
     python bench/run.py --setups hf        # GPT-2, Llama and ViT shapes (Hugging Face), sized by device
+    python bench/run.py --setups cnns      # Opacus's CIFAR-10 CNN and a WideResNet, sized by device
 
 Setups:
   N,D,L           the seed's MLP: N samples, width D, L hidden Linear+ReLU layers, one logit,
@@ -25,7 +26,14 @@ Setups:
                   layers, MLP 4D, 1000 classes, mean cross-entropy
   hf              the three above at the device's size (HF_SETUPS: full size on a GPU,
                   scaled down on a CPU); gpt2, llama or vit alone: that one at the device's size
-The Hugging Face setups are not in the default run (at full size they take minutes).
+  cnn:N,S         Opacus's CIFAR-10 example CNN (bench/cnn_models.py: four 3x3 convolutions,
+                  average pooling, a linear head) on [N, 3, S, S] images, 10 classes, mean
+                  cross-entropy; hooks capture
+  wrn:N,S,D,K     WideResNet-D-K with GroupNorm (16 groups) for BatchNorm (De et al. 2022's
+                  WRN-16-4 is wrn:N,32,16,4) on [N, 3, S, S] images, 10 classes, mean cross-entropy
+  cnns            the two above at the device's size (CNN_SETUPS: full size on a GPU, scaled
+                  down on a CPU); cnn or wrn alone: that one at the device's size
+The Hugging Face and CNN setups are not in the default run (at full size they take minutes).
 For per-sample gradients the table also gives "x bound": the time over the summed step plus
 writing the gradients' bytes at the fill bandwidth measured in the same run.
 Rows are appended to bench/results/results.csv.
@@ -46,6 +54,7 @@ from torch import nn
 
 import common
 import console
+from cnn_models import WideResNet, opacus_cifar_cnn
 from methods import METHODS, REFUSES_TIED, Skip, Task
 from tests.models import ResidualMLP, TinyEncoder, token_batch
 from tests.reference import clipped_sum_ref, func_module_grads
@@ -79,6 +88,19 @@ HF_SETUPS = {
     "vit": {"cuda": (32, 224, 384, 12), "cpu": (8, 96, 128, 2)},
 }
 HEAD_DIM, VIT_PATCH, VIT_CLASSES = 64, 16, 1000
+# The CNNs (bench/cnn_models.py), on CIFAR-shaped random images, 10 classes. kind -> {device
+# type: dims}: full size on a GPU; on a CPU scaled down so that each runs in about a minute on 2
+# cores with the default --budget-s (fewer samples; the WideResNet narrower).
+CNN_SETUPS = {
+    # Opacus's CIFAR-10 example CNN (0.13 M parameters) at batch 256 on 32 x 32 images; batch 64
+    # on a CPU.
+    "cnn": {"cuda": (256, 32), "cpu": (64, 32)},
+    # WRN-16-4 (2.7 M parameters), De et al. 2022's CIFAR-10 model, GroupNorm of 16 groups, batch
+    # 256. The CPU size: WRN-16-1 (0.18 M), batch 16.
+    "wrn": {"cuda": (256, 32, 16, 4), "cpu": (16, 32, 16, 1)},
+}
+DEVICE_SIZED = {**HF_SETUPS, **CNN_SETUPS}  # the kinds that may be named alone: dims by device
+GROUPS = {"hf": list(HF_SETUPS), "cnns": list(CNN_SETUPS)}  # the names of several such kinds
 QUICK_SETUPS = [("mlp", (2, 3, 1)), ("mlp", (16, 20, 3)), ("tfm", (4, 8, 32, 1)), ("resmlp", (8, 16, 2))]
 KINDS = {
     "mlp": ("[N, D, L]", 3),
@@ -87,6 +109,8 @@ KINDS = {
     "gpt2": ("GPT-2-shaped LM, lm_head tied to wte [N, T, n_embd, layers, vocab]", 5),
     "llama": ("Llama-shaped LM, grouped-query attention [N, T, hidden, layers, vocab]", 5),
     "vit": ("ViT-S/16-shaped classifier [N, image size, hidden, layers]", 4),
+    "cnn": ("Opacus's CIFAR-10 example CNN [N, image size]", 2),
+    "wrn": ("WideResNet with GroupNorm [N, image size, depth, width factor]", 4),
 }
 VOCAB, CLASSES = 1000, 10
 WRITE = "(write)"  # timed beside the methods: a fill of the per-sample gradients' bytes
@@ -179,10 +203,23 @@ def hf_task(kind, dims, device):
     )
 
 
+def cnn_task(kind, dims, device):
+    """Opacus's CIFAR-10 CNN or a WideResNet (see CNN_SETUPS): random images and labels, mean
+    cross-entropy (an nn.Module, which BackPACK extends)."""
+    n, size = dims[:2]
+    model = opacus_cifar_cnn(CLASSES) if kind == "cnn" else WideResNet(dims[2], dims[3], CLASSES)
+    x = torch.randn(n, 3, size, size, device=device)
+    y = torch.randint(0, CLASSES, (n,), device=device)
+    loss = nn.CrossEntropyLoss()
+    return Task(model.to(device), (x,), y, loss, nn.CrossEntropyLoss(reduction="none"), backpack_loss=loss)
+
+
 def make_task(setup, device):
     kind, dims = setup
     if kind in HF_SETUPS:
         return hf_task(kind, dims, device)
+    if kind in CNN_SETUPS:
+        return cnn_task(kind, dims, device)
     bce = nn.BCEWithLogitsLoss()
     if kind == "tfm":
         n, t, d, layers = dims
@@ -199,7 +236,16 @@ def make_task(setup, device):
     model = seed_mlp(d, depth) if kind == "mlp" else ResidualMLP(d, d, depth, 1)
     x = torch.randn(n, d, device=device)
     y = torch.randint(0, 2, (n, 1), device=device).float()
-    return Task(model.to(device), (x,), y, bce, nn.BCEWithLogitsLoss(reduction="none"), mlp=kind == "mlp")
+    mlp = kind == "mlp"
+    return Task(
+        model.to(device),
+        (x,),
+        y,
+        bce,
+        nn.BCEWithLogitsLoss(reduction="none"),
+        mlp=mlp,
+        backpack_loss=bce if mlp else None,
+    )
 
 
 def setup_name(setup):
@@ -367,9 +413,9 @@ def print_table(setup, setup_rows):
 
 
 def parse_setup(text):
-    """(kind, dims); a Hugging Face kind alone (or "hf", all three) gets dims None: the
-    device's size from HF_SETUPS, filled in by device_setups."""
-    if text == "hf" or text in HF_SETUPS:
+    """(kind, dims); a Hugging Face or CNN kind alone (or "hf", "cnns": a group of them) gets
+    dims None: the device's size from HF_SETUPS or CNN_SETUPS, filled in by device_setups."""
+    if text in GROUPS or text in DEVICE_SIZED:
         return text, None
     kind, _, dims = text.rpartition(":")
     kind = kind or "mlp"
@@ -379,19 +425,24 @@ def parse_setup(text):
         parts = ()
     if kind not in KINDS or len(parts) != KINDS[kind][1] or min(parts, default=0) < 1:
         raise argparse.ArgumentTypeError(
-            "a setup is N,D,L, tfm:N,T,D,L, resmlp:N,D,L, gpt2:N,T,D,L,V, llama:N,T,D,L,V or vit:N,S,D,L with "
-            f"positive integers, or hf, gpt2, llama, vit alone; got {text!r}"
+            "a setup is N,D,L, tfm:N,T,D,L, resmlp:N,D,L, gpt2:N,T,D,L,V, llama:N,T,D,L,V, vit:N,S,D,L, cnn:N,S or "
+            f"wrn:N,S,D,K with positive integers, or hf, gpt2, llama, vit, cnns, cnn, wrn alone; got {text!r}"
         )
+    if kind == "wrn" and (parts[2] < 10 or (parts[2] - 4) % 6):
+        raise argparse.ArgumentTypeError(f"a WideResNet's depth D is 6n + 4 (10, 16, 22, 28 ...); got {text!r}")
+    if kind == "cnn" and parts[1] < 8:  # it pools three times by 2 before its adaptive pooling
+        raise argparse.ArgumentTypeError(f"the CNN's images are at least 8 x 8; got {text!r}")
     return kind, parts
 
 
 def device_setups(setups, device):
-    """The setups with each Hugging Face kind given alone sized for the device (HF_SETUPS)."""
+    """The setups with each Hugging Face or CNN kind given alone (or by its group, hf or cnns)
+    sized for the device (HF_SETUPS, CNN_SETUPS)."""
     size = "cuda" if device.type == "cuda" else "cpu"
     out = []
     for kind, dims in setups:
-        kinds = list(HF_SETUPS) if kind == "hf" else [kind]
-        out += [(k, HF_SETUPS[k][size] if dims is None else dims) for k in kinds]
+        kinds = GROUPS.get(kind, [kind])
+        out += [(k, DEVICE_SIZED[k][size] if dims is None else dims) for k in kinds]
     return out
 
 
@@ -401,8 +452,9 @@ def main(argv=None):
         "--setups",
         nargs="+",
         type=parse_setup,
-        help="N,D,L | tfm:N,T,D,L | resmlp:N,D,L | gpt2:N,T,D,L,V | llama:N,T,D,L,V | vit:N,S,D,L | hf | gpt2 "
-        "| llama | vit (default: the seed's six MLPs and the model setups, plus larger MLPs on a GPU)",
+        help="N,D,L | tfm:N,T,D,L | resmlp:N,D,L | gpt2:N,T,D,L,V | llama:N,T,D,L,V | vit:N,S,D,L | cnn:N,S | "
+        "wrn:N,S,D,K | hf | gpt2 | llama | vit | cnns | cnn | wrn (default: the seed's six MLPs and the model "
+        "setups, plus larger MLPs on a GPU)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))

@@ -3,6 +3,7 @@ method and write their CSV and plots, so they cannot rot; their console stays cl
 on stdout, a progress bar on stderr (nothing with --quiet), no peer's warnings."""
 
 import csv
+import importlib.util
 import re
 import subprocess
 import sys
@@ -169,13 +170,25 @@ def test_dp_sgd_digits_one_epoch(tmp_path):
     the same accuracy and epsilon; the per-sample gradients agree (else exit 1), and the
     2-process gloo run ends where the single process does; one results.csv row per run."""
     proc, csv_rows = run_bench("dp_sgd_digits.py", tmp_path, "cpu", "--epochs", "1", "--quiet")
-    methods = (
-        "opacus hooks",
-        "opacus ghost clipping",
-        "opacus + indivgrad backend",
-        "indivgrad DPSGD",
-        "indivgrad DPSGD, 2 gloo processes",
+    _check_dp_sgd_digits(proc, csv_rows, (*DP_METHODS, "indivgrad DPSGD, 2 gloo processes"))
+
+
+def test_dp_sgd_digits_cnn_one_epoch(tmp_path):
+    """The DP-SGD example's CNN (convolutions and GroupNorm): the same checks, without the
+    gloo run (kept fast)."""
+    proc, csv_rows = run_bench(
+        "dp_sgd_digits.py", tmp_path, "cpu", "--model", "cnn", "--epochs", "1", "--processes", "0", "--quiet"
     )
+    assert "DP-SGD on digits, cnn model" in proc.stdout, proc.stdout
+    _check_dp_sgd_digits(proc, csv_rows, DP_METHODS)
+
+
+DP_METHODS = ("opacus hooks", "opacus ghost clipping", "opacus + indivgrad backend", "indivgrad DPSGD")
+
+
+def _check_dp_sgd_digits(proc, csv_rows, methods):
+    """One epoch of dp_sgd_digits.py: every method in its table and rows, the same steps,
+    epsilon and (up to rounding) accuracy, DPSGD's final weights those of Opacus's hooks."""
     table = {}
     for line in proc.stdout.splitlines():
         m = re.fullmatch(r"  (\S.*?)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)", line)
@@ -269,6 +282,58 @@ def test_hugging_face_setups_are_sized_by_device():
         assert run.device_setups(setups, torch.device(device)) == want
     assert run.HF_SETUPS["gpt2"]["cuda"] == (8, 512, 768, 12, 50257)  # GPT-2 small at T 512
     assert run.HF_SETUPS["vit"]["cuda"] == (32, 224, 384, 12)  # ViT-S/16 on 224 x 224 images
+
+
+CNN_TIMED = HF_TIMED | {"backpack", "backpack_l2"}
+
+
+@pytest.mark.parametrize(
+    "setup, title",
+    [
+        ("cnn:2,8", "Opacus's CIFAR-10 example CNN [N, image size] = [2, 8]"),
+        ("wrn:2,8,10,1", "WideResNet with GroupNorm [N, image size, depth, width factor] = [2, 8, 10, 1]"),
+    ],
+    ids=["cnn", "wrn"],
+)
+def test_run_cnn_setups(tmp_path, device, setup, title):
+    """The CNN setups, tiny: every method's result right and timed, per-sample gradients with
+    their x bound; BackPACK runs the CNN and is skipped, with its reason, on the WideResNet's
+    GroupNorm."""
+    pytest.importorskip("opacus", reason="opacus is not installed (pip install -e .[bench])")
+    has_backpack = importlib.util.find_spec("backpack") is not None
+    extra = ("--setups", setup, "--methods", *sorted(CNN_TIMED), "--budget-s", "0.1", "--no-plot", "--quiet")
+    proc, rows = run_bench("run.py", tmp_path, device, *extra)
+    assert title in proc.stdout, proc.stdout
+    timed = {r["method"]: r for r in rows if r["median_ms"]}
+    backpack_runs = has_backpack and setup.startswith("cnn")
+    assert set(timed) == (CNN_TIMED if backpack_runs else HF_TIMED), proc.stdout
+    for r in timed.values():
+        assert float(r["max_rel_err"]) < 1e-3 and float(r["ratio_vs_summed"]) > 0 and float(r["peak_mem_mb"]) >= 0
+    assert all(float(timed[m]["roofline_pct"]) > 0 for m in timed if m in ("indivgrad", "torch_func", "opacus"))
+    if has_backpack and setup.startswith("wrn"):
+        notes = {r["method"]: r["note"] for r in rows}
+        assert notes["backpack"] == "skipped: BackPACK's BatchGrad has no rule for GroupNorm", notes
+        assert notes["backpack_l2"] == "skipped: BackPACK's BatchL2Grad has no rule for GroupNorm", notes
+
+
+def test_cnn_setups_are_sized_by_device():
+    """cnns, or cnn or wrn alone, takes CNN_SETUPS' size for the device; a WideResNet's depth
+    is 6n + 4."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import argparse
+
+    import torch
+
+    import run
+
+    setups = [run.parse_setup(text) for text in ("cnns", "wrn", "cnn:3,16")]
+    for device in ("cpu", "cuda"):
+        want = [(k, run.CNN_SETUPS[k][device]) for k in ("cnn", "wrn", "wrn")] + [("cnn", (3, 16))]
+        assert run.device_setups(setups, torch.device(device)) == want
+    assert run.CNN_SETUPS["cnn"]["cuda"] == (256, 32) and run.CNN_SETUPS["wrn"]["cuda"] == (256, 32, 16, 4)
+    for bad in ("wrn:2,8,12,1", "wrn:2,8,4,1", "cnn:2,4", "cnn:2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            run.parse_setup(bad)
 
 
 def test_lora_dp_sgd_two_steps():
