@@ -47,7 +47,7 @@ CONCURRENT_STEPS=" tests$SANITIZER_STEPS"  # run at the same time unless --seria
 # CPU runs (attribution_digits.py's default sizes, dp_sgd_digits.py's two models).
 declare -A BUDGET_FULL=([build]=80 [env]=15 [wheels]=10 [tests]=210 [sanitizer-memcheck]=210
                         [sanitizer-racecheck]=180 [sanitizer-initcheck]=210 [sanitizer-synccheck]=150
-                        [kernels]=40 [profile]=45 [run]=140 [attribution]=90 [dp]=90)
+                        [kernels]=40 [profile]=45 [run]=200 [attribution]=90 [dp]=120)
 declare -A BUDGET_QUICK=([build]=80 [env]=15 [wheels]=10 [tests]=60 [sanitizer-memcheck]=60
                          [sanitizer-racecheck]=60 [sanitizer-initcheck]=60 [sanitizer-synccheck]=60
                          [kernels]=25 [profile]=60 [run]=30 [attribution]=45 [dp]=45)
@@ -343,7 +343,8 @@ step_run() {
     load
     local args=(bench/run.py --device cuda --results-dir "$OUTDIR/results" --quiet)
     if ((QUICK)); then args+=(--quick); fi
-    x "$PY" "${args[@]}"
+    x "$PY" "${args[@]}" || return 1
+    if ((!QUICK)); then x "$PY" "${args[@]}" --setups cnns; fi  # the CNNs at full size
 }
 
 # Data attribution (bench/attribution_digits.py): mislabel detection, then inner products and
@@ -356,12 +357,12 @@ step_attribution() {
     x "$PY" "${args[@]}"
 }
 
-# DP-SGD (bench/dp_sgd_digits.py) against Opacus, both models, each run whatever the other did;
+# DP-SGD (bench/dp_sgd_digits.py) against Opacus, every model, each run whatever the others did;
 # without its gloo run, which is on CPU.
 step_dp() {
     load
     local model rc=0 args
-    for model in mlp sequence; do
+    for model in mlp sequence cnn; do
         args=(bench/dp_sgd_digits.py --model "$model" --device cuda --processes 0 --results-dir "$OUTDIR/results" --quiet)
         if ((QUICK)); then args+=(--epochs 1); fi
         x "$PY" "${args[@]}" || rc=1

@@ -142,7 +142,9 @@ def test_dry_run_quick_with_wheels(tmp_path):
     assert re.search(r"bench/run\.py --device cuda --results-dir \S+ --quiet --quick\n", plan)
     attribution = r"bench/attribution_digits\.py --device cuda --results-dir \S+ --quiet --epochs 20 .*--repeats 1\n"
     assert re.search(attribution, plan)
-    assert len(re.findall(r"bench/dp_sgd_digits\.py --model \w+ .* --quiet --epochs 1\n", plan)) == 2
+    assert (
+        len(re.findall(r"bench/dp_sgd_digits\.py --model \w+ .* --quiet --epochs 1\n", plan)) == 3
+    )  # mlp, sequence, cnn
     selections = {tool: re.search(rf"--tool {tool} .* -k ('[^']*')", plan).group(1) for tool in TOOLS}
     assert selections["memcheck"] != selections["racecheck"] == selections["initcheck"] == selections["synccheck"]
     assert all("not 2_31" in k for k in selections.values())
@@ -302,7 +304,7 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, 
         assert (out / f"{step}.log").exists(), step
     assert "fake python bench/run.py --device cuda" in (out / "run.log").read_text()
     assert "fake python bench/attribution_digits.py --device cuda" in (out / "attribution.log").read_text()
-    assert (out / "dp.log").read_text().count("fake python bench/dp_sgd_digits.py --model") == 2
+    assert (out / "dp.log").read_text().count("fake python bench/dp_sgd_digits.py --model") == 3
     assert "--kernel-name regex:outer_kernel" in (out / "profile.log").read_text()
     assert (out / "ncu.csv").exists()
     assert "TIMEOUT" in (out / "kernels.log").read_text()
