@@ -3,8 +3,10 @@
 Both normalise each sample on its own (over groups of channels and the positions, or each
 channel over the positions) and scale each channel: sample n's gradients are
 ``sum over positions of x̂ ⊙ g`` (weight) and ``sum of g`` (bias), each [N, C], where
-``x̂`` is the normalised input, formed in float32 for half types (as the modules' own
-backward forms it), so every reduction is that of a small per-sample gradient.
+``x̂ = (x - mean) / std`` is the normalised input. The weight's is formed as ``(sum x·g -
+mean · sum g) / std`` from the statistics, in float32 for half types (as the modules' own
+backward computes), so x̂ is never formed; every reduction is then that of a small
+per-sample gradient.
 
 InstanceNorm with ``track_running_stats=True`` normalises with each sample's own
 statistics in train mode (nothing mixes across samples; the running statistics are
@@ -15,7 +17,6 @@ itself.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from indivgrad_cuda.layers.base import Factors, acc_dtype
@@ -38,17 +39,22 @@ class ChannelAffineRule(PerSampleRule):
     def combine(self, records, grads):
         return Factors(list(records), list(grads))  # calls of any sizes: each reduced on its own
 
-    def normalised(self, module, x: torch.Tensor) -> torch.Tensor:
-        """x̂ [N, C, *S] in the accumulation dtype."""
+    def statistics(self, module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, 1/std), each [N, C] or broadcastable to it, in the accumulation dtype:
+        x̂ = (x - mean) / std per sample and channel."""
         raise NotImplementedError
 
     def per_sample(self, module, f):
+        # sum_s x̂ g = (sum_s x g - mean · sum_s g) / std per channel: two reductions of the
+        # factors (x·g without a temporary), never x̂ itself
         weight = bias = None
         for x, g in zip(f.a, f.g):
-            g = g.to(acc_dtype(g.dtype))
+            acc = acc_dtype(g.dtype)
             n, c = g.shape[:2]
-            w = (self.normalised(module, x) * g).reshape(n, c, -1).sum(2)  # [N, C, *S] or [N, C]
-            b = g.reshape(n, c, -1).sum(2)
+            xs, gs = x.to(acc).reshape(n, c, -1), g.to(acc).reshape(n, c, -1)
+            mean, rstd = self.statistics(module, xs)
+            b = gs.sum(2)
+            w = (torch.einsum("ncs,ncs->nc", xs, gs) - mean * b) * rstd
             weight, bias = (w, b) if weight is None else (weight + w, bias + b)
         dtype = module.weight.dtype
         return {"weight": weight.to(dtype), "bias": bias.to(dtype)}
@@ -57,22 +63,22 @@ class ChannelAffineRule(PerSampleRule):
 class GroupNormRule(ChannelAffineRule):
     module_type = nn.GroupNorm
 
-    def normalised(self, module, x):
-        return F.group_norm(x.to(acc_dtype(x.dtype)), module.num_groups, None, None, module.eps)
+    def statistics(self, module, xs):
+        n, c = xs.shape[:2]
+        var, mean = torch.var_mean(xs.reshape(n, module.num_groups, -1), dim=2, unbiased=False)
+        per = c // module.num_groups  # each group's channels share its statistics
+        return mean.repeat_interleave(per, 1), torch.rsqrt(var + module.eps).repeat_interleave(per, 1)
 
 
 class InstanceNormRule(ChannelAffineRule):
     def matches(self, module):
         return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in INSTANCE_NORMS)
 
-    def normalised(self, module, x):
-        acc = acc_dtype(x.dtype)
-        own = module.training or not module.track_running_stats
-        if own:  # no running statistics passed: nothing is updated
-            return F.instance_norm(x.to(acc), None, None, None, None, True, 0.0, module.eps)
-        mean = module.running_mean.to(acc).view(1, -1, *([1] * (x.dim() - 2)))
-        var = module.running_var.to(acc).view(1, -1, *([1] * (x.dim() - 2)))
-        return (x.to(acc) - mean) * torch.rsqrt(var + module.eps)
+    def statistics(self, module, xs):
+        if module.training or not module.track_running_stats:  # each sample's own statistics
+            var, mean = torch.var_mean(xs, dim=2, unbiased=False)
+            return mean, torch.rsqrt(var + module.eps)
+        return module.running_mean.to(xs.dtype), torch.rsqrt(module.running_var.to(xs.dtype) + module.eps)
 
 
 GROUP_NORM = GroupNormRule()
