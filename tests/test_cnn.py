@@ -153,15 +153,15 @@ def conv_rule_knob(monkeypatch, name, value):
     monkeypatch.setattr(conv.ConvRule if name == "grad_method" else conv, name, value)
 
 
-@pytest.mark.parametrize("variant", ["auto", "grouped-direct", "ghost"])
+@pytest.mark.parametrize("variant", ["auto", "unfold-direct", "grouped-direct", "ghost"])
 @pytest.mark.parametrize("kind", list(CONV_CASES))
 def test_conv_options(kind, variant, device, monkeypatch):
-    """Variants: auto (small layers' per-sample gradients and norms from unfolded patches),
-    grouped-direct (the per-sample gradients by the convolution grouped over the batch that
-    wide layers get, the norms from them), ghost (the ghost norm forced)."""
+    """Variants: auto (the cost rules' picks), unfold-direct and grouped-direct (the
+    per-sample gradients from unfolded patches, or by the convolution grouped over the
+    batch, forced; the norms from them), ghost (the ghost norm forced)."""
     engine_kw = {}
-    if variant == "grouped-direct":
-        conv_rule_knob(monkeypatch, "grad_method", "grouped")
+    if variant.endswith("-direct"):
+        conv_rule_knob(monkeypatch, "grad_method", variant.split("-")[0])
         engine_kw["norm_method"] = "direct"
     elif variant == "ghost":
         engine_kw["norm_method"] = "ghost"
@@ -171,8 +171,8 @@ def test_conv_options(kind, variant, device, monkeypatch):
     check_all(model, x, target, F.cross_entropy, ref, **engine_kw)
 
 
-# wide layers with many output positions (T >= 256, C_in/g * C_out/g >= 1024), where "auto"
-# may pick the convolution grouped over the batch: id -> (the conv, the input shape)
+# wide layers with many output positions, where "auto" picks the convolution grouped over the
+# batch: id -> (the conv, the input shape)
 WIDE = {
     "2d": (lambda: nn.Conv2d(32, 32, 3, padding=1), (32, 16, 16)),
     "2d-groups2-reflect": (lambda: nn.Conv2d(64, 64, 3, padding=1, groups=2, padding_mode="reflect"), (64, 16, 16)),

@@ -14,8 +14,7 @@ group per sample and conv group). Each reduction picks its form per layer and ca
 cost rule measured with ``bench/norms.py``:
 
 - per-sample gradients (materialised, and the direct norm's): grouped over the batch when
-  :func:`grads_use_grouped` (few output positions per kernel element favour the unfolded
-  GEMM);
+  :func:`grads_use_grouped` (many output positions), else the unfolded GEMM;
 - norms: the ghost norm ``<A Aᵀ, G Gᵀ>`` from the unfolded patches when
   :func:`indivgrad_cuda.ops.linear_norm_uses_ghost` picks it for ``(T, C_in/g·k,
   C_out/g)`` (fastDP's mixed ghost rule in other words), else the squares of the
@@ -51,12 +50,13 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def grads_use_grouped(t: int, kernel: int, c_in: int, c_out: int, method: str = "auto") -> bool:
     """Whether the per-sample gradients of a convolution (per group: ``c_in`` input and
     ``c_out`` output channels, ``kernel`` elements, ``t`` output positions) are formed by a
-    convolution grouped over the batch rather than from unfolded patches: when each kernel
-    element sees many positions (``t >= 256``) and the channels are wide enough for the
-    grouped kernel (``c_in·c_out >= 1024``), measured on CPU (bench/norms.py, NOTES.md)."""
+    convolution grouped over the batch rather than from unfolded patches: when there are at
+    least 64 output positions. Measured on CPU (bench/norms.py, bench/NOTES.md): from 64
+    positions the grouped convolution took 0.2-1.0x the unfolded GEMM's time (it writes no
+    patches), at 16 positions and 64-128 channels 3-8x."""
     if method in ("grouped", "unfold"):
         return method == "grouped"
-    return t >= 256 and c_in * c_out >= 1024
+    return t >= 64
 
 
 class _Geometry:
@@ -96,7 +96,18 @@ class _Geometry:
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
         """[N, C_in, *S] -> the patches [N·g, T, C_in/g·k], group-major, in the weight's
-        (channel, kernel) order."""
+        (channel, kernel) order (for 1-D and 2-D a transposed view of F.unfold's im2col)."""
+        if self.dims <= 2:
+            x = self.padded(x)
+            n, lead = x.shape[0], (1,) * (2 - self.dims)  # a 1-D convolution is a 2-D one of height 1
+            cols = F.unfold(
+                x.reshape(n, self.c_in, *lead, *x.shape[2:]),
+                lead + self.kernel,
+                dilation=lead + self.dilation,
+                padding=(0,) * len(lead) + self.padding,
+                stride=lead + self.stride,
+            )  # [N, C_in·k, T]
+            return cols.view(n * self.groups, self.d_in, self.t).transpose(1, 2)
         x = F.pad(x, self.pads, mode=self.mode) if any(self.pads) else x
         for i in range(self.dims):
             x = x.unfold(2 + i, self.dilation[i] * (self.kernel[i] - 1) + 1, self.stride[i])
