@@ -16,6 +16,8 @@ mode the module is in when the gradients are reduced. The engine never updates t
 itself.
 """
 
+import math
+
 import torch
 from torch import nn
 
@@ -48,10 +50,13 @@ class ChannelAffineRule(PerSampleRule):
         # sum_s x̂ g = (sum_s x g - mean · sum_s g) / std per channel: two reductions of the
         # factors (x·g without a temporary), never x̂ itself
         weight = bias = None
+        if f.g[0].shape[0] == 0:  # no statistics to take
+            empty = f.g[0].new_zeros(f.g[0].shape[:2], dtype=module.weight.dtype)
+            return {"weight": empty, "bias": empty.clone()}
         for x, g in zip(f.a, f.g):
             acc = acc_dtype(g.dtype)
-            n, c = g.shape[:2]
-            xs, gs = x.to(acc).reshape(n, c, -1), g.to(acc).reshape(n, c, -1)
+            n, c, s = g.shape[0], g.shape[1], math.prod(g.shape[2:])  # explicit: an empty batch has no -1
+            xs, gs = x.to(acc).reshape(n, c, s), g.to(acc).reshape(n, c, s)
             mean, rstd = self.statistics(module, xs)
             b = gs.sum(2)
             w = (torch.einsum("ncs,ncs->nc", xs, gs) - mean * b) * rstd
@@ -64,8 +69,8 @@ class GroupNormRule(ChannelAffineRule):
     module_type = nn.GroupNorm
 
     def statistics(self, module, xs):
-        n, c = xs.shape[:2]
-        var, mean = torch.var_mean(xs.reshape(n, module.num_groups, -1), dim=2, unbiased=False)
+        n, c, s = xs.shape
+        var, mean = torch.var_mean(xs.reshape(n, module.num_groups, c // module.num_groups * s), dim=2, unbiased=False)
         per = c // module.num_groups  # each group's channels share its statistics
         return mean.repeat_interleave(per, 1), torch.rsqrt(var + module.eps).repeat_interleave(per, 1)
 
