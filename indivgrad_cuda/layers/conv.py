@@ -14,11 +14,14 @@ group per sample and conv group). Each reduction picks its form per layer and ca
 cost rule measured with ``bench/norms.py``:
 
 - per-sample gradients (materialised, and the direct norm's): grouped over the batch when
-  :func:`grads_use_grouped` (many output positions), else the unfolded GEMM;
+  :func:`grads_use_grouped` (many output positions and input channels), else the unfolded
+  GEMM;
 - norms: the ghost norm ``<A Aᵀ, G Gᵀ>`` from the unfolded patches when
   :func:`indivgrad_cuda.ops.linear_norm_uses_ghost` picks it for ``(T, C_in/g·k,
   C_out/g)`` (fastDP's mixed ghost rule in other words), else the squares of the
-  per-sample gradients of a block;
+  per-sample gradients of a block; for a clipped sum, the per-sample gradients whenever
+  they take no more memory than the layer's factors (kept, they make the clipped sum a
+  weighted sum instead of a second weight gradient);
 - the clipped sum: the layer's own weight gradient with each sample's input or output
   gradient (the smaller) scaled by its coefficient (``convolution_backward``: no patches
   unfolded, the arithmetic of the summed step); or, where the norms formed the per-sample
@@ -50,13 +53,14 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def grads_use_grouped(t: int, kernel: int, c_in: int, c_out: int, method: str = "auto") -> bool:
     """Whether the per-sample gradients of a convolution (per group: ``c_in`` input and
     ``c_out`` output channels, ``kernel`` elements, ``t`` output positions) are formed by a
-    convolution grouped over the batch rather than from unfolded patches: when there are at
-    least 64 output positions. Measured on CPU (bench/norms.py, bench/NOTES.md): from 64
-    positions the grouped convolution took 0.2-1.0x the unfolded GEMM's time (it writes no
-    patches), at 16 positions and 64-128 channels 3-8x."""
+    convolution grouped over the batch rather than from unfolded patches: with at least 64
+    output positions and 8 input channels. Measured on CPU (bench/norms.py, bench/NOTES.md):
+    there the grouped convolution took 0.1-0.7x the unfolded GEMM's time (it writes no
+    patches, and came within 1.1-1.5x of the layer's summed weight gradient), but 1.2-1.4x
+    with 3 input channels, and 2.5-5x at 16 positions."""
     if method in ("grouped", "unfold"):
         return method == "grouped"
-    return t >= 64
+    return t >= 64 and c_in >= 8
 
 
 class _Geometry:
@@ -269,7 +273,15 @@ class ConvRule(LayerRule):
         n = f.a[0].shape[0]
         geo = self._calls(module, f)[0][0]
         t, patch_bytes, grad_bytes = self._sizes(module, f)
-        ghost = ops.linear_norm_uses_ghost(t, geo.d_in, geo.d_out) if method == "auto" else method == "ghost"
+        held = sum(v.numel() * v.element_size() for v in (*f.a, *f.g))
+        # for a clipped sum, per-sample gradients taking no more memory than the factors are kept
+        keep = f.cache.get("clipping", False) and n * grad_bytes <= held
+        if method != "auto":
+            ghost = method == "ghost"
+        elif keep:  # direct: the clipped sum is then their weighted sum, no second convolution
+            ghost = False
+        else:
+            ghost = ops.linear_norm_uses_ghost(t, geo.d_in, geo.d_out)
         out = torch.empty(n, dtype=acc_dtype(f.g[0].dtype), device=f.g[0].device)
         if ghost:
             # the ghost norm's T x T Grams are formed by the op in its own blocks
@@ -277,8 +289,6 @@ class ConvRule(LayerRule):
                 a, g = self._unfolded(module, f, n0, n1)
                 out[n0:n1] = ops.linear_sq_norms(a, g, method="ghost").view(n1 - n0, geo.groups).sum(1)
         else:
-            held = sum(t.numel() * t.element_size() for t in (*f.a, *f.g))
-            keep = n * grad_bytes <= held  # no more memory than the factors: keep them for the clipped sum
             kept = (
                 torch.empty((n, *module.weight.shape), dtype=module.weight.dtype, device=out.device) if keep else None
             )

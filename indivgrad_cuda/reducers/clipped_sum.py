@@ -33,6 +33,8 @@ def clipped_grad_sum(engine, inputs, target, loss_fn, max_norm, reduction, noise
         pending = []  # (layer, factors, own attrs, tied groups) of the chunk: the GEMMs wait for every layer's norms
 
         def visit(i, f, n0, n1):
+            if f is not None:
+                f.cache["clipping"] = True  # a rule may pick its norms' form for the clipped sum that follows
             own, tied = reducer.visit(i, f, n0, n1)
             pending.append((layers[i], f, own, tied))
 
