@@ -41,26 +41,25 @@ CONV_SHAPES = [
 ]
 
 
-def compare(label, run, ghost_picked, device, methods=("ghost", "direct")):
-    """(row text, whether auto's pick is within 20% of the faster method); ``ghost_picked``:
-    auto picks the first of ``methods``."""
-    first, second = methods
-    a, b = run(first), run(second)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * a.abs().max().item())
+def compare(label, run, pick, device, methods=("ghost", "direct")):
+    """(row text, whether auto's pick, one of ``methods``, is within 20% of the fastest),
+    every method's result checked against the first's."""
+    first = run(methods[0])
+    for m in methods[1:]:
+        torch.testing.assert_close(run(m), first, rtol=1e-4, atol=1e-5 * first.abs().max().item())
     times = common.time_interleaved({m: (lambda m=m: run(m)) for m in methods}, device, budget_s=0.3)
-    t_a, t_b = times[first], times[second]
-    picked = t_a if ghost_picked else t_b
-    ok = picked <= 1.2 * min(t_a, t_b)
-    faster = first if t_a < t_b else second
-    pick = first if ghost_picked else second
-    return (
-        f"  {label:<22} {t_a:>10.3f} {t_b:>10.3f}  {faster:<8} {pick:<8}{'' if ok else '  <- slower pick'}",
-        ok,
-    )
+    fastest = min(times, key=times.get)
+    ok = times[pick] <= 1.2 * times[fastest]
+    cells = " ".join(f"{times[m]:>10.3f}" for m in methods)
+    return f"  {label:<22} {cells}  {fastest:<8} {pick:<8}{'' if ok else '  <- slower pick'}", ok
+
+
+def header(first, methods):
+    return f"  {first:<22} " + " ".join(f"{m:>10}" for m in methods) + f"  {'fastest':<8} {'auto':<8}"
 
 
 def conv_tables(shapes, n, device):
-    """Per convolution shape: per-sample gradients (unfold, grouped), norms (ghost, direct),
+    """Per convolution shape: per-sample gradients (its forms), norms (ghost, direct),
     clipped sums (the weight gradient, a GEMM over unfolded rows). Whether every auto pick
     is within 20% of the faster."""
     all_ok = True
@@ -95,12 +94,12 @@ def conv_tables(shapes, n, device):
             gf = gf.reshape(n, groups, -1, gf.shape[-1]).transpose(0, 1).flatten(1, 2)
             return torch.bmm(gf.transpose(1, 2), a).reshape(layer.weight.shape)
 
-        grouped = conv.grads_use_grouped(geo.t, geo.k, c_in // groups, c_out // groups)
+        form = conv.grads_form(geo.t, c_in // groups, groups)
         ghost = ig.ops.linear_norm_uses_ghost(geo.t, geo.d_in, geo.d_out)
         for kind, run, pick, methods in (
-            ("grads", grads, not grouped, ("unfold", "grouped")),
-            ("norms", norms, ghost, ("ghost", "direct")),
-            ("clipped", clipped, True, ("wgrad", "gemm")),
+            ("grads", grads, form, conv.GRAD_FORMS if groups == 1 else ("unfold", "grouped")),
+            ("norms", norms, "ghost" if ghost else "direct", ("ghost", "direct")),
+            ("clipped", clipped, "wgrad", ("wgrad", "gemm")),
         ):
             row, ok = compare(label, run, pick, device, methods)
             rows[kind].append((row, methods))
@@ -111,9 +110,12 @@ def conv_tables(shapes, n, device):
         "clipped": "clipped sum (auto: the weight gradient)",
     }
     for kind, entries in rows.items():
-        a, b = entries[0][1]
-        print(f"\nConv2d {titles[kind]}\n  {'layer':<22} {a:>10} {b:>10}  {'faster':<8} {'auto':<8}")
-        for row, _ in entries:
+        print(f"\nConv2d {titles[kind]}")
+        shown = None
+        for row, methods in entries:
+            if methods != shown:  # grouped layers have fewer forms
+                print(header("layer", methods))
+                shown = methods
             print(row)
     return all_ok
 
@@ -131,26 +133,26 @@ def main(argv=None):
     print(f"bench/norms.py on {common.device_name(device)}, N={args.n}, float32; times in ms")
     all_ok = True
     for d_in, d_out in shapes:
-        print(f"\nLinear {d_in} -> {d_out}\n  {'T':<22} {'ghost':>10} {'direct':>10}  {'faster':<8} {'auto':<8}")
+        print(f"\nLinear {d_in} -> {d_out}\n{header('T', ('ghost', 'direct'))}")
         for t in tokens:
             x = torch.randn(args.n, t, d_in, device=device)
             g = torch.randn(args.n, t, d_out, device=device)
             row, ok = compare(
                 t,
                 lambda m, x=x, g=g: ig.ops.linear_sq_norms(x, g, method=m),
-                ig.ops.linear_norm_uses_ghost(t, d_in, d_out),
+                "ghost" if ig.ops.linear_norm_uses_ghost(t, d_in, d_out) else "direct",
                 device,
             )
             print(row)
             all_ok &= ok
-    print(f"\nEmbedding {v} x {d}\n  {'T':<22} {'ghost':>10} {'direct':>10}  {'faster':<8} {'auto':<8}")
+    print(f"\nEmbedding {v} x {d}\n{header('T', ('ghost', 'direct'))}")
     for t in tokens:
         ids = torch.randint(0, v, (args.n, t), device=device)
         g = torch.randn(args.n, t, d, device=device)
         row, ok = compare(
             t,
             lambda m, ids=ids, g=g: ig.ops.embedding_sq_norms(ids, g, 0, method=m),
-            ig._C.embedding_norm_uses_ghost(t, "auto"),
+            "ghost" if ig._C.embedding_norm_uses_ghost(t, "auto") else "direct",
             device,
         )
         print(row)

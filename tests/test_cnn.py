@@ -149,16 +149,17 @@ def conv_case(kind, dtype=torch.float64, device="cpu"):
 
 def conv_rule_knob(monkeypatch, name, value):
     """Sets a knob of the conv rule's module for one test: its per-sample gradients' form
-    (ConvRule.grad_method, "unfold" or "grouped") or its block size (BLOCK_BYTES)."""
+    (ConvRule.grad_method, one of GRAD_FORMS) or its block size (BLOCK_BYTES)."""
     monkeypatch.setattr(conv.ConvRule if name == "grad_method" else conv, name, value)
 
 
-@pytest.mark.parametrize("variant", ["auto", "unfold-direct", "grouped-direct", "ghost"])
+@pytest.mark.parametrize("variant", ["auto", "unfold-direct", "grouped-direct", "channels-direct", "ghost"])
 @pytest.mark.parametrize("kind", list(CONV_CASES))
 def test_conv_options(kind, variant, device, monkeypatch):
-    """Variants: auto (the cost rules' picks), unfold-direct and grouped-direct (the
-    per-sample gradients from unfolded patches, or by the convolution grouped over the
-    batch, forced; the norms from them), ghost (the ghost norm forced)."""
+    """Variants: auto (the cost rules' picks), unfold-direct, grouped-direct and
+    channels-direct (the per-sample gradients from unfolded patches, by the convolution
+    grouped over the batch, or by the convolution of the input channels, forced; the norms
+    from them), ghost (the ghost norm forced)."""
     engine_kw = {}
     if variant.endswith("-direct"):
         conv_rule_knob(monkeypatch, "grad_method", variant.split("-")[0])

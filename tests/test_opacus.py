@@ -297,7 +297,7 @@ def make_conv(case, device, n=3):
     return layer, x, gout
 
 
-@pytest.mark.parametrize("method", ["unfold", "grouped"])  # the rule's two forms of per-sample gradients
+@pytest.mark.parametrize("method", conv_layers.GRAD_FORMS)  # the rule's forms of per-sample gradients
 @pytest.mark.parametrize("case", CONVS, ids=CONV_IDS)
 def test_conv_grad_samples_match_reference_and_opacus(case, method, device, monkeypatch):
     monkeypatch.setattr(conv_layers.ConvRule, "grad_method", method)

@@ -10,12 +10,14 @@ Unfolding multiplies the input's memory by k, so what unfolds works a block of s
 a time, each block's patches at most ``BLOCK_BYTES``; and where it is cheaper the
 per-sample gradients are formed without unfolding, as the weight gradient of a convolution
 grouped over the batch (Rochette et al. 2019: the batch folded into the channels, one
-group per sample and conv group). Each reduction picks its form per layer and call by a
+group per sample and conv group), or for few input channels as a convolution of the input
+channels (as a batch) with each sample's output gradient. Each reduction picks its form per layer and call by a
 cost rule measured with ``bench/norms.py``:
 
-- per-sample gradients (materialised, and the direct norm's): grouped over the batch when
-  :func:`grads_use_grouped` (many output positions and input channels), else the unfolded
-  GEMM;
+- per-sample gradients (materialised, and the direct norm's): by :func:`grads_form`, a
+  convolution grouped over the batch (many output positions and input channels), a
+  convolution of the input channels with each sample's output gradient (few input
+  channels: first layers), else the unfolded GEMM;
 - norms: the ghost norm ``<A Aᵀ, G Gᵀ>`` from the unfolded patches when
   :func:`indivgrad_cuda.ops.linear_norm_uses_ghost` picks it for ``(T, C_in/g·k,
   C_out/g)`` (fastDP's mixed ghost rule in other words), else the squares of the
@@ -50,17 +52,26 @@ BLOCK_BYTES = 64 << 20  # the most bytes of unfolded patches (or per-sample grad
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def grads_use_grouped(t: int, kernel: int, c_in: int, c_out: int, method: str = "auto") -> bool:
-    """Whether the per-sample gradients of a convolution (per group: ``c_in`` input and
-    ``c_out`` output channels, ``kernel`` elements, ``t`` output positions) are formed by a
-    convolution grouped over the batch rather than from unfolded patches: with at least 64
-    output positions and 8 input channels. Measured on CPU (bench/norms.py, bench/NOTES.md):
-    there the grouped convolution took 0.1-0.7x the unfolded GEMM's time (it writes no
-    patches, and came within 1.1-1.5x of the layer's summed weight gradient), but 1.2-1.4x
-    with 3 input channels, and 2.5-5x at 16 positions."""
-    if method in ("grouped", "unfold"):
-        return method == "grouped"
-    return t >= 64 and c_in >= 8
+GRAD_FORMS = ("unfold", "grouped", "channels")
+
+
+def grads_form(t: int, c_in: int, groups: int, method: str = "auto") -> str:
+    """How the per-sample gradients of a convolution (``c_in`` input channels per group,
+    ``t`` output positions) are formed: ``"channels"`` (a convolution whose batch is the
+    input channels and whose weight is each sample's output gradient, grouped over the
+    samples: for few input channels and one group), ``"grouped"`` (the weight gradient of a
+    convolution grouped over the batch: from 64 positions and 8 input channels), else
+    ``"unfold"`` (a GEMM over unfolded patches). Measured on CPU, 2 threads (bench/norms.py,
+    bench/NOTES.md): with 3 input channels "channels" took 0.5x the unfolded GEMM's time and
+    0.3x the grouped one's; from 8 channels and 64 positions "grouped" took 0.1-0.7x the
+    unfolded GEMM's (1.0-1.5x the layer's summed weight gradient); at 16 positions and 64-128
+    channels the unfolded GEMM is 2.5-5x faster than "grouped". ``method`` forces a form
+    ("channels" only with one group: with more it is "grouped")."""
+    if method != "auto":
+        return "grouped" if method == "channels" and groups > 1 else method
+    if c_in < 8 and groups == 1:
+        return "channels"
+    return "grouped" if t >= 64 and c_in >= 8 else "unfold"
 
 
 class _Geometry:
@@ -145,6 +156,27 @@ class _Geometry:
             (False, True, False),
         )[1].view(n, self.c_out, self.c_in // self.groups, *self.kernel)
 
+    def channel_grads(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Per-sample weight gradients [N, C_out, C_in, *k] (one group) by a convolution of the
+        input channels as a batch ([C_in, N, *S] padded) with each sample's output gradient as
+        its weight, grouped over the samples: sample n's gradient at kernel offset κ is
+        ``sum_t g[n, :, t] x[n, :, stride·t + dilation·κ]``, a convolution over κ with the
+        roles of stride and dilation swapped."""
+        n = x.shape[0]
+        x = F.pad(x, self.pads, mode=self.mode) if any(self.pads) else x
+        s, d, k = self.stride, self.dilation, self.kernel
+        used = [s[i] * (self.out_size[i] - 1) + d[i] * (k[i] - 1) + 1 for i in range(self.dims)]
+        x = x[(..., *(slice(0, u) for u in used))]  # what a stride leaves unread at the end would add offsets
+        conv = (F.conv1d, F.conv2d, F.conv3d)[self.dims - 1]
+        out = conv(
+            x.transpose(0, 1),
+            g.reshape(n * self.c_out, 1, *g.shape[2:]),
+            stride=self.dilation,
+            dilation=self.stride,
+            groups=n,
+        )  # [C_in, N·C_out, *k]
+        return out.view(self.c_in, n, self.c_out, *self.kernel).movedim(0, 2)
+
     def weight_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The summed weight gradient [C_out, C_in/g, *k] (the normal backward's)."""
         weight = g.new_empty(1).expand(self.c_out, self.c_in // self.groups, *self.kernel)
@@ -171,7 +203,7 @@ def _blocks(n: int, per_sample_bytes: int):
 
 
 class ConvRule(LayerRule):
-    grad_method = "auto"  # "unfold" or "grouped" forces the per-sample gradients' form (tests, bench)
+    grad_method = "auto"  # one of GRAD_FORMS forces the per-sample gradients' form (tests, bench)
 
     def matches(self, module):
         return any(isinstance(module, cls) and type(module).forward is cls.forward for cls in CONV_TYPES)
@@ -217,8 +249,9 @@ class ConvRule(LayerRule):
         """Samples n0..n1's weight gradients [n, C_out, C_in/g, *k], into ``out`` when given."""
         for k, (geo, x, g) in enumerate(self._calls(module, f)):
             x, g = x[n0:n1], g[n0:n1]
-            if grads_use_grouped(geo.t, geo.k, geo.c_in // geo.groups, geo.d_out, self.grad_method):
-                part = geo.grouped_grads(x, g)
+            form = grads_form(geo.t, geo.c_in // geo.groups, geo.groups, self.grad_method)
+            if form != "unfold":
+                part = geo.grouped_grads(x, g) if form == "grouped" else geo.channel_grads(x, g)
                 if out is None:
                     out = part
                 elif k == 0:
