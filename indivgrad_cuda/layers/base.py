@@ -130,6 +130,11 @@ class LayerRule:
         """``grads[attr] (+)= sum_n coef[n] * (sample n's gradient)`` for the wanted attrs."""
         raise NotImplementedError
 
+    def release(self, module: nn.Module, f: Factors) -> None:
+        """Called by the clipped sum once the layer's norms are taken (its factors are held
+        until every layer's are): drops what the clipped sum will not need (a rule that
+        kept its per-sample gradients needs no factors)."""
+
     def gram(
         self, module: nn.Module, fa: Factors, fb: Factors, want: list[str], per_param: bool
     ) -> dict[tuple[str, ...], torch.Tensor]:

@@ -332,13 +332,13 @@ class ConvRule(LayerRule):
         return out
 
     def clipped_sum(self, module, f, coef, grads, accumulate):
-        c = coef.to(f.g[0].dtype)
         if "weight" in grads and "weight" in f.cache:  # the norms' per-sample gradients: no convolution
             kept = f.cache["weight"]
             acc = acc_dtype(kept.dtype)
             write_or_add(grads["weight"], torch.tensordot(coef.to(acc), kept.to(acc), dims=1), accumulate)
         elif "weight" in grads:
             w = grads["weight"]
+            c = coef.to(f.g[0].dtype)
             for k, (geo, x, g) in enumerate(self._calls(module, f)):
                 # the layer's weight gradient with each sample scaled: scale the smaller of x and g
                 if x.numel() < g.numel():
@@ -347,7 +347,14 @@ class ConvRule(LayerRule):
                     g = g * c.view(-1, *([1] * (g.dim() - 1)))
                 write_or_add(w, geo.weight_grad(x, g), accumulate or k > 0)
         if "bias" in grads:
-            write_or_add(grads["bias"], c @ self._bias_grads(f), accumulate)
+            b = self._bias_grads(f)
+            write_or_add(grads["bias"], coef.to(b.dtype) @ b, accumulate)
+
+    def release(self, module, f):
+        if "weight" in f.cache or not module.weight.requires_grad:  # kept, or no weight to sum
+            if module.bias is not None:
+                self._bias_grads(f)
+            f.a = f.g = None
 
     def gram(self, module, fa, fb, want, per_param):
         out = {}

@@ -32,6 +32,10 @@ class PerSampleRule(LayerRule):
             f.cache["grads"] = self.per_sample(module, f)
         return f.cache["grads"]
 
+    def release(self, module, f):
+        if "grads" in f.cache:  # the clipped sum reduces these
+            f.a = f.g = None
+
     def grads(self, module, f, layout, out):
         per_sample = self._grads(module, f)
         for attr, buf in out.items():

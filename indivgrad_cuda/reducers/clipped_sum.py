@@ -36,7 +36,10 @@ def clipped_grad_sum(engine, inputs, target, loss_fn, max_norm, reduction, noise
             if f is not None:
                 f.cache["clipping"] = True  # a rule may pick its norms' form for the clipped sum that follows
             own, tied = reducer.visit(i, f, n0, n1)
-            pending.append((layers[i], f, own, tied))
+            layer = layers[i]
+            if f is not None and not any(layer.names[a] in reducer.visits.tied for a in layer.trainable()):
+                layer.rule.release(layer.module, f)  # held until every layer's norms are in: keep only what it needs
+            pending.append((layer, f, own, tied))
 
         def end_chunk(n0, n1):
             reducer.end_chunk(n0, n1)
