@@ -48,7 +48,11 @@ from torch import nn
 from indivgrad_cuda import ops
 from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows, write_or_add
 
-BLOCK_BYTES = 64 << 20  # the most bytes of unfolded patches (or per-sample gradients) formed at once
+# The bytes of unfolded patches (or per-sample gradients) formed at once: as many as the
+# layer's own factors (its input and output gradient: what a normal step holds for it), at
+# least BLOCK_BYTES_MIN and at most BLOCK_BYTES.
+BLOCK_BYTES = 64 << 20
+BLOCK_BYTES_MIN = 4 << 20
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -195,9 +199,16 @@ class _Geometry:
         )[1]
 
 
-def _blocks(n: int, per_sample_bytes: int):
-    """Sample ranges whose temporaries take at most BLOCK_BYTES (at least one sample each)."""
-    step = max(1, BLOCK_BYTES // max(1, per_sample_bytes))
+def _held(f: Factors) -> int:
+    """Bytes of a layer's factors (every call's input and output gradient)."""
+    return sum(v.numel() * v.element_size() for v in (*f.a, *f.g))
+
+
+def _blocks(n: int, per_sample_bytes: int, f: Factors):
+    """Sample ranges whose temporaries fit the block budget of the layer with factors f (at
+    least one sample each)."""
+    budget = min(BLOCK_BYTES, max(BLOCK_BYTES_MIN, _held(f)))
+    step = max(1, budget // max(1, per_sample_bytes))
     for n0 in range(0, n, step):
         yield n0, min(n, n0 + step)
 
@@ -289,7 +300,7 @@ class ConvRule(LayerRule):
         n = f.a[0].shape[0]
         if "weight" in out:
             _, patch_bytes, _ = self._sizes(module, f)
-            for n0, n1 in _blocks(n, patch_bytes):
+            for n0, n1 in _blocks(n, patch_bytes, f):
                 self._weight_grads(module, f, n0, n1, out["weight"][n0:n1])
         if "bias" in out:
             out["bias"].copy_(self._bias_grads(f))
@@ -306,9 +317,8 @@ class ConvRule(LayerRule):
         n = f.a[0].shape[0]
         geo = self._calls(module, f)[0][0]
         t, patch_bytes, grad_bytes = self._sizes(module, f)
-        held = sum(v.numel() * v.element_size() for v in (*f.a, *f.g))
         # for a clipped sum, per-sample gradients taking no more memory than the factors are kept
-        keep = f.cache.get("clipping", False) and n * grad_bytes <= held
+        keep = f.cache.get("clipping", False) and n * grad_bytes <= _held(f)
         if method != "auto":
             ghost = method == "ghost"
         elif keep:  # direct: the clipped sum is then their weighted sum, no second convolution
@@ -318,14 +328,14 @@ class ConvRule(LayerRule):
         out = torch.empty(n, dtype=acc_dtype(f.g[0].dtype), device=f.g[0].device)
         if ghost:
             # the ghost norm's T x T Grams are formed by the op in its own blocks
-            for n0, n1 in _blocks(n, patch_bytes):
+            for n0, n1 in _blocks(n, patch_bytes, f):
                 a, g = self._unfolded(module, f, n0, n1)
                 out[n0:n1] = ops.linear_sq_norms(a, g, method="ghost").view(n1 - n0, geo.groups).sum(1)
         else:
             kept = (
                 torch.empty((n, *module.weight.shape), dtype=module.weight.dtype, device=out.device) if keep else None
             )
-            for n0, n1 in _blocks(n, max(patch_bytes, grad_bytes)):
+            for n0, n1 in _blocks(n, max(patch_bytes, grad_bytes), f):
                 out[n0:n1] = squared_rows(self._weight_grads(module, f, n0, n1, None if kept is None else kept[n0:n1]))
             if keep:
                 f.cache["weight"] = kept
@@ -370,9 +380,9 @@ class ConvRule(LayerRule):
         grouped = module.groups > 1  # the per-sample gradients are small: contract them
         _, pa, ga = self._sizes(module, fa)
         _, pb, _ = self._sizes(module, fb)
-        for b0, b1 in _blocks(nb, max(pb, ga) * 2):
+        for b0, b1 in _blocks(nb, max(pb, ga) * 2, fb):
             right = self._weight_grads(module, fb, b0, b1) if grouped else self._unfolded(module, fb, b0, b1)
-            for a0, a1 in _blocks(na, max(pa, ga) * 2):
+            for a0, a1 in _blocks(na, max(pa, ga) * 2, fa):
                 if grouped:
                     out[a0:a1, b0:b1] = gram_rows(self._weight_grads(module, fa, a0, a1), right)
                 else:
@@ -407,7 +417,7 @@ class ConvRule(LayerRule):
             p_out_g = p_out.view(p_out.shape[0], gs, geo.d_out)
             _, patch_bytes, _ = self._sizes(module, f)
             rows = []
-            for n0, n1 in _blocks(n, patch_bytes):
+            for n0, n1 in _blocks(n, patch_bytes, f):
                 a, g = self._unfolded(module, f, n0, n1)  # [n·g, T, d_in], [n·g, T, d_out]
                 a = (a.to(acc) @ p_in.t()).view(n1 - n0, -1, p_in.shape[0])  # [n, g·T, k_in]
                 g = g.to(acc).reshape(n1 - n0, gs, -1, geo.d_out)
