@@ -145,7 +145,9 @@ class _Tap(torch.autograd.Function):
 @dataclass
 class _Call:
     record: object  # what the rule keeps of the input
-    outputs: list  # the tapped outputs, as the layer returned them through the taps
+    # (shape, dtype, device) of each tapped output, for a zero gradient where none arrives; not
+    # the outputs themselves, which a normal step frees once the next op has run
+    outputs: list
     grads: list  # the gradient at each tapped output, once the backward has reached it (else None)
 
 
@@ -193,7 +195,7 @@ class _Recorder:
 
             def tap(t):
                 k = len(call.grads)
-                call.outputs.append(t)
+                call.outputs.append((t.shape, t.dtype, t.device))
                 call.grads.append(None)
                 rec.expected += 1
                 return _Tap.apply(t, self.probe, lambda g: self._arrive(index, call, k, g))
@@ -249,7 +251,7 @@ class _Recorder:
                 self._count_local_uses(rec, args, kwargs, [leaves[i] for i in taps])
             call = _Call(layer.rule.record(module, args, kwargs, output, self.n, self.check), [], [None] * len(taps))
             for k, i in enumerate(taps):
-                call.outputs.append(leaves[i])
+                call.outputs.append((leaves[i].shape, leaves[i].dtype, leaves[i].device))
                 leaves[i] = _Tap.apply(leaves[i], self.probe, lambda g, call=call, k=k: self._arrive(index, call, k, g))
             rec.calls.append(call)
             rec.expected += len(taps)
@@ -295,7 +297,10 @@ class _Recorder:
         rule, module = rec.layer.rule, rec.layer.module
         records, grads = [], []
         for call in rec.calls:
-            got = [g if g is not None else torch.zeros_like(o) for g, o in zip(call.grads, call.outputs)]
+            got = [
+                g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                for g, (shape, dtype, device) in zip(call.grads, call.outputs)
+            ]
             records.append(call.record)
             grads.append(rule.output_grad(module, got))
             call.record = call.grads = call.outputs = None  # nothing of the call outlives the layer's reduction
