@@ -95,7 +95,7 @@ def conv_tables(shapes, n, device):
             return torch.bmm(gf.transpose(1, 2), a).reshape(layer.weight.shape)
 
         form = conv.grads_form(geo.t, c_in // groups, groups)
-        ghost = ig.ops.linear_norm_uses_ghost(geo.t, geo.d_in, geo.d_out)
+        ghost = conv.norm_uses_ghost(geo.t, geo.d_in, geo.d_out)
         for kind, run, pick, methods in (
             ("grads", grads, form, conv.GRAD_FORMS if groups == 1 else ("unfold", "grouped")),
             ("norms", norms, "ghost" if ghost else "direct", ("ghost", "direct")),

@@ -19,8 +19,8 @@ cost rule measured with ``bench/norms.py``:
   convolution of the input channels with each sample's output gradient (few input
   channels: first layers), else the unfolded GEMM;
 - norms: the ghost norm ``<A Aᵀ, G Gᵀ>`` from the unfolded patches when
-  :func:`indivgrad_cuda.ops.linear_norm_uses_ghost` picks it for ``(T, C_in/g·k,
-  C_out/g)`` (fastDP's mixed ghost rule in other words), else the squares of the
+  :func:`norm_uses_ghost` picks it for ``(T, C_in/g·k, C_out/g)`` (fastDP's mixed ghost
+  rule, ``2T² <= C_in·k·C_out``, fitted to the direct forms here), else the squares of the
   per-sample gradients of a block; for a clipped sum, the per-sample gradients whenever
   they take no more memory than the layer's factors (kept, they make the clipped sum a
   weighted sum instead of a second weight gradient);
@@ -68,14 +68,26 @@ def grads_form(t: int, c_in: int, groups: int, method: str = "auto") -> str:
     ``"unfold"`` (a GEMM over unfolded patches). Measured on CPU, 2 threads (bench/norms.py,
     bench/NOTES.md): with 3 input channels "channels" took 0.5x the unfolded GEMM's time and
     0.3x the grouped one's; from 8 channels and 64 positions "grouped" took 0.1-0.7x the
-    unfolded GEMM's (1.0-1.5x the layer's summed weight gradient); at 16 positions and 64-128
-    channels the unfolded GEMM is 2.5-5x faster than "grouped". ``method`` forces a form
+    unfolded GEMM's (1.0-1.5x the layer's summed weight gradient), and 0.04x for a depthwise
+    one; at 16 positions and 64-128 channels the unfolded GEMM is 2.5-5x faster than
+    "grouped". ``method`` forces a form
     ("channels" only with one group: with more it is "grouped")."""
     if method != "auto":
         return "grouped" if method == "channels" and groups > 1 else method
     if c_in < 8 and groups == 1:
         return "channels"
-    return "grouped" if t >= 64 and c_in >= 8 else "unfold"
+    return "grouped" if t >= 64 and (c_in >= 8 or groups > 1) else "unfold"
+
+
+def norm_uses_ghost(t: int, d_in: int, d_out: int) -> bool:
+    """Whether a convolution's squared norms take the ghost form (``t`` output positions,
+    ``d_in = C_in/g·k``, ``d_out = C_out/g``): when its multiply-adds ``T²(d_in + d_out)``
+    are at most half the per-sample gradients' ``T·d_in·d_out``, as it also writes the
+    unfolded patches, which the direct forms do not: ``2·T·(d_in + d_out) <= d_in·d_out``.
+    Fitted on bench/norms.py's nine conv shapes (CPU, bench/NOTES.md), where Linear's rule
+    (``linear_norm_uses_ghost``) took the ghost form at 8x8 positions and 64 channels at
+    1.4x the direct form's time."""
+    return 2 * t * (d_in + d_out) <= d_in * d_out
 
 
 class _Geometry:
@@ -324,7 +336,7 @@ class ConvRule(LayerRule):
         elif keep:  # direct: the clipped sum is then their weighted sum, no second convolution
             ghost = False
         else:
-            ghost = ops.linear_norm_uses_ghost(t, geo.d_in, geo.d_out)
+            ghost = norm_uses_ghost(t, geo.d_in, geo.d_out)
         out = torch.empty(n, dtype=acc_dtype(f.g[0].dtype), device=f.g[0].device)
         if ghost:
             # the ghost norm's T x T Grams are formed by the op in its own blocks
