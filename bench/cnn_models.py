@@ -4,28 +4,9 @@ through scale", train WRN-16-4 and deeper ones so), for bench/run.py's cnn: and 
 
 from torch import nn
 
+from tests.models import opacus_cifar_cnn  # noqa: F401  (shared with tests/test_cnn.py)
+
 CLASSES = 10
-
-
-def opacus_cifar_cnn(classes=CLASSES):
-    """The CNN of Opacus's CIFAR-10 example (examples/cifar10.py): four 3x3 convolutions with
-    average pooling, [N, 3, S, S] to [N, classes]; 0.13 M parameters."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(64, 128, kernel_size=3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d((1, 1)),
-        nn.Flatten(start_dim=1, end_dim=-1),
-        nn.Linear(128, classes, bias=True),
-    )
 
 
 class WideBasic(nn.Module):

@@ -1,6 +1,6 @@
 """Models the any-model tests and the benches share: a small transformer encoder
 classifier written with Linear layers (Embedding with padding_idx, LayerNorm, attention,
-MLP blocks, mean pooling) and a custom residual MLP."""
+MLP blocks, mean pooling), a custom residual MLP, and the CNN of Opacus's CIFAR-10 example."""
 
 import math
 
@@ -107,3 +107,24 @@ def token_batch(n, t, vocab, classes, device="cpu", pad_from=None, generator=Non
     ids = ids.masked_fill(~mask, 0)
     labels = torch.randint(0, classes, (n,), device=device, generator=generator)
     return ids, mask, labels
+
+
+def opacus_cifar_cnn(classes=10):
+    """The CNN of Opacus's CIFAR-10 example (examples/cifar10.py): four 3x3 convolutions with
+    average pooling, [N, 3, S, S] to [N, classes]; 0.13 M parameters."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+        nn.Conv2d(64, 128, kernel_size=3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Flatten(start_dim=1, end_dim=-1),
+        nn.Linear(128, classes, bias=True),
+    )

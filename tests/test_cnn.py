@@ -21,6 +21,7 @@ from torch import nn
 import indivgrad_cuda as ig
 from indivgrad_cuda.layers import conv
 from tests.conftest import TOL
+from tests.models import opacus_cifar_cnn
 from tests.reference import clipped_sum_ref, func_module_grads, loop_module_grads
 
 F64 = TOL[torch.float64]
@@ -299,26 +300,6 @@ def test_instance_norm_tracking_running_stats_in_train_mode(device):
 # ---------------------------------------------------------------- whole networks
 
 
-def opacus_cnn():
-    """The CNN of Opacus's CIFAR-10 example."""
-    return nn.Sequential(
-        nn.Conv2d(3, 32, kernel_size=3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(64, 64, kernel_size=3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(kernel_size=2, stride=2),
-        nn.Conv2d(64, 128, kernel_size=3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d((1, 1)),
-        nn.Flatten(start_dim=1, end_dim=-1),
-        nn.Linear(128, 10, bias=True),
-    )
-
-
 class BasicBlock(nn.Module):
     """ResNet's basic block with GroupNorm for BatchNorm (what ModuleValidator.fix makes of
     it): conv-GN-ReLU-conv-GN plus a strided 1x1 conv shortcut, then ReLU."""
@@ -352,7 +333,7 @@ def resnet_block():
 
 # id -> (the model, the input shape, classes)
 NETWORKS = {
-    "opacus-cnn": (opacus_cnn, (3, 16, 16), 10),
+    "opacus-cnn": (opacus_cifar_cnn, (3, 16, 16), 10),
     "resnet-block": (resnet_block, (3, 8, 8), 5),
 }
 

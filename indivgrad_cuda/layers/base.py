@@ -156,6 +156,20 @@ class LayerRule:
         raise NotImplementedError
 
 
+class WholeCalls:
+    """For rules that keep each call's input and output gradient whole (calls of any shapes,
+    each reduced on its own): ``Factors.a`` and ``.g`` are lists, one entry per call."""
+
+    def record(self, module, args, kwargs, output, n, check=False):
+        return args[0].detach()
+
+    def output_grad(self, module, grads):
+        return grads[0]
+
+    def combine(self, records, grads):
+        return Factors(list(records), list(grads))
+
+
 def fit(d: int, k: float) -> int:
     """A projection's dimension: k rounded down, at least 1 and at most d."""
     return max(1, min(d, int(k)))

@@ -46,7 +46,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from indivgrad_cuda import ops
-from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows, write_or_add
+from indivgrad_cuda.layers.base import (
+    Factors,
+    LayerRule,
+    WholeCalls,
+    acc_dtype,
+    fit,
+    gram_rows,
+    squared_rows,
+    write_or_add,
+)
 
 # The bytes of unfolded patches (or per-sample gradients) formed at once: as many as the
 # layer's own factors (its input and output gradient: what a normal step holds for it), at
@@ -154,23 +163,13 @@ class _Geometry:
         return g.reshape(g.shape[0] * self.groups, self.d_out, self.t).transpose(1, 2)
 
     def grouped_grads(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Per-sample weight gradients [N, C_out, C_in/g, *k] by one convolution grouped over the batch."""
+        """Per-sample weight gradients [N, C_out, C_in/g, *k]: the weight gradient of the
+        convolution with the batch folded into the channels, one group per sample and group."""
         n = x.shape[0]
-        x = self.padded(x)
-        weight = g.new_empty(1).expand(n * self.c_out, self.c_in // self.groups, *self.kernel)
-        return torch.ops.aten.convolution_backward(
-            g.reshape(1, n * self.c_out, *g.shape[2:]),
-            x.reshape(1, n * self.c_in, *x.shape[2:]),
-            weight,
-            None,
-            self.stride,
-            self.padding,
-            self.dilation,
-            False,
-            (0,) * self.dims,
-            n * self.groups,
-            (False, True, False),
-        )[1].view(n, self.c_out, self.c_in // self.groups, *self.kernel)
+        folded = self.weight_grad(
+            x.reshape(1, n * self.c_in, *x.shape[2:]), g.reshape(1, n * self.c_out, *g.shape[2:]), n
+        )
+        return folded.view(n, self.c_out, self.c_in // self.groups, *self.kernel)
 
     def channel_grads(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """Per-sample weight gradients [N, C_out, C_in, *k] (one group) by a convolution of the
@@ -193,9 +192,10 @@ class _Geometry:
         )  # [C_in, N·C_out, *k]
         return out.view(self.c_in, n, self.c_out, *self.kernel).movedim(0, 2)
 
-    def weight_grad(self, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """The summed weight gradient [C_out, C_in/g, *k] (the normal backward's)."""
-        weight = g.new_empty(1).expand(self.c_out, self.c_in // self.groups, *self.kernel)
+    def weight_grad(self, x: torch.Tensor, g: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        """The summed weight gradient [C_out, C_in/g, *k] (the normal backward's); with the
+        channels of ``copies`` samples folded into x and g, theirs stacked."""
+        weight = g.new_empty(1).expand(copies * self.c_out, self.c_in // self.groups, *self.kernel)
         return torch.ops.aten.convolution_backward(
             g,
             self.padded(x),
@@ -206,7 +206,7 @@ class _Geometry:
             self.dilation,
             False,
             (0,) * self.dims,
-            self.groups,
+            copies * self.groups,
             (False, True, False),
         )[1]
 
@@ -225,7 +225,7 @@ def _blocks(n: int, per_sample_bytes: int, f: Factors):
         yield n0, min(n, n0 + step)
 
 
-class ConvRule(LayerRule):
+class ConvRule(WholeCalls, LayerRule):
     grad_method = "auto"  # one of GRAD_FORMS forces the per-sample gradients' form (tests, bench)
 
     def matches(self, module):
@@ -244,15 +244,6 @@ class ConvRule(LayerRule):
                 f"[N, C_in, ...] of {dims} dims, dim 0 the samples"
             )
         return None
-
-    def record(self, module, args, kwargs, output, n, check=False):
-        return args[0].detach()
-
-    def output_grad(self, module, grads):
-        return grads[0]
-
-    def combine(self, records, grads):
-        return Factors(list(records), list(grads))  # calls of any sizes: each is its own set of patches
 
     # ------------------------------------------------------------------ pieces
     def _calls(self, module, f: Factors):

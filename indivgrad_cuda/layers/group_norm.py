@@ -21,25 +21,16 @@ import math
 import torch
 from torch import nn
 
-from indivgrad_cuda.layers.base import Factors, acc_dtype
+from indivgrad_cuda.layers.base import WholeCalls, acc_dtype
 from indivgrad_cuda.layers.per_sample import PerSampleRule
 
 INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
 
-class ChannelAffineRule(PerSampleRule):
+class ChannelAffineRule(WholeCalls, PerSampleRule):
     """A normalisation of each sample followed by a per-channel affine map (dim 1)."""
 
     matrix_projections = False
-
-    def record(self, module, args, kwargs, output, n, check=False):
-        return args[0].detach()
-
-    def output_grad(self, module, grads):
-        return grads[0]
-
-    def combine(self, records, grads):
-        return Factors(list(records), list(grads))  # calls of any sizes: each reduced on its own
 
     def statistics(self, module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, 1/std), each [N, C] or broadcastable to it, in the accumulation dtype:

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from torch.utils._pytree import tree_unflatten
 
 from indivgrad_cuda.errors import UnsupportedModuleError
-from indivgrad_cuda.layers.base import Factors, acc_dtype
+from indivgrad_cuda.layers.base import WholeCalls, acc_dtype
 from indivgrad_cuda.layers.fallback import FallbackRule, difference
 from indivgrad_cuda.layers.per_sample import PerSampleRule
 
@@ -40,19 +40,10 @@ def _sum_positions(xhat: torch.Tensor, g: torch.Tensor, keep: int) -> torch.Tens
     return prod.reshape(prod.shape[0], -1, *prod.shape[prod.dim() - keep :]).sum(1)
 
 
-class RMSNormRule(PerSampleRule):
+class RMSNormRule(WholeCalls, PerSampleRule):
     module_type = nn.RMSNorm
     params = ("weight",)
     matrix_projections = False
-
-    def record(self, module, args, kwargs, output, n, check=False):
-        return args[0].detach()
-
-    def output_grad(self, module, grads):
-        return grads[0]
-
-    def combine(self, records, grads):
-        return Factors(records, grads)  # calls of any shapes: each reduced on its own
 
     def per_sample(self, module, f):
         keep = len(module.normalized_shape)
