@@ -190,6 +190,7 @@ def _why_not(module) -> str:
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return (
             "BatchNorm normalises with statistics of the whole batch in train mode, which mixes samples; "
-            "freeze it, or use LayerNorm/GroupNorm (or fallback=True, to serve it in eval mode)"
+            "freeze it, or use GroupNorm/LayerNorm (opacus.validators.ModuleValidator.fix(model) swaps BatchNorm "
+            "for GroupNorm), or pass fallback=True to serve it in eval mode"
         )
     return "no per-sample gradient rule for this type (fallback=True serves it by torch.func)"
