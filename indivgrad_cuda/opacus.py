@@ -131,7 +131,7 @@ def _empty(want, backprops, per_sample=True):
 def _conv_factors(layer, activations, backprops, dtype):
     """The convolution rule for the layer, and its factors: the input [N, C_in, *S] and the
     backprops [N, C_out, *S_out], both in ``dtype``."""
-    return _conv.RULE.bind("", layer), Factors([activations[0].to(dtype)], [backprops.to(dtype)])
+    return _conv.RULE, Factors([activations[0].to(dtype)], [backprops.to(dtype)])
 
 
 def conv_grad_sample(layer, activations, backprops):

@@ -130,9 +130,11 @@ class _Geometry:
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the convolution sees it, apart from inline padding."""
-        if self.inline or not any(self.pads):
-            return x
-        return F.pad(x, self.pads, mode=self.mode)
+        return x if self.inline else self.fully_padded(x)
+
+    def fully_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The input with every side's padding applied (inline zeros too)."""
+        return F.pad(x, self.pads, mode=self.mode) if any(self.pads) else x
 
     def unfold(self, x: torch.Tensor) -> torch.Tensor:
         """[N, C_in, *S] -> the patches [N·g, T, C_in/g·k], group-major, in the weight's
@@ -148,7 +150,7 @@ class _Geometry:
                 stride=lead + self.stride,
             )  # [N, C_in·k, T]
             return cols.view(n * self.groups, self.d_in, self.t).transpose(1, 2)
-        x = F.pad(x, self.pads, mode=self.mode) if any(self.pads) else x
+        x = self.fully_padded(x)
         for i in range(self.dims):
             x = x.unfold(2 + i, self.dilation[i] * (self.kernel[i] - 1) + 1, self.stride[i])
         if any(d > 1 for d in self.dilation):
@@ -178,7 +180,7 @@ class _Geometry:
         ``sum_t g[n, :, t] x[n, :, stride·t + dilation·κ]``, a convolution over κ with the
         roles of stride and dilation swapped."""
         n = x.shape[0]
-        x = F.pad(x, self.pads, mode=self.mode) if any(self.pads) else x
+        x = self.fully_padded(x)
         s, d, k = self.stride, self.dilation, self.kernel
         used = [s[i] * (self.out_size[i] - 1) + d[i] * (k[i] - 1) + 1 for i in range(self.dims)]
         x = x[(..., *(slice(0, u) for u in used))]  # what a stride leaves unread at the end would add offsets
@@ -247,7 +249,10 @@ class ConvRule(WholeCalls, LayerRule):
 
     # ------------------------------------------------------------------ pieces
     def _calls(self, module, f: Factors):
-        return [(_Geometry(module, x), x, g) for x, g in zip(f.a, f.g)]
+        """[(geometry, x, g)] per call; the geometries are read once per chunk."""
+        if "geometry" not in f.cache:
+            f.cache["geometry"] = [_Geometry(module, x) for x in f.a]
+        return list(zip(f.cache["geometry"], f.a, f.g))
 
     def _bias_grads(self, f: Factors) -> torch.Tensor:
         """[N, C_out]: sum over the positions (and calls) of g."""
