@@ -1,12 +1,14 @@
 """The cost rules of the sequence and convolution norms, measured: ghost against direct
 squared norms of per-sample gradients (ig.ops.linear_sq_norms, ig.ops.embedding_sq_norms)
-over T; for convolutions (indivgrad_cuda.layers.conv) the per-sample gradients from
-unfolded patches against a convolution grouped over the batch, the ghost against the
-direct norm, and the clipped sum by the layer's weight gradient against one GEMM over the
-unfolded rows; each beside the method "auto" picks, each result checked against the other
-method first.
+over T, and for Linear beside them the unfused forms they replaced (issue 28: "grams", the
+[N, T, T] Grams by bmm of blocks of samples, multiplied and summed; "grads", the [D_out, D_in]
+gradients of blocks of samples, squared and summed); for convolutions
+(indivgrad_cuda.layers.conv) the per-sample gradients from unfolded patches against a
+convolution grouped over the batch, the ghost against the direct norm, and the clipped sum
+by the layer's weight gradient against one GEMM over the unfolded rows; each beside the
+method "auto" picks, each result checked against the other method first.
 
-    python bench/norms.py [--device cpu|cuda] [--n 32] [--quick]
+    python bench/norms.py [--device cpu|cuda] [--n 32] [--threads K] [--only linear|embedding|conv] [--quick]
 
 Prints one table per layer shape: the median time of each method, the faster one, and
 auto's pick (a pick slower than the other method by more than 20% is marked).
@@ -41,17 +43,43 @@ CONV_SHAPES = [
 ]
 
 
-def compare(label, run, pick, device, methods=("ghost", "direct")):
-    """(row text, whether auto's pick, one of ``methods``, is within 20% of the fastest),
-    every method's result checked against the first's."""
+def compare(label, run, pick, device, methods=("ghost", "direct"), among=None):
+    """(row text, whether auto's pick, one of ``methods``, is within 20% of the fastest of
+    ``among`` (default: all methods)), every method's result checked against the first's."""
     first = run(methods[0])
     for m in methods[1:]:
         torch.testing.assert_close(run(m), first, rtol=1e-4, atol=1e-5 * first.abs().max().item())
     times = common.time_interleaved({m: (lambda m=m: run(m)) for m in methods}, device, budget_s=0.3)
-    fastest = min(times, key=times.get)
+    fastest = min(among or times, key=times.get)
     ok = times[pick] <= 1.2 * times[fastest]
     cells = " ".join(f"{times[m]:>10.3f}" for m in methods)
     return f"  {label:<22} {cells}  {fastest:<8} {pick:<8}{'' if ok else '  <- slower pick'}", ok
+
+
+def unfused_norms(x, g, method, block_bytes=64 << 20):
+    """The Linear squared norms as computed before issue 28 (csrc/layer_ops.cpp at a72f85e):
+    "grams" writes the [nb, T, T] Grams of blocks of samples (64 MiB of temporaries), "grads"
+    the [nb, D_out, D_in] gradients; each then multiplied or squared and summed."""
+    n, t, d_in = x.shape
+    d_out = g.shape[2]
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    per_sample = 2 * t * t if method == "grams" else d_in * d_out
+    nb = max(1, min(n, block_bytes // (per_sample * x.element_size())))
+    for n0 in range(0, n, nb):
+        xb, gb = x[n0 : n0 + nb], g[n0 : n0 + nb]
+        if method == "grams":
+            grams = torch.bmm(xb, xb.transpose(1, 2)).mul_(torch.bmm(gb, gb.transpose(1, 2)))
+            out[n0 : n0 + nb] = grams.sum((1, 2))
+        else:
+            w = torch.bmm(gb.transpose(1, 2), xb)
+            out[n0 : n0 + nb] = w.mul_(w).sum((1, 2))
+    return out
+
+
+def linear_run(m, x, g):
+    if m in ("grams", "grads"):
+        return unfused_norms(x, g, m)
+    return ig.ops.linear_sq_norms(x, g, method=m)
 
 
 def header(first, methods):
@@ -125,28 +153,39 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--n", type=int, default=32, help="samples")
     parser.add_argument("--quick", action="store_true", help="small shapes, for smoke tests")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--only", choices=("linear", "embedding", "conv"), default=None, help="one table group")
+    parser.add_argument("--tokens", type=int, nargs="*", default=None, help="Linear/Embedding T values")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes, tokens, (v, d) = ([(16, 24)], [2, 90], (50, 8)) if args.quick else (LINEAR_SHAPES, TOKENS, EMBEDDING)
+    tokens = args.tokens or tokens
     conv_shapes = [(3, 8, 3, 8, 1), (4, 8, 3, 6, 2)] if args.quick else CONV_SHAPES
     device = torch.device(args.device)
     torch.manual_seed(0)
-    print(f"bench/norms.py on {common.device_name(device)}, N={args.n}, float32; times in ms")
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    print(f"bench/norms.py on {common.device_name(device)}, N={args.n}, float32{threads}; times in ms")
     all_ok = True
-    for d_in, d_out in shapes:
-        print(f"\nLinear {d_in} -> {d_out}\n{header('T', ('ghost', 'direct'))}")
+    linear_methods = ("ghost", "direct", "grams", "grads")
+    for d_in, d_out in shapes if args.only in (None, "linear") else ():
+        print(f"\nLinear {d_in} -> {d_out}\n{header('T', linear_methods)}")
         for t in tokens:
             x = torch.randn(args.n, t, d_in, device=device)
             g = torch.randn(args.n, t, d_out, device=device)
             row, ok = compare(
                 t,
-                lambda m, x=x, g=g: ig.ops.linear_sq_norms(x, g, method=m),
+                lambda m, x=x, g=g: linear_run(m, x, g),
                 "ghost" if ig.ops.linear_norm_uses_ghost(t, d_in, d_out) else "direct",
                 device,
+                linear_methods,
+                among=("ghost", "direct"),
             )
             print(row)
             all_ok &= ok
-    print(f"\nEmbedding {v} x {d}\n{header('T', ('ghost', 'direct'))}")
-    for t in tokens:
+    if args.only in (None, "embedding"):
+        print(f"\nEmbedding {v} x {d}\n{header('T', ('ghost', 'direct'))}")
+    for t in tokens if args.only in (None, "embedding") else ():
         ids = torch.randint(0, v, (args.n, t), device=device)
         g = torch.randn(args.n, t, d, device=device)
         row, ok = compare(
@@ -157,7 +196,8 @@ def main(argv=None):
         )
         print(row)
         all_ok &= ok
-    all_ok &= conv_tables(conv_shapes, args.n, device)
+    if args.only in (None, "conv"):
+        all_ok &= conv_tables(conv_shapes, args.n, device)
     print(
         "\nauto picks " + ("within 20% of the faster method everywhere" if all_ok else "a slower method where marked")
     )

@@ -73,6 +73,23 @@ void check_output(const at::Tensor& buf, const char* name, at::IntArrayRef shape
   }
 }
 
+void check_norms_out(const at::Tensor& out, int64_t rows, int64_t n, at::ScalarType acc, const at::Tensor& x,
+                     const char* what, std::initializer_list<NamedTensor> inputs) {
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == rows && out.size(1) == n, "out: expected shape [", rows, ", ", n,
+                    "] (a row of N per-sample squared norms for each True of ", what, "), got ", out.sizes());
+  TORCH_CHECK_TYPE(out.scalar_type() == acc, "out: expected dtype ", acc, " (the accumulation dtype of ",
+                   x.scalar_type(), " inputs), got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == x.device(), "out: expected device ", x.device(), " (x's device), got ",
+                    out.device());
+  TORCH_CHECK_VALUE(n <= 1 || out.stride(1) == 1, "out: expected contiguous rows (stride 1 along N), got strides ",
+                    out.strides());
+  for (const auto& [input_name, t] : inputs) {
+    const bool disjoint =
+        !out.storage().is_alias_of(t->storage()) || at::get_overlap_status(out, *t) == at::MemOverlapStatus::No;
+    TORCH_CHECK_VALUE(disjoint, "out: must not share memory with ", input_name, ", which is read while out is written");
+  }
+}
+
 Layout check_outer_out(const at::Tensor& x, const at::Tensor& g, c10::string_view layout, const at::Tensor& out) {
   check_inputs(x, {{"g", &g}});
   const Layout lay = parse_layout(layout);

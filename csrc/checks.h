@@ -34,6 +34,12 @@ std::vector<int64_t> outer_shape(const at::Tensor& x, const at::Tensor& g, Layou
 void check_output(const at::Tensor& buf, const char* name, at::IntArrayRef shape, const at::Tensor& x,
                   std::initializer_list<NamedTensor> inputs);
 
+// The out of the per-layer norm ops: [rows, n] (one row per norm asked for, `what` names them
+// in order), dtype `acc` (the accumulation dtype of x's), x's device, each row contiguous (it
+// may be rows of a bigger buffer), no memory shared with any of `inputs`.
+void check_norms_out(const at::Tensor& out, int64_t rows, int64_t n, at::ScalarType acc, const at::Tensor& x,
+                     const char* what, std::initializer_list<NamedTensor> inputs);
+
 // Full validation of the out= ops; returns the parsed layout (and activation).
 Layout check_outer_out(const at::Tensor& x, const at::Tensor& g, c10::string_view layout, const at::Tensor& out);
 

@@ -27,4 +27,11 @@ struct GramFactors {
 GramFactors check_gram_factors(const at::Tensor& xa, const at::Tensor& ga, const at::Tensor& xb, const at::Tensor& gb,
                                double bias);
 
+#ifdef INDIVGRAD_WITH_CUDA
+// CUDA: dst[n] = ||G_nᵀ X_n||² = sum_{t,s} (x_t·x_s)(g_t·g_s) for x [N, T, D_in] and g [N, T,
+// D_out] (validated; any strides), dst [N] of the accumulation dtype (contiguous; it may be a
+// row of a bigger buffer), by ghost_sq_norm_kernel (gram_kernel.cuh): no T x T Gram written.
+void linear_ghost_sq_norms_cuda(const at::Tensor& x, const at::Tensor& g, const at::Tensor& dst);
+#endif
+
 }  // namespace indivgrad

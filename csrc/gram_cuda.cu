@@ -1,5 +1,7 @@
 // CUDA implementation of indivgrad_cuda::linear_gram: 2-D factors (one position per
 // sample) run the fused kernel (gram_kernel.cuh); sequences take the ATen path (gram.cpp).
+// And the ghost squared norms of a Linear layer over sequences (linear_ghost_sq_norms_cuda,
+// called by layer_ops.cpp): the per-sample form of the same kernel.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -45,6 +47,35 @@ at::Tensor linear_gram_cuda(const at::Tensor& xa_in, const at::Tensor& ga_in, co
 }
 
 }  // namespace
+
+void linear_ghost_sq_norms_cuda(const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& dst) {
+  const int64_t n = x_in.size(0), t = x_in.size(1);
+  if (n == 0) return;
+  if (t == 0) {
+    dst.zero_();
+    return;
+  }
+  const at::Tensor x = x_in.contiguous(), g = g_in.contiguous();
+  const GhostPlan p = make_ghost_plan(n, t, x.size(2), g.size(2));
+  TORCH_CHECK(p.blocks <= std::numeric_limits<int32_t>::max(), "linear_sq_norms: ", n, " samples of ", t,
+              " positions are too many for one launch; split the batch");
+  at::Tensor partial = at::empty({n, p.pairs}, dst.options());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "indivgrad_ghost_sq_norm", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = static_cast<size_t>(gram_smem_bytes(sizeof(acc_t)));
+    ghost_sq_norm_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.blocks), kGramThreads, smem, stream>>>(
+        x.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(), partial.data_ptr<acc_t>(), p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  if (p.pairs == 1) {
+    dst.copy_(partial.view({n}));
+  } else {
+    at::Tensor d = dst;
+    at::sum_out(d, partial, {1});
+  }
+}
 
 TORCH_LIBRARY_IMPL(indivgrad_cuda, CUDA, m) { m.impl("linear_gram", &linear_gram_cuda); }
 

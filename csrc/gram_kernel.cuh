@@ -9,6 +9,13 @@
 // each (rows ty + 16i, columns tx + 16j). The reduction dim is staged kGramDepth elements at
 // a time, both sides' rows in shared memory (padded rows: conflict-free column reads), first
 // over D_in (x), then over D_out (g).
+//
+// ghost_sq_norm_kernel is the batched per-sample form with both sets one sample's T
+// positions: sample n's squared gradient norm ||G_nᵀ X_n||² = sum_{t,s} (x_t·x_s)(g_t·g_s).
+// The T x T products are symmetric, so a block owns one tile pair (i <= j) of one sample,
+// forms its 64 x 64 products in registers like gram_kernel, sums them within the block and
+// writes that sum (twice it off the diagonal) to partial[n, pair]; the host adds each
+// sample's partials (a fixed order: deterministic). No T x T Gram is ever written.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -89,6 +96,53 @@ __global__ void __launch_bounds__(kGramThreads)
       if (m < p.nb) out[n * p.ld_out + m] += (kx[i][j] + bias) * kg[i][j];
     }
   }
+}
+
+// One sample's T positions as both sets: partial[blockIdx.x] for sample blockIdx.x / pairs and
+// the pair'th tile pair (i <= j, row by row) of its T x T products.
+struct GhostPlan {
+  int64_t n, t;      // samples, positions per sample; x is [n, t, d_x], g [n, t, d_g], contiguous
+  int64_t d_x, d_g;  // widths of x (D_in) and g (D_out)
+  int64_t tiles;     // tiles per side of the T x T products
+  int64_t pairs;     // tile pairs i <= j per sample: tiles·(tiles + 1)/2
+  int64_t blocks;    // n · pairs
+};
+
+inline GhostPlan make_ghost_plan(int64_t n, int64_t t, int64_t d_x, int64_t d_g) {
+  const int64_t tiles = (t + kGramTile - 1) / kGramTile, pairs = tiles * (tiles + 1) / 2;
+  return {n, t, d_x, d_g, tiles, pairs, n * pairs};
+}
+
+template <typename T, typename acc_t>
+__global__ void __launch_bounds__(kGramThreads)
+    ghost_sq_norm_kernel(const T* x, const T* g, acc_t* partial, GhostPlan p) {
+  INDIVGRAD_DYNAMIC_SMEM(smem);
+  acc_t* su = reinterpret_cast<acc_t*>(smem);
+  acc_t* sv = su + kGramTile * kGramPad;
+  const int64_t sample = static_cast<int64_t>(blockIdx.x) / p.pairs;
+  int64_t rest = static_cast<int64_t>(blockIdx.x) % p.pairs, i = 0;
+  while (rest >= p.tiles - i) {  // row i of the upper triangle holds tiles - i pairs
+    rest -= p.tiles - i;
+    ++i;
+  }
+  const int64_t j = i + rest;
+  const GramPlan gp{p.t, p.t, p.d_x, p.d_g, 0, 0, 0};  // bounds for the staging: t rows per side
+  const T* xs = x + sample * p.t * p.d_x;
+  const T* gs = g + sample * p.t * p.d_g;
+  acc_t kx[kGramPer][kGramPer] = {}, kg[kGramPer][kGramPer] = {};
+  gram_accumulate(xs, xs, p.d_x, i * kGramTile, j * kGramTile, gp, su, sv, kx);
+  gram_accumulate(gs, gs, p.d_g, i * kGramTile, j * kGramTile, gp, su, sv, kg);
+  acc_t sum = 0;  // positions beyond t were staged as zeros: their products add exactly 0
+  for (int a = 0; a < kGramPer; ++a)
+    for (int b = 0; b < kGramPer; ++b) sum += kx[a][b] * kg[a][b];
+  acc_t* red = su;  // kGramTile·kGramPad >= kGramThreads; the last slab step ended with a barrier
+  red[threadIdx.x] = sum;
+  __syncthreads();
+  for (int half = kGramThreads / 2; half > 0; half /= 2) {
+    if (static_cast<int>(threadIdx.x) < half) red[threadIdx.x] += red[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[blockIdx.x] = (i == j ? acc_t(1) : acc_t(2)) * red[0];
 }
 
 }  // namespace indivgrad

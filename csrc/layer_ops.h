@@ -18,11 +18,17 @@ constexpr int64_t kEmbeddingGhostMaxTokens = 64;  // the crossover lies between 
 // bandwidth and FMA rate.
 constexpr int64_t kElementCost = 128;
 
+// The same for an element of a temporary that stays in cache (the fused Linear norms' tiles
+// and slabs): fitted on the 2-core development CPU (bench/norms.py, bench/NOTES.md "Fused
+// sequence-Linear norms (issue 28)").
+constexpr int64_t kFusedElementCost = 16;
+
 // Whether a Linear layer's squared per-sample norm over T positions is formed as the ghost
-// norm <X Xᵀ, G Gᵀ> (T²(D_in + D_out) multiply-adds, two T x T temporaries) rather than
-// directly from the [D_out, D_in] gradient (T·D_in·D_out multiply-adds, one D_out x D_in
-// temporary): the ghost norm when T²(D_in + D_out + 2c) <= (T + c)·D_in·D_out, c =
-// kElementCost. method: "auto", "ghost" or "direct".
+// norm <X Xᵀ, G Gᵀ> (tiles of the symmetric T x T Grams, the pairs i <= j: T²(D_in + D_out)/2
+// multiply-adds, run at about half the rate of the direct form's larger GEMMs) rather than
+// directly from the [D_out, D_in] gradient (T·D_in·D_out multiply-adds, slabs squared and
+// summed in cache): the ghost norm when T²(D_in + D_out + 2c) <= (T + c)·D_in·D_out, c =
+// kFusedElementCost. method: "auto", "ghost" or "direct".
 bool linear_norm_uses_ghost(int64_t t, int64_t d_in, int64_t d_out, c10::string_view method);
 bool embedding_norm_uses_ghost(int64_t t, c10::string_view method);
 

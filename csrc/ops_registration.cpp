@@ -27,6 +27,11 @@ TORCH_LIBRARY(indivgrad_cuda, m) {
   m.def("embedding_grads_out(Tensor ids, Tensor g, int? padding_idx, Tensor(a!) out) -> ()");
   m.def("embedding_sq_norms(Tensor ids, Tensor g, int? padding_idx=None, str method=\"auto\") -> Tensor");
   m.def("layer_norm_grads(Tensor x, Tensor g, int[] normalized_shape, float eps) -> (Tensor, Tensor)");
+  // One op per layer for the norms: the rows of out asked for (weight, bias), in place.
+  m.def("linear_layer_sq_norms(Tensor x, Tensor g, str method, bool weight, bool bias, Tensor(a!) out) -> ()");
+  m.def(
+      "layer_norm_sq_norms(Tensor x, Tensor g, int[] normalized_shape, float eps, bool weight, bool bias, "
+      "Tensor(a!) out) -> ()");
   // Inner products between two sets' per-sample gradients of a Linear or Embedding layer (gram.cpp, gram_cuda.cu).
   m.def("linear_gram(Tensor xa, Tensor ga, Tensor xb, Tensor gb, float bias=0., str method=\"auto\") -> Tensor");
   m.def("embedding_gram(Tensor ids_a, Tensor ga, Tensor ids_b, Tensor gb, int? padding_idx=None) -> Tensor");

@@ -69,6 +69,16 @@ def _layer_norm_grads_fake(x, g, normalized_shape, eps):
     return x.new_empty(shape), x.new_empty(shape)
 
 
+@torch.library.register_fake("indivgrad_cuda::linear_layer_sq_norms")
+def _linear_layer_sq_norms_fake(x, g, method, weight, bias, out):
+    return None
+
+
+@torch.library.register_fake("indivgrad_cuda::layer_norm_sq_norms")
+def _layer_norm_sq_norms_fake(x, g, normalized_shape, eps, weight, bias, out):
+    return None
+
+
 @torch.library.register_fake("indivgrad_cuda::linear_gram")
 def _linear_gram_fake(xa, ga, xb, gb, bias=0.0, method="auto"):
     return xa.new_empty((xa.shape[0], xb.shape[0]), dtype=_acc(xa.dtype))

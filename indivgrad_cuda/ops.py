@@ -165,10 +165,62 @@ def layer_norm_grads(
     return _ops.layer_norm_grads(x, g, list(normalized_shape), float(eps))
 
 
+def _norms_out(x: torch.Tensor, rows: int, out: Optional[torch.Tensor]) -> torch.Tensor:
+    if out is not None:
+        return out
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    return torch.empty((rows, x.shape[0]), dtype=dtype, device=x.device)
+
+
+def linear_layer_sq_norms(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    method: str = "auto",
+    weight: bool = True,
+    bias: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """A Linear layer's squared per-sample gradient norms in one op: row 0 of ``out`` gets the
+    weight's (``||sum_t g[n, t] ⊗ x[n, t]||²``, as :func:`linear_sq_norms`), the next row the
+    bias's (``||sum_t g[n, t]||²``), only those asked for (``weight``/``bias``), in that order.
+
+    Args:
+        x: ``[N, T, D_in]`` or ``[N, D_in]``; g: ``[N, T, D_out]`` or ``[N, D_out]`` (x's dtype, device).
+        method: the weight's form, as in :func:`linear_sq_norms`.
+        out: ``[weight + bias, N]`` of the accumulation dtype (float32 for float16/bfloat16
+            inputs, else x's dtype), x's device, each row contiguous: e.g. rows of a bigger
+            ``[P, N]`` buffer. Allocated when None. Returned.
+    """
+    out = _norms_out(x, int(weight) + int(bias), out)
+    _ops.linear_layer_sq_norms(x, g, method, bool(weight), bool(bias), out)
+    return out
+
+
+def layer_norm_sq_norms(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    normalized_shape,
+    eps: float,
+    *,
+    weight: bool = True,
+    bias: bool = True,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The squared norms of :func:`layer_norm_grads`'s per-sample gradients in one op, never
+    returning those: row 0 of ``out`` the weight's (``||sum over * of x̂ ⊙ g||²``), the next
+    the bias's (``||sum over * of g||²``), only those asked for, in that order. x, g:
+    ``[N, *, *normalized_shape]``; out as in :func:`linear_layer_sq_norms`."""
+    out = _norms_out(x, int(weight) + int(bias), out)
+    _ops.layer_norm_sq_norms(x, g, list(normalized_shape), float(eps), bool(weight), bool(bias), out)
+    return out
+
+
 def linear_norm_uses_ghost(t: int, d_in: int, d_out: int) -> bool:
     """The cost rule of ``method="auto"``: the ghost norm when
     ``T²(D_in + D_out + 2c) <= (T + c)·D_in·D_out``, counting multiply-adds per sample and
-    ``c = 128`` for each element of a temporary written and read back (csrc/layer_ops.h)."""
+    ``c = 16`` for each element of a temporary, which the fused forms keep in cache
+    (csrc/layer_ops.h; bench/NOTES.md, "Fused sequence-Linear norms")."""
     return _C.linear_norm_uses_ghost(t, d_in, d_out, "auto")
 
 

@@ -91,12 +91,23 @@ GRAM_MUTANTS = [
         "return (2 * int64_t{kGramTile} - 1) * kGramPad * acc_size;",
         "heap-buffer-overflow",
     ),
+    # ghost_sq_norm_kernel (the per-sample form)
+    ("ghost_off_diagonal_once", "(i == j ? acc_t(1) : acc_t(2))", "acc_t(1)", "wrong elements"),
+    ("ghost_pair_decoding", "while (rest >= p.tiles - i)", "while (rest > p.tiles - i)", "FAIL"),
+    (
+        "ghost_reduction_barrier",
+        "red[threadIdx.x] += red[threadIdx.x + half];\n    __syncthreads();",
+        "red[threadIdx.x] += red[threadIdx.x + half];",
+        "wrong elements",
+    ),
+    ("ghost_sample_offset", "g + sample * p.t * p.d_g;", "g + sample * p.t * p.d_x;", "FAIL"),
+    ("ghost_last_block", "tiles, pairs, n * pairs};", "tiles, pairs, n * pairs - 1};", "wrong elements"),
 ]
 
 # kernel -> (its header, its harness, its mutants, the fewest cases a full run must pass)
 KERNELS = {
     "outer": ("outer_kernel.cuh", "outer_harness.cpp", OUTER_MUTANTS, 800),
-    "gram": ("gram_kernel.cuh", "gram_harness.cpp", GRAM_MUTANTS, 400),
+    "gram": ("gram_kernel.cuh", "gram_harness.cpp", GRAM_MUTANTS, 440),
 }
 MUTANTS = [(kernel, *m) for kernel, (_, _, mutants, _) in KERNELS.items() for m in mutants]
 
