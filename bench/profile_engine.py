@@ -9,7 +9,9 @@ call (the sum of its kernels), and the kernels (on a CPU: the operators) that ta
 Why: on the H200 (e14e716) the hooks capture took 1.9-2.1x the summed step on run.py's
 transformer setups, against 1.02-1.2x on the CPU; a busy time well under the call's time
 says the GPU waits on the host (launches, Python), a busy time near it says which kernels
-to count (bench/NOTES.md).
+to count (bench/NOTES.md). "extra us per layer" is the method's time over the summed step's,
+divided by the layers the engine serves: on a model whose arithmetic is nothing (a CPU run of
+tfm:8,8,16,1) it is the engine's host time per layer and call.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import common
 import console
+import indivgrad_cuda as ig
 from methods import METHODS
 from run import device_setups, make_task, parse_setup, setup_name
 
@@ -64,14 +67,20 @@ def main(argv=None):
     medians = common.time_interleaved(fns, device)
     sort_by = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(f"setup {setup_name(args.setup)}, {args.calls} profiled calls per method\n")
-    print(f"  {'method':<20} {'ms per call':>12} {'x summed':>9} {'device busy ms':>15}")
+    layers = len(ig.PerSampleGrads(task.model)._layers())
+    print(f"  {'method':<20} {'ms per call':>12} {'x summed':>9} {'extra us per layer':>19} {'device busy ms':>15}")
     tables = []
     for name, fn in fns.items():
         busy_ms, events = profiled(fn, args.calls, device)
         ratio = medians[name] / medians["summed"] if "summed" in medians else None
+        extra = (medians[name] - medians["summed"]) * 1e3 / layers if "summed" in medians and layers else None
         busy = common.fmt(busy_ms) if device.type == "cuda" else "-"
-        print(f"  {name:<20} {common.fmt(medians[name]):>12} {common.fmt(ratio):>9} {busy:>15}")
+        row = f"{common.fmt(medians[name]):>12} {common.fmt(ratio):>9} {common.fmt(extra):>19} {busy:>15}"
+        print(f"  {name:<20} {row}")
         tables.append((name, events.table(sort_by=sort_by, row_limit=args.top)))
+    print(
+        f"  ({layers} layers with trainable parameters; extra: (method - summed) / layers, the engine's cost per layer)"
+    )
     for name, table in tables:
         print(f"\n## {name}: the top {args.top} by {sort_by}\n{table}")
     return 0

@@ -9,7 +9,8 @@ import torch
 Specs = dict[str, tuple]
 
 
-def check_out_buffers(out: dict[str, torch.Tensor], specs: Specs) -> None:
+def check_out_buffers(out: dict[str, torch.Tensor], specs: Specs, dtype_from: str = "the parameter's dtype") -> None:
+    """``dtype_from``: where the specs' dtypes come from, for the error."""
     for name, t in out.items():
         if name not in specs:
             raise ValueError(f"out: '{name}' is not a parameter that requires grad; expected names among {list(specs)}")
@@ -19,7 +20,7 @@ def check_out_buffers(out: dict[str, torch.Tensor], specs: Specs) -> None:
         if tuple(t.shape) != shape:
             raise ValueError(f"out['{name}']: expected shape {list(shape)}, got {list(t.shape)}")
         if t.dtype != dtype:
-            raise TypeError(f"out['{name}']: expected dtype {dtype} (the parameter's dtype), got {t.dtype}")
+            raise TypeError(f"out['{name}']: expected dtype {dtype} ({dtype_from}), got {t.dtype}")
         if t.device != device:
             raise ValueError(f"out['{name}']: expected device {device} (the parameter's device), got {t.device}")
         if not t.is_contiguous():
@@ -49,3 +50,18 @@ def allocate(specs: Specs) -> dict[str, torch.Tensor]:
                 f"clipped_grad_sum(), which form none, or a smaller batch"
             ) from e
         raise
+
+
+class Kept:
+    """Buffers the engine keeps from call to call, by name (reallocated when the shape, dtype
+    or device asked for changes): a CUDA graph writes to fixed addresses."""
+
+    def __init__(self):
+        self._kept: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        t = self._kept.get(name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+            self._kept.pop(name, None)  # free the old one first
+            t = self._kept[name] = torch.empty(shape, dtype=dtype, device=device)
+        return t

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 @dataclass
@@ -41,14 +42,18 @@ class Captured:
 
 
 class CudaGraphCapture:
-    """Captures ``fn()`` into a ``torch.cuda.CUDAGraph``."""
+    """Captures ``fn()`` into a ``torch.cuda.CUDAGraph``. ``warmup``: run fn once on a side
+    stream first (lazy initialisation, cuBLAS handles and workspaces, must not happen during
+    capture); False for a fn that cannot run twice (an autograd backward consumes its graph),
+    whose ops have run eagerly before."""
 
-    def __call__(self, fn: Callable[[], Any], pool=None) -> Captured:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()  # warm-up: lazy initialisation (cuBLAS handles, workspaces) must not happen during capture
-        torch.cuda.current_stream().wait_stream(side)
+    def __call__(self, fn: Callable[[], Any], pool=None, warmup: bool = True) -> Captured:
+        if warmup:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             outputs = fn()
@@ -57,9 +62,9 @@ class CudaGraphCapture:
 
 @dataclass
 class _Entry:
-    x: torch.Tensor  # static input
+    x: Any  # static input: a tensor, or a pytree of them
     forward: Captured  # outputs: (network output, saved tensors)
-    grad: torch.Tensor  # static dL/d(output)
+    grad: Any  # static dL/d(output), a tensor or a pytree of them
     backward: Captured
 
 
@@ -89,34 +94,47 @@ class GraphRunner:
             and x.device == like.device
         )
 
-    def run(self, key: tuple, x: torch.Tensor, forward: Callable, grad_of_output: Callable, backward: Callable):
+    def run(
+        self,
+        key: tuple,
+        x,
+        forward: Callable,
+        grad_of_output: Callable,
+        backward: Callable,
+        warmup: bool = True,
+    ):
         """forward(x) -> (output, saved); grad_of_output(output) -> dL/d(output), eager;
-        backward(grad, saved) -> results (not None). forward and backward may read only their
-        arguments and tensors whose addresses are in `key`. Returns backward's static
-        results, rewritten by the next run; None if capture failed (run eagerly then)."""
-        key = (tuple(x.shape), x.dtype, x.device, _matmul_settings() if x.is_cuda else (), *key)
-        with _on_device(x.device):
+        backward(grad, saved) -> results (not None). x, and the gradient, may be a tensor or a
+        pytree holding tensors (the key then holds each one's shape, dtype and device; the
+        caller's key its other values). forward and
+        backward may read only their arguments and tensors whose addresses are in `key`
+        (``warmup``: see CudaGraphCapture). Returns backward's static results, rewritten by
+        the next run; None if capture failed (run eagerly then)."""
+        tensors = [t for t in tree_leaves(x) if isinstance(t, torch.Tensor)]
+        shapes = tuple((tuple(t.shape), t.dtype, t.device) for t in tensors)
+        key = (shapes, _matmul_settings() if tensors[0].is_cuda else (), *key)
+        with _on_device(tensors[0].device):
             entry = self._entries.get(key)
             if entry is None:
-                return self._capture(key, x, forward, grad_of_output, backward)
+                return self._capture(key, x, forward, grad_of_output, backward, warmup)
             self._entries.move_to_end(key)
-            entry.x.copy_(x)
+            _copy_leaves(entry.x, x)
             entry.forward.replay()
-            entry.grad.copy_(grad_of_output(entry.forward.outputs[0]))
+            _copy_leaves(entry.grad, grad_of_output(entry.forward.outputs[0]))
             entry.backward.replay()
             return entry.backward.outputs
 
-    def _capture(self, key, x, forward, grad_of_output, backward):
-        static_x = x.clone(memory_format=torch.contiguous_format)
+    def _capture(self, key, x, forward, grad_of_output, backward, warmup):
+        static_x = _static(x)
         try:
-            fwd = self.capture(lambda: forward(static_x))
+            fwd = self.capture(lambda: forward(static_x), warmup=warmup)
         except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
             return self._give_up(e)
         fwd.replay()
         output, saved = fwd.outputs
-        grad = grad_of_output(output).clone(memory_format=torch.contiguous_format)  # the loss's errors are the caller's
-        try:
-            bwd = self.capture(lambda: backward(grad, saved), pool=fwd.pool)  # replayed after fwd: may share its pool
+        grad = _static(grad_of_output(output))  # the loss's errors are the caller's
+        try:  # replayed after fwd: may share its pool
+            bwd = self.capture(lambda: backward(grad, saved), pool=fwd.pool, warmup=warmup)
         except Exception as e:  # noqa: BLE001
             return self._give_up(e)
         bwd.replay()
@@ -135,6 +153,19 @@ class GraphRunner:
             stacklevel=6,
         )  # the caller of the engine
         return None
+
+
+def _static(tree):
+    """A contiguous copy of every tensor in a tensor or pytree (other values as they are)."""
+    return tree_map(
+        lambda t: t.clone(memory_format=torch.contiguous_format) if isinstance(t, torch.Tensor) else t, tree
+    )
+
+
+def _copy_leaves(dst, src) -> None:
+    for d, v in zip(tree_leaves(dst), tree_leaves(src)):
+        if isinstance(d, torch.Tensor):
+            d.copy_(v)
 
 
 def parameter_key(params: Sequence[Optional[torch.Tensor]]) -> tuple:

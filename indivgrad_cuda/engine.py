@@ -13,7 +13,8 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from indivgrad_cuda import randomness
+from indivgrad_cuda import compiled, randomness
+from indivgrad_cuda.buffers import Kept
 from indivgrad_cuda.capture.hooks import HooksCapture
 from indivgrad_cuda.capture.native import NativeCapture
 from indivgrad_cuda.capture.parameter_uses import Replanned
@@ -91,27 +92,41 @@ class PerSampleGrads:
     modules and functional randomness in a custom forward draw from torch's generators
     chunk by chunk.
 
-    Precision: the forward and the backward compute in the parameters' dtype, with
-    autocast turned off for the model's device type; ``loss_fn`` runs in the caller's
-    context, autocast included. float16/bfloat16 models get float32 norms.
+    Precision: the forward, ``loss_fn`` and the backward run in the caller's context, so
+    under ``torch.autocast`` each op computes in the dtype a normal autocast step gives it
+    (an MLP's native capture is then not used: ``capture="auto"`` takes the hooks capture,
+    ``capture="native"`` refuses). Each layer's factors are kept in the dtype its op computed
+    in (a Linear's or a convolution's input rounded to the autocast dtype as autocast rounds
+    it); the engine's own arithmetic runs with autocast off: norms, clip coefficients and
+    inner products in float32 (float64 for float64 models), clipped sums formed in the wider
+    of the factors' and the parameter's dtype (float32 under autocast) and written in the
+    parameter's, per-sample gradients written in ``out_dtype`` (default: the parameter's).
+    The per-module fallback replays a module under the autocast its call ran under.
+    float16/bfloat16 models get float32 norms.
 
     Norms of sequence layers (``norm_method``): ``"auto"`` picks per layer and call the
     cheaper exact form, the ghost norm from T x T Gram matrices or the direct norm from
     each sample's gradient (blocks of samples at a time); ``"ghost"`` or ``"direct"``
     forces one (see :func:`indivgrad_cuda.ops.linear_sq_norms`).
 
-    CUDA graphs (``cuda_graphs=True``, native capture on CUDA only): a batch processed in
-    one chunk, with no Dropout in train mode, runs as two replayed graphs (the forward and
-    the per-sample backward, norms or clipped sum; noise is added after) captured on the
-    first call with a new input shape, dtype, layout, ``max_norm``, set of output buffers,
-    or parameters replaced or with changed ``requires_grad``; in-place parameter updates
-    need no new capture. Each graph keeps its batch's intermediate state allocated (at most
-    4 pairs are kept). The output tensor ``loss_fn`` receives is then a static buffer,
-    overwritten by the next call. If a capture fails the engine warns once and runs
-    eagerly from then on. The one-shot functions (``per_sample_grads`` ...) do not capture.
+    CUDA graphs (``cuda_graphs=True``, on CUDA, both captures; per-sample gradients, norms
+    and the clipped sum): a batch processed in one chunk, with no Dropout in train mode,
+    runs as two replayed graphs (the forward, taps included, and the per-sample backward
+    with the reduction; ``loss_fn`` runs eagerly between them, noise is added after),
+    captured on the first call with a new input signature (shapes, dtypes, structure, the
+    inputs' non-tensor values), layout, ``max_norm``, set of output buffers, autocast, or
+    parameters or buffers replaced or with changed ``requires_grad``; in-place parameter
+    updates need no new capture. The hooks capture graphs from the second call with an
+    input signature (the first checks the parameters' uses eagerly). Each graph keeps its
+    batch's intermediate state allocated (at most 4 pairs are kept). The output ``loss_fn``
+    receives is then a static buffer, overwritten by the next call. If a capture fails the
+    engine warns once and runs eagerly from then on. The one-shot functions
+    (``per_sample_grads`` ...) do not capture. A model whose forward depends on anything
+    else a replay cannot see (a Python flag read in ``forward``, data-dependent control
+    flow) needs ``cuda_graphs=False``.
 
     Args:
-        model: the ``nn.Module``.
+        model: the ``nn.Module``; a ``torch.compile``'d one is run uncompiled (its ``_orig_mod``), keyed as it is.
         max_chunk: the most samples processed at once. None: the native capture picks it
             from its intermediate state per sample (a quarter of the free GPU memory,
             counting what PyTorch's allocator holds unused; 1 GiB on CPU); the hooks
@@ -150,15 +165,17 @@ class PerSampleGrads:
         self.max_chunk = max_chunk
         self.norm_method = norm_method
         self._native = self._hooks = None
+        # torch.compile(model): its _orig_mod, served eagerly, keyed like model (see compiled.py)
         if capture != "hooks":
             try:
-                self._native = NativeCapture(model, cuda_graphs, max_chunk)
+                self._native = NativeCapture(compiled.eager(model, sequential=True), cuda_graphs, max_chunk)
             except UnsupportedModuleError:
                 if capture == "native":
                     raise
         if capture != "native":
-            self._hooks = HooksCapture(model, fallback)
+            self._hooks = HooksCapture(compiled.eager(model), fallback, cuda_graphs)
         self._results = materialise.ResultBuffers()  # reused by the next call with the same shapes
+        self._kept = Kept()  # the norms' and the graphed clipped sums' buffers, from call to call
         self._projection = projections.ProjectionCache()  # the last projection(), reused while its key holds
 
     # ---------------------------------------------------------------- public API
@@ -175,9 +192,11 @@ class PerSampleGrads:
         into: Optional[str] = None,
         out: Optional[dict[str, torch.Tensor]] = None,
         generator: Optional[torch.Generator] = None,
+        out_dtype: Optional[torch.dtype] = None,
     ) -> dict[str, torch.Tensor]:
         """Per-sample gradients ``{name: [N, *param.shape]}`` of every parameter that
-        requires grad, keyed like ``model.named_parameters()``.
+        requires grad, keyed like ``model.named_parameters()``, in ``out_dtype`` (default:
+        each parameter's dtype; e.g. ``torch.bfloat16`` halves the bytes written).
 
         ``layout="in_out"`` gives Linear weights as ``[N, in_features, out_features]``.
         ``into="grad_sample"`` also stores each as ``param.grad_sample`` (as Opacus does).
@@ -186,7 +205,9 @@ class PerSampleGrads:
         device and layout, so a training loop allocates them once: the returned tensors
         are overwritten then (``.clone()`` what you keep). An empty batch gives ``[0, ...]``.
         """
-        return materialise.per_sample_grads(self, inputs, target, loss_fn, reduction, layout, into, out, generator)
+        return materialise.per_sample_grads(
+            self, inputs, target, loss_fn, reduction, layout, into, out, generator, out_dtype
+        )
 
     @_replanning
     def norms(
@@ -307,6 +328,11 @@ class PerSampleGrads:
             native.check_input(inputs)
         elif self._hooks is not None:
             cap = self._hooks
+        elif torch.is_autocast_enabled(native.device().type):
+            raise ValueError(
+                "capture='native' does not run under torch.autocast (its passes compute in the parameters' dtype); "
+                "use capture='auto' or 'hooks', which run the step as autocast does"
+            )
         elif isinstance(inputs, torch.Tensor):
             raise ValueError(
                 f"inputs: capture='native' needs a 2-D Tensor [N, D] (or one the model's nn.Flatten "
@@ -345,7 +371,8 @@ def _one_shot(model, kwargs):
 
 def per_sample_grads(model: nn.Module, inputs, target, loss_fn, **kwargs) -> dict[str, torch.Tensor]:
     """One-shot :class:`PerSampleGrads` ``(model)(inputs, target, loss_fn, **kwargs)``
-    (``max_chunk``, ``capture``, ``norm_method`` and ``fallback`` go to the engine)."""
+    (``max_chunk``, ``capture``, ``norm_method`` and ``fallback`` go to the engine; the
+    others, ``out_dtype`` included, to the call)."""
     return _one_shot(model, kwargs)(inputs, target, loss_fn, **kwargs)
 
 

@@ -121,37 +121,34 @@ def test_chunk_budget_counts_memory_the_allocator_holds_unused(monkeypatch):
     assert asked == []  # no CUDA query for a CPU batch
 
 
-def test_autocast_leaves_the_engine_in_the_parameters_dtype():
+def test_autocast_reaches_loss_fn_and_chunking_changes_nothing():
+    """Under the caller's autocast the MLP takes the hooks capture (the native one does not
+    run under autocast), loss_fn runs under it, and chunks give the unchunked results (the
+    precision itself: tests/test_mixed_precision.py)."""
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
     x, t = torch.randn(12, 8), torch.randn(12, 4)
-    engine = ig.PerSampleGrads(model, max_chunk=5)
     in_autocast = []
 
     def loss(out, target):  # runs in the caller's context
         in_autocast.append(torch.is_autocast_enabled("cpu"))
         return F.mse_loss(out, target)
 
-    def run():
+    def run(engine):
         grads = {k: v.clone() for k, v in engine(x, t, loss).items()}
         norms = engine.norms(x, t, loss)
         clipped_norms = engine.clipped_grad_sum(x, t, loss, 0.5)
         return grads, norms, clipped_norms, [p.grad.clone() for p in model.parameters()]
 
-    plain = run()
-    assert in_autocast == [False] * 9  # 3 chunks x 3 calls
-    in_autocast.clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = run()
-    assert in_autocast == [True] * 9
-    exact = dict(rtol=0, atol=0)
-    for name in plain[0]:
-        assert autocast[0][name].dtype == torch.float32
-        torch.testing.assert_close(autocast[0][name], plain[0][name], **exact)
-    torch.testing.assert_close(autocast[1], plain[1], **exact)
-    torch.testing.assert_close(autocast[2], plain[2], **exact)
-    for a, b in zip(autocast[3], plain[3]):
-        torch.testing.assert_close(a, b, **exact)
-    # and both are right, in float32
-    ref = func_per_sample_grads(model.double(), x.double(), t.double(), F.mse_loss)
-    for name in ref:
-        torch.testing.assert_close(autocast[0][name].double(), ref[name], rtol=1e-4, atol=1e-6, msg=name)
+        assert not ig.PerSampleGrads(model)._native.applies(x)
+        chunked = run(ig.PerSampleGrads(model, max_chunk=5))
+        assert in_autocast == [True] * 9  # 3 chunks x 3 calls
+        whole = run(ig.PerSampleGrads(model))
+    close = dict(rtol=1e-5, atol=1e-6)
+    for name in whole[0]:
+        assert chunked[0][name].dtype == torch.float32
+        torch.testing.assert_close(chunked[0][name], whole[0][name], **close)
+    torch.testing.assert_close(chunked[1], whole[1], **close)
+    torch.testing.assert_close(chunked[2], whole[2], **close)
+    for a, b in zip(chunked[3], whole[3]):
+        torch.testing.assert_close(a, b, **close)

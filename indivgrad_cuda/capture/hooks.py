@@ -25,19 +25,21 @@ module's forward (its projections) through the rule's intercept.
 """
 
 import contextlib
-from dataclasses import dataclass, field
+from collections import OrderedDict
 from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_leaves, tree_structure, tree_unflatten
 
 from indivgrad_cuda import randomness
 from indivgrad_cuda.capture import parameter_uses
 from indivgrad_cuda.capture.layers import Layer, ModelScan, tied_names
-from indivgrad_cuda.capture.losses import loss_grad_seed
-from indivgrad_cuda.capture.precision import no_autocast
+from indivgrad_cuda.capture.losses import grads_of_leaves, loss_grad_seed
+from indivgrad_cuda.capture.precision import autocast_off, autocast_state
 from indivgrad_cuda.chunking import batch_size, split_batch
+from indivgrad_cuda.compiled import compiled_in_place, stance
+from indivgrad_cuda.cuda_graphs import GraphRunner
 from indivgrad_cuda.errors import UnsupportedModuleError
 from indivgrad_cuda.layers import Factors, FallbackRule
 
@@ -46,12 +48,17 @@ Visit = Callable[[int, Optional[Factors], int, int], None]
 
 
 class HooksCapture:
-    def __init__(self, model: nn.Module, fallback: bool = True):
+    def __init__(self, model: nn.Module, fallback: bool = True, cuda_graphs: bool = False):
         self.model = model
         self.fallback = fallback
+        self.graphs = GraphRunner() if cuda_graphs else None
+        self.compiled = compiled_in_place(model)  # modules compiled in place run eagerly in the engine's forward
         self.scan = ModelScan(model, fallback)
         self.scan.check()  # every trainable parameter belongs to a supported layer
         self._checked = set()  # input signatures whose parameter uses were checked
+        self._recorder_of = None  # (layers, their _Recorder)
+        self._graph_outputs = OrderedDict()  # graph key -> the output's structure (see _graphed)
+        self._params_of = None  # (layers, {layout: params(layers, layout)})
 
     def layers(self) -> list[Layer]:
         """The supported layers with trainable parameters now (requires_grad is read each call)."""
@@ -60,16 +67,103 @@ class HooksCapture:
 
     def params(self, layers: list[Layer], layout: str) -> dict[str, tuple]:
         """{name: (parameter, one sample's gradient shape in layout)} of the trainable parameters
-        (a parameter several layers share takes its own shape whatever the layout)."""
-        tied = tied_names(layers)
-        out = {}
-        for layer in layers:
-            for attr, p in layer.trainable().items():
-                name = layer.names[attr]
-                if name not in out:
-                    shape = tuple(p.shape) if name in tied else layer.rule.grad_shape(layer.module, attr, layout)
-                    out[name] = (p, shape)
-        return dict(sorted(out.items(), key=lambda item: self.scan.order[item[0]]))  # named_parameters() order
+        (a parameter several layers share takes its own shape whatever the layout); worked out
+        once per list of layers and layout."""
+        if self._params_of is None or self._params_of[0] is not layers:
+            self._params_of = (layers, {})
+        known = self._params_of[1]
+        if layout not in known:
+            tied = tied_names(layers)
+            out = {}
+            for layer in layers:
+                for attr, p in layer.trainable().items():
+                    name = layer.names[attr]
+                    if name not in out:
+                        shape = tuple(p.shape) if name in tied else layer.rule.grad_shape(layer.module, attr, layout)
+                        out[name] = (p, shape)
+            known[layout] = dict(sorted(out.items(), key=lambda item: self.scan.order[item[0]]))  # named_parameters()
+        return known[layout]
+
+    def graphable(self, layers: list[Layer], inputs, max_chunk: Optional[int]) -> bool:
+        """Whether a call may replay CUDA graphs (``run``'s ``graph_key``): graphs on, the
+        batch on a device they serve and in one chunk, no Dropout in train mode (its masks are
+        drawn per call), its parameter uses checked by an earlier call with its signature, the
+        inputs' other values hashable (they join the key)."""
+        graphs = self.graphs
+        if graphs is None or not graphs.enabled:
+            return False
+        leaves = tree_leaves(inputs)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        if not tensors or any(t.device.type not in graphs.device_types or t.dim() == 0 for t in tensors):
+            return False
+        n = tensors[0].shape[0]
+        if n == 0 or (max_chunk is not None and max_chunk < n) or any(m.training for _, m in self.scan.dropouts):
+            return False
+        try:
+            hash(tuple(v for v in leaves if not isinstance(v, torch.Tensor)))
+        except TypeError:
+            return False
+        return _signature(inputs, self.model, layers) in self._checked
+
+    def _graph_key(self, inputs, signature, graph_key: tuple) -> tuple:
+        """What a replay cannot see: the caller's key (its buffers' addresses, its settings),
+        the input signature and structure, the inputs' other values, the addresses of every
+        parameter and buffer of the model (in-place updates need no new capture), the autocast
+        in effect."""
+        model = self.model
+        others = tuple(v for v in tree_leaves(inputs) if not isinstance(v, torch.Tensor))
+        state = tuple(t.data_ptr() for t in model.parameters()) + tuple(t.data_ptr() for t in model.buffers())
+        return (*graph_key, signature, str(tree_structure(inputs)), others, state, autocast_state())
+
+    def _graphed(self, layers, inputs, target, loss_fn, reduction, visit, end_chunk, key, n) -> bool:
+        """The call through two CUDA graphs, the forward (the taps included) and the backward
+        (the taps' reductions and ``end_chunk`` included), captured on the first call with a
+        new key and replayed after, the caller's loss run eagerly between them on the
+        forward's static output (as the native capture's graphs, cuda_graphs.py). False: the
+        capture failed (the runner has warned), run eagerly."""
+        rec = self._recorder(layers)
+        # the forward's output structure, kept with the graphs of its key (a replay runs no Python),
+        # and the output leaves of the forward just run, with their autograd graph, for the backward
+        latest = self._graph_outputs.pop(key, {})
+        self._graph_outputs[key] = latest  # the most recent last; as many as the runner keeps graphs
+        while len(self._graph_outputs) > self.graphs.max_graphs:
+            self._graph_outputs.popitem(last=False)
+
+        def forward(static_inputs):
+            rec.start(False, n, lambda i, f: visit(i, f, 0, n))
+            with rec, torch.enable_grad(), stance(self.compiled):
+                leaves, spec = tree_flatten(_call(self.model, static_inputs))
+            wanted = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
+            template = [_TENSOR if isinstance(t, torch.Tensor) else t for t in leaves]
+            latest.update(leaves=leaves, spec=spec, wanted=wanted, template=template)
+            return [t.detach() for t in leaves if isinstance(t, torch.Tensor)], None
+
+        def grads(outputs):  # the static output's tensors in the last forward's structure
+            static = iter(outputs)
+            leaves = [next(static) if t is _TENSOR else t for t in latest["template"]]
+            got = grads_of_leaves(leaves, latest["spec"], target, loss_fn, reduction, n, latest["wanted"])
+            return [g for g in got if g is not None]
+
+        def backward(static_grads, _):
+            roots = [t for t, w in zip(latest.pop("leaves"), latest["wanted"]) if w]  # as grads()
+            with autocast_off():
+                if rec.calls_recorded and roots:
+                    torch.autograd.backward(roots, grad_tensors=static_grads, inputs=[rec.probe])
+                rec.finish()
+                if rec.refused:
+                    raise UnsupportedModuleError("\n".join(rec.refused))
+                if end_chunk is not None:
+                    end_chunk(0, n)
+            return ()  # the results are in the caller's buffers
+
+        return self.graphs.run(key, inputs, forward, grads, backward, warmup=False) is not None
+
+    def _recorder(self, layers: list[Layer]) -> "_Recorder":
+        """The recorder of this list of layers (layers() returns the same list while the trainable
+        parameters stay the same): its forwards are built once."""
+        if self._recorder_of is None or self._recorder_of[0] is not layers:
+            self._recorder_of = (layers, _Recorder(layers, self.device()))
+        return self._recorder_of[1]
 
     def unchecked(self) -> bool:
         """No call has passed the check of parameter uses yet."""
@@ -77,6 +171,9 @@ class HooksCapture:
 
     def device(self) -> torch.device:
         for layer in self.scan.layers:
+            for p in layer.module._parameters.values():  # a module's own first: parameters() costs a walk
+                if p is not None:
+                    return p.device
             return next(iter(layer.module.parameters())).device
         return torch.device("cpu")
 
@@ -91,33 +188,42 @@ class HooksCapture:
         max_chunk: Optional[int],
         visit: Visit,
         end_chunk: Optional[Callable[[int, int], None]] = None,
+        graph_key: Optional[tuple] = None,
     ) -> None:
         """Forward, loss and backward chunk by chunk: ``visit`` gets each layer's factors for
         samples n0..n1 during the backward (in the order they complete), ``end_chunk(n0, n1)``
-        is called after the chunk's backward."""
+        is called after the chunk's backward. ``graph_key``: the caller's results land in
+        buffers whose addresses, and settings, it holds, so the call may replay CUDA graphs
+        (:meth:`_graphed`); None: eagerly."""
         _check_no_batch_statistics(self.scan.batch_norms)
         n = batch_size(inputs)
         size = max(1, n if max_chunk is None else min(n, max_chunk))  # see PerSampleGrads's max_chunk
         masks = randomness.DropoutMasks(self.scan.dropouts, n, generator)
         signature = _signature(inputs, self.model, layers)
-        device = self.device()
+        if graph_key is not None:  # the caller has asked graphable()
+            key = self._graph_key(inputs, signature, graph_key)
+            if self._graphed(layers, inputs, target, loss_fn, reduction, visit, end_chunk, key, n):
+                return
+        rec = self._recorder(layers)
         for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
             check = signature not in self._checked
-            rec = _Recorder(layers, check, n1 - n0, lambda i, f, n0=n0, n1=n1: visit(i, f, n0, n1), device)
+            rec.start(check, n1 - n0, lambda i, f, n0=n0, n1=n1: visit(i, f, n0, n1))
             modules = parameter_uses.ModuleUses(self.model, layers) if check else contextlib.nullcontext()
-            with masks.rows(n0, n1), rec, modules, no_autocast(device.type), torch.enable_grad():
+            # the caller's autocast, as in a step
+            with masks.rows(n0, n1), rec, modules, torch.enable_grad(), stance(self.compiled):
                 output = _call(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
             if check:
                 parameter_uses.check(self.scan, rec, modules, seed.loss, self.fallback)
                 self._checked.add(signature)
-            if rec.calls_recorded and seed.loss.requires_grad:  # else no layer's output reaches the loss
-                torch.autograd.backward(seed.loss, grad_tensors=seed.grad, inputs=[rec.probe])
-            rec.finish()
-            if rec.refused:
-                raise UnsupportedModuleError("\n".join(rec.refused))
-            if end_chunk is not None:
-                end_chunk(n0, n1)
+            with autocast_off():  # the backward and the reductions: as a normal step's backward, outside autocast
+                if rec.calls_recorded and seed.loss.requires_grad:  # else no layer's output reaches the loss
+                    torch.autograd.backward(seed.loss, grad_tensors=seed.grad, inputs=[rec.probe])
+                rec.finish()
+                if rec.refused:
+                    raise UnsupportedModuleError("\n".join(rec.refused))
+                if end_chunk is not None:
+                    end_chunk(n0, n1)
 
 
 def _call(model, inputs):
@@ -126,6 +232,9 @@ def _call(model, inputs):
     if isinstance(inputs, tuple):
         return model(*inputs)
     return model(inputs)
+
+
+_TENSOR = object()  # where a tensor was, in a template of an output's leaves
 
 
 class _Tap(torch.autograd.Function):
@@ -142,138 +251,182 @@ class _Tap(torch.autograd.Function):
         return grad, None, None
 
 
-@dataclass
 class _Call:
-    record: object  # what the rule keeps of the input
-    # (shape, dtype, device) of each tapped output, for a zero gradient where none arrives; not
-    # the outputs themselves, which a normal step frees once the next op has run
-    outputs: list
-    grads: list  # the gradient at each tapped output, once the backward has reached it (else None)
+    """One call of a layer: what the rule keeps of its input, the (shape, dtype, device) of
+    each tapped output (for a zero gradient where none arrives; not the outputs themselves,
+    which a normal step frees once the next op has run), and the gradient at each tapped
+    output once the backward has reached it (else None)."""
+
+    __slots__ = ("grads", "outputs", "record")
+
+    def __init__(self, record, outputs, grads):
+        self.record, self.outputs, self.grads = record, outputs, grads
 
 
-@dataclass
 class _Recording:
-    layer: Layer
-    calls: list[_Call] = field(default_factory=list)
-    expected: int = 0  # tapped outputs over all calls
-    arrived: int = 0
-    done: bool = False
-    local_uses: dict[int, int] = field(default_factory=dict)  # id(param) -> autograd edges inside the calls
+    """One layer's calls in one chunk."""
+
+    def __init__(self, layer: Layer):
+        self.layer = layer
+        self.bound = None  # the module's own forward while the recorder's is installed
+        self.saved = None  # the module's instance attribute 'forward' before (None: it had none)
+        self.reset()
+
+    def reset(self):
+        self.calls: list[_Call] = []
+        self.expected = 0  # tapped outputs over all calls
+        self.arrived = 0
+        self.done = False
+        self.local_uses: dict[int, int] = {}  # id(param) -> autograd edges inside the calls
 
 
 class _Recorder:
-    """Forward hooks on the layers while active; hands each layer's factors to `on_layer`
-    once the gradients of all its calls' tapped outputs have arrived (or, for those that never
-    do, in finish())."""
+    """While active, each layer's module runs through a forward of the recorder's (an instance
+    attribute ``forward``, set on entry and removed on exit: nothing stays on the model to tax
+    the user's own forwards, and the module's own hooks run around it as they would); hands
+    each layer's factors to ``on_layer`` once the gradients of all its calls' tapped outputs
+    have arrived (or, for those that never do, in finish()). Built once per list of layers and
+    reused by every chunk and call with it (:meth:`start`)."""
 
-    def __init__(self, layers: list[Layer], check: bool, n: int, on_layer: Callable, device: torch.device):
+    def __init__(self, layers: list[Layer], device: torch.device):
+        self.layers = layers
+        self.device = device
         self.recordings = [_Recording(layer) for layer in layers]
-        self.check = check
-        self.n = n
-        self.on_layer = on_layer
-        self.probe = torch.empty(0, device=device, requires_grad=True)  # every tap feeds it: the backward's target
+        self.forwards = [self._forward(i, rec) for i, rec in enumerate(self.recordings)]
+        self.start(False, 0, None)
+
+    def start(self, check: bool, n: int, on_layer: Optional[Callable]) -> "_Recorder":
+        """A new chunk of n samples (``check``: the first with its input signature)."""
+        self.check, self.n, self.on_layer = check, n, on_layer
+        self.probe = torch.empty(0, device=self.device, requires_grad=True)  # every tap feeds it: the backward's target
         self.calls_recorded = 0
-        self.handles = []
         self.inside = []  # the intercepts of the inner rules' calls in progress
         self.refused = []  # what the layers' reductions refused (a fallback that cannot run, ...)
-
-    def __enter__(self):
-        for i, rec in enumerate(self.recordings):
-            m, rule = rec.layer.module, rec.layer.rule
-            if rule.inner:
-                self.handles.append(m.register_forward_pre_hook(self._begin_inner(i, rec)))
-            elif not isinstance(rule, FallbackRule):  # the fallback takes its inputs as they come
-                self.handles.append(m.register_forward_pre_hook(self._expand_shared))
-            self.handles.append(m.register_forward_hook(self._hook(i, rec), with_kwargs=True))
+        for rec in self.recordings:
+            rec.reset()
         return self
 
-    def _begin_inner(self, index: int, rec: _Recording):
-        """An inner rule's call: its intercept taps what it needs until the forward hook."""
-
-        def pre_hook(module, inputs):
-            call = _Call(None, [], [])
-
-            def tap(t):
-                k = len(call.grads)
-                call.outputs.append((t.shape, t.dtype, t.device))
-                call.grads.append(None)
-                rec.expected += 1
-                return _Tap.apply(t, self.probe, lambda g: self._arrive(index, call, k, g))
-
-            intercept = rec.layer.rule.intercept(module, self.n, tap)
-            intercept.__enter__()
-            self.inside.append((call, intercept))
-
-        return pre_hook
-
-    def _expand_shared(self, module, inputs):
-        """An input of one row while the batch has N (positions [1, T] shared by every sample,
-        as Hugging Face models pass them) is expanded to N rows, so that each sample's share of
-        the layer's gradient is its own (the output then has N rows too)."""
-        x = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
-        if x is not None and x.dim() >= 2 and x.shape[0] == 1 and self.n > 1:
-            return (x.expand(self.n, *x.shape[1:]), *inputs[1:])
-        return None
+    def __enter__(self):
+        for rec, forward in zip(self.recordings, self.forwards):
+            attrs = rec.layer.module.__dict__
+            rec.saved = attrs.get("forward")
+            rec.bound = rec.layer.module.forward
+            attrs["forward"] = forward
+        return self
 
     def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+        for rec in self.recordings:
+            attrs = rec.layer.module.__dict__
+            if rec.saved is None:
+                attrs.pop("forward", None)
+            else:
+                attrs["forward"] = rec.saved
+            rec.bound = rec.saved = None
         while self.inside:  # a forward that raised inside an inner rule's call
             self.inside.pop()[1].__exit__(None, None, None)
 
-    def _hook(self, index: int, rec: _Recording):
+    def _forward(self, index: int, rec: _Recording):
+        """The forward the module runs while the recorder is active: its own, then the taps."""
+        rule = rec.layer.rule
+        if rule.inner:
+
+            def inner_forward(*args, **kwargs):
+                self._begin_inner(index, rec)
+                output = rec.bound(*args, **kwargs)
+                return self._end_inner(rec, args, kwargs, output)
+
+            return inner_forward
+        if isinstance(rule, FallbackRule):  # the fallback takes its inputs as they come
+
+            def fallback_forward(*args, **kwargs):
+                return self._after(index, rec, args, kwargs, rec.bound(*args, **kwargs))
+
+            return fallback_forward
+
+        def layer_forward(*args, **kwargs):
+            if args and isinstance(args[0], torch.Tensor):
+                args = self._expand_shared(args)
+            return self._after(index, rec, args, kwargs, rec.bound(*args, **kwargs))
+
+        return layer_forward
+
+    def _begin_inner(self, index: int, rec: _Recording):
+        """An inner rule's call: its intercept taps what it needs until the call returns."""
+        call = _Call(None, [], [])
+
+        def tap(t):
+            k = len(call.grads)
+            call.outputs.append((t.shape, t.dtype, t.device))
+            call.grads.append(None)
+            rec.expected += 1
+            return _Tap.apply(t, self.probe, lambda g: self._arrive(index, call, k, g))
+
+        intercept = rec.layer.rule.intercept(rec.layer.module, self.n, tap)
+        intercept.__enter__()
+        self.inside.append((call, intercept))
+
+    def _expand_shared(self, args):
+        """An input of one row while the batch has N (positions [1, T] shared by every sample,
+        as Hugging Face models pass them) is expanded to N rows, so that each sample's share of
+        the layer's gradient is its own (the output then has N rows too)."""
+        x = args[0]
+        if x.dim() >= 2 and x.shape[0] == 1 and self.n > 1:
+            return (x.expand(self.n, *x.shape[1:]), *args[1:])
+        return args
+
+    def _after(self, index: int, rec: _Recording, args, kwargs, output):
+        """Records one call of a layer and returns its output with the taps in place."""
         layer = rec.layer
-
-        def hook(module, args, kwargs, output):
-            leaves, spec = tree_flatten(output)
-            if layer.rule.inner:
-                return self._end_inner(rec, module, args, kwargs, leaves)
-            taps = layer.rule.taps(output)
-            if not taps or not all(isinstance(leaves[i], torch.Tensor) and leaves[i].requires_grad for i in taps):
-                raise RuntimeError(
-                    f"module '{layer.path}' ({type(module).__name__}) returned no tensor that requires grad; is the "
-                    f"forward running under torch.no_grad()?"
+        module, rule = layer.module, layer.rule
+        single = isinstance(output, torch.Tensor)  # the usual case: no pytree to walk
+        leaves, spec = ([output], None) if single else tree_flatten(output)
+        taps = rule.taps(output)
+        if not taps or not all(isinstance(leaves[i], torch.Tensor) and leaves[i].requires_grad for i in taps):
+            raise RuntimeError(
+                f"module '{layer.path}' ({type(module).__name__}) returned no tensor that requires grad; is the "
+                f"forward running under torch.no_grad()?"
+            )
+        if not isinstance(rule, FallbackRule):
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            why = None if x is None else rule.bad_input(module, x)
+            if why:
+                raise ValueError(f"module '{layer.path}' ({type(module).__name__}) {why} (N={self.n})")
+            out = leaves[taps[0]]
+            if x is None or x.dim() == 0 or x.shape[0] != self.n or out.shape[0] != self.n:
+                got = "no tensor" if x is None else f"shape {list(x.shape)}"
+                raise ValueError(
+                    f"module '{layer.path}' ({type(module).__name__}) was called with {got}; per-sample "
+                    f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}), or 1 "
+                    f"for an input shared by all samples (e.g. positions [1, T])"
                 )
-            if not isinstance(layer.rule, FallbackRule):
-                x = args[0] if args and isinstance(args[0], torch.Tensor) else None
-                why = None if x is None else layer.rule.bad_input(module, x)
-                if why:
-                    raise ValueError(f"module '{layer.path}' ({type(module).__name__}) {why} (N={self.n})")
-                out = leaves[taps[0]]
-                if x is None or x.dim() == 0 or x.shape[0] != self.n or out.shape[0] != self.n:
-                    got = "no tensor" if x is None else f"shape {list(x.shape)}"
-                    raise ValueError(
-                        f"module '{layer.path}' ({type(module).__name__}) was called with {got}; per-sample "
-                        f"gradients need dim 0 of every supported layer's input to be the batch (N={self.n}), or 1 "
-                        f"for an input shared by all samples (e.g. positions [1, T])"
-                    )
-            if self.check:
-                self._count_local_uses(rec, args, kwargs, [leaves[i] for i in taps])
-            call = _Call(layer.rule.record(module, args, kwargs, output, self.n, self.check), [], [None] * len(taps))
-            for k, i in enumerate(taps):
-                call.outputs.append((leaves[i].shape, leaves[i].dtype, leaves[i].device))
-                leaves[i] = _Tap.apply(leaves[i], self.probe, lambda g, call=call, k=k: self._arrive(index, call, k, g))
-            rec.calls.append(call)
-            rec.expected += len(taps)
-            self.calls_recorded += 1
-            return tree_unflatten(leaves, spec)
+        if self.check:
+            self._count_local_uses(rec, args, kwargs, [leaves[i] for i in taps])
+        call = _Call(rule.record(module, args, kwargs, output, self.n, self.check), [], [None] * len(taps))
+        for k, i in enumerate(taps):
+            t = leaves[i]
+            call.outputs.append((t.shape, t.dtype, t.device))
+            leaves[i] = _Tap.apply(t, self.probe, lambda g, k=k: self._arrive(index, call, k, g))
+        rec.calls.append(call)
+        rec.expected += len(taps)
+        self.calls_recorded += 1
+        return leaves[0] if single else tree_unflatten(leaves, spec)
 
-        return hook
-
-    def _end_inner(self, rec: _Recording, module, args, kwargs, leaves):
+    def _end_inner(self, rec: _Recording, args, kwargs, output):
         call, intercept = self.inside.pop()
         intercept.__exit__(None, None, None)
         call.record = intercept.pieces
+        module = rec.layer.module
         if not call.outputs:
             raise RuntimeError(
                 f"module '{rec.layer.path}' ({type(module).__name__}) used none of its trainable parameters where its "
                 f"rule looks for them; is the forward running under torch.no_grad()?"
             )
         if self.check:
-            self._count_local_uses(rec, args, kwargs, [t for t in leaves if isinstance(t, torch.Tensor)])
+            leaves = [t for t in tree_leaves(output) if isinstance(t, torch.Tensor)]
+            self._count_local_uses(rec, args, kwargs, leaves)
         rec.calls.append(call)
         self.calls_recorded += 1
-        return None
+        return output
 
     def _count_local_uses(self, rec: _Recording, args, kwargs, outputs):
         """The edges into the layer's own parameters inside this call (a fallback's forward may
@@ -297,13 +450,16 @@ class _Recorder:
         rule, module = rec.layer.rule, rec.layer.module
         records, grads = [], []
         for call in rec.calls:
-            got = [
-                g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
-                for g, (shape, dtype, device) in zip(call.grads, call.outputs)
-            ]
+            got = call.grads
+            if any(g is None for g in got):  # not `None in got`: that compares tensors with None (slow)
+                got = [
+                    g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
+                    for g, (shape, dtype, device) in zip(got, call.outputs)
+                ]
             records.append(call.record)
             grads.append(rule.output_grad(module, got))
             call.record = call.grads = call.outputs = None  # nothing of the call outlives the layer's reduction
+        rec.calls = []
         rec.done = True
         try:
             self.on_layer(index, rule.combine(records, grads) if records else None)

@@ -101,6 +101,7 @@ class ModelScan:
                 continue
             self.layers.append(Layer(label, m, rule, {a: names[id(direct[a])] for a in attrs}))
         self._inside_fallbacks_once()
+        self._wanted_key = self._wanted = None  # wanted_layers()'s last answer
 
     def _inside_fallbacks_once(self) -> None:
         """A fallback replays its module's forward with its parameters replaced wherever the
@@ -132,13 +133,16 @@ class ModelScan:
 
     def wanted_layers(self) -> list[Layer]:
         """The layers with trainable parameters now (after check()), each a copy holding those
-        parameters for the call that asks."""
-        out = []
-        for layer in self.layers:
-            now = layer.trainable()
-            if now:
-                out.append(Layer(layer.path, layer.module, layer.rule, layer.names, now))
-        return out
+        parameters for the call that asks. The same list while they stay the same Parameter
+        objects with the same requires_grad (so what a call builds per list is built once)."""
+        now = [layer.trainable() for layer in self.layers]
+        key = [tuple(map(id, t.values())) for t in now]  # the snapshots hold the Parameters: no id is reused
+        if key != self._wanted_key:
+            self._wanted = [
+                Layer(layer.path, layer.module, layer.rule, layer.names, t) for layer, t in zip(self.layers, now) if t
+            ]
+            self._wanted_key = key
+        return self._wanted
 
     def adopt(self, name: str, path: str, module: nn.Module, attr: str) -> None:
         """Parameter ``name`` (``attr`` below ``module``) is served by the fallback of the module
@@ -153,6 +157,7 @@ class ModelScan:
             self.layers.append(holder)
         holder.rule.adopted.append(attr)
         holder.names[attr] = name
+        self._wanted_key = None
 
     def describe(self) -> dict[str, str]:
         """How each parameter is served, by its named_parameters() name."""

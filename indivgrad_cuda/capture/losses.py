@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from torch.utils._pytree import tree_unflatten
 
 # (loss, n) of every loss_fn call while losses_tallied() is active (the DP-SGD step reports
 # the batch's loss without a second forward); None otherwise.
@@ -64,11 +65,28 @@ def loss_grad_seed(output, target, loss_fn, reduction: str, n: int) -> LossSeed:
 
 def grad_of_output(output: torch.Tensor, target, loss_fn, reduction: str) -> torch.Tensor:
     """dL/d(output) alone (the native capture's backward starts there)."""
-    out = output.detach().requires_grad_(True)
-    n = out.shape[0]
-    loss = run_loss(out, target, loss_fn, n)
-    if loss.dim() == 0:
-        (grad,) = torch.autograd.grad(loss, out)
-        return grad * n if reduction == "mean" else grad
-    (grad,) = torch.autograd.grad(loss, out, grad_outputs=torch.ones_like(loss))
+    (grad,) = grads_of_leaves([output], None, target, loss_fn, reduction, output.shape[0], [True])
     return grad
+
+
+def grads_of_leaves(leaves: list, spec, target, loss_fn, reduction: str, n: int, wanted=None) -> list:
+    """dL/d(leaf) for each tensor leaf of an output given as pytree leaves and spec (None: the
+    one leaf is the output), zeros where the loss does not reach it; None for the leaves not
+    ``wanted`` (default: those that are not floating-point tensors requiring grad)."""
+    if wanted is None:
+        wanted = [isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point() for t in leaves]
+    detached = [t.detach().requires_grad_(True) if w else t for t, w in zip(leaves, wanted)]
+    output = detached[0] if spec is None else tree_unflatten(detached, spec)
+    loss = run_loss(output, target, loss_fn, n)
+    seed = torch.full((), n if reduction == "mean" else 1, dtype=loss.dtype, device=loss.device)
+    roots = [t for t, w in zip(detached, wanted) if w]
+    got = iter(
+        torch.autograd.grad(
+            loss, roots, grad_outputs=seed if loss.dim() == 0 else torch.ones_like(loss), allow_unused=True
+        )
+    )
+    out = []
+    for t, w in zip(detached, wanted):
+        g = next(got) if w else None
+        out.append(torch.zeros_like(t) if w and g is None else g)
+    return out

@@ -26,10 +26,14 @@ class NativeCapture:
         self.max_chunk = max_chunk
 
     def applies(self, inputs) -> bool:
-        """A single Tensor input, 2-D (or more before the model's nn.Flatten); other shapes of a
-        Sequential go through the hooks capture."""
-        return isinstance(inputs, torch.Tensor) and (
-            inputs.dim() == 2 or (self.plan.flattens_input and inputs.dim() > 2)
+        """A single Tensor input, 2-D (or more before the model's nn.Flatten), with autocast off
+        for the model's device type; other shapes of a Sequential, and any call under autocast
+        (whose forward the hooks capture runs as a normal autocast step does), go through the
+        hooks capture (``capture="native"`` refuses them)."""
+        return (
+            isinstance(inputs, torch.Tensor)
+            and (inputs.dim() == 2 or (self.plan.flattens_input and inputs.dim() > 2))
+            and not torch.is_autocast_enabled(self.device().type)
         )
 
     def device(self):

@@ -40,9 +40,38 @@ def _rows(t, n0, n1):
     return t
 
 
+def computed_input(x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """A layer's floating-point input (detached) as its op computed with it: in the dtype of
+    its output, and so of the gradient arriving there. Under autocast that is the op's autocast
+    dtype (a Linear's or a convolution's float32 input rounded to bfloat16/float16 as autocast
+    rounds it for its GEMM; a CUDA LayerNorm's half input in float32); without, its own."""
+    x = x.detach()
+    return cast(x, output.dtype) if x.is_floating_point() else x
+
+
+def as_rows(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """[N, *, last dims] as [N, T, last dims] (t itself when it is so already: a reshape
+    costs a dispatch even then)."""
+    if t.dim() == dims + 2:
+        return t
+    return t.reshape(t.shape[0], -1, *t.shape[t.dim() - dims :])
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype: t itself when it has it (a call of Tensor.to costs a dispatch even then,
+    which adds up over the layers of a small model)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Norms of float16/bfloat16 gradients accumulate in float32."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def sum_dtype(factors: torch.dtype, dst: torch.Tensor) -> torch.dtype:
+    """The dtype a clipped sum is formed in: the wider of the factors' and its destination's
+    (float32 for half factors into a float32 parameter's gradient, as under autocast)."""
+    return torch.promote_types(factors, dst.dtype)
 
 
 def squared_rows(t: torch.Tensor) -> torch.Tensor:
@@ -53,7 +82,13 @@ def squared_rows(t: torch.Tensor) -> torch.Tensor:
 class LayerRule:
     """Per supported layer type. ``params`` names the module's parameter attributes a rule
     knows; a module's trainable ones among them get results. ``module_type`` is the type it
-    serves (with that type's forward: a subclass that overrides it is not recognised)."""
+    serves (with that type's forward: a subclass that overrides it is not recognised).
+
+    Precision: ``record`` keeps the input in the dtype the layer's op computed in
+    (:func:`computed_input`), so a layer's factors share one dtype; the reductions compute in
+    at least float32 for half factors (norms, Grams, projections in :func:`acc_dtype`; a
+    clipped sum in the wider of the factors' and the parameter's dtype) and write each result
+    in its destination's dtype."""
 
     params = ("weight", "bias")
     module_type: type = nn.Module
@@ -124,6 +159,17 @@ class LayerRule:
         """Squared per-sample gradient norms [N] (acc_dtype) of the wanted attrs."""
         raise NotImplementedError
 
+    def write_sq_norms(self, module: nn.Module, f: Factors, want: list[str], method: str, out: torch.Tensor) -> None:
+        """Writes the wanted attrs' squared norms as the rows of ``out`` ([len(want), N], in
+        want's order, acc_dtype; e.g. rows of the engine's [P, N] buffer): a rule with an op
+        that forms all of them at once overrides this (one dispatch per layer, not several)."""
+        got = self.sq_norms(module, f, want, method)
+        for k, attr in enumerate(want):
+            if attr in got:
+                out[k].copy_(got[attr])
+            else:
+                out[k].zero_()
+
     def clipped_sum(
         self, module: nn.Module, f: Factors, coef: torch.Tensor, grads: dict[str, torch.Tensor], accumulate: bool
     ) -> None:
@@ -161,7 +207,7 @@ class WholeCalls:
     each reduced on its own): ``Factors.a`` and ``.g`` are lists, one entry per call."""
 
     def record(self, module, args, kwargs, output, n, check=False):
-        return args[0].detach()
+        return computed_input(args[0], output)
 
     def output_grad(self, module, grads):
         return grads[0]
@@ -191,6 +237,37 @@ def gram_rows(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """[N_a, N_b] inner products of the rows of u [N_a, ...] and v [N_b, ...], in acc_dtype."""
     acc = acc_dtype(u.dtype)
     return u.flatten(1).to(acc) @ v.flatten(1).to(acc).t()
+
+
+def mm_into(dst: torch.Tensor, left: torch.Tensor, right: torch.Tensor, accumulate: bool) -> None:
+    """``dst (+)= left @ right``: straight into dst when it has the factors' dtype, else
+    formed in theirs and written in dst's."""
+    if dst.dtype != left.dtype:
+        write_or_add(dst, left @ right, accumulate)
+    elif accumulate:
+        dst.addmm_(left, right)
+    else:
+        torch.mm(left, right, out=dst)
+
+
+def mv_into(dst: torch.Tensor, mat: torch.Tensor, vec: torch.Tensor, accumulate: bool) -> None:
+    """``dst (+)= mat @ vec`` with dst of any shape holding mat's rows (one op when dst is
+    contiguous with the operands' dtype)."""
+    flat = dst.view(-1) if dst.is_contiguous() else None
+    if flat is None or dst.dtype != mat.dtype:
+        write_or_add(dst, (mat @ vec).view(dst.shape), accumulate)
+    elif accumulate:
+        flat.addmv_(mat, vec)
+    else:
+        torch.mv(mat, vec, out=flat)
+
+
+def sum_rows_into(dst: torch.Tensor, rows: torch.Tensor, accumulate: bool) -> None:
+    """``dst (+)= rows.sum(0)`` (one op when not accumulating into dst of rows' dtype)."""
+    if accumulate or dst.dtype != rows.dtype:
+        write_or_add(dst, rows.sum(0), accumulate)
+    else:
+        torch.sum(rows, 0, out=dst)
 
 
 def write_or_add(dst: torch.Tensor, value: torch.Tensor, accumulate: bool) -> None:

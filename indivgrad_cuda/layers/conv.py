@@ -51,9 +51,11 @@ from indivgrad_cuda.layers.base import (
     LayerRule,
     WholeCalls,
     acc_dtype,
+    cast,
     fit,
     gram_rows,
     squared_rows,
+    sum_dtype,
     write_or_add,
 )
 
@@ -278,9 +280,9 @@ class ConvRule(WholeCalls, LayerRule):
                 else:
                     out.add_(part)
                 continue
-            a, gf = geo.unfold(x), geo.fold_grad(g)
             if out is None:
                 out = torch.empty((n1 - n0, *module.weight.shape), dtype=module.weight.dtype, device=x.device)
+            a, gf = cast(geo.unfold(x), out.dtype), cast(geo.fold_grad(g), out.dtype)  # written in the buffer's dtype
             view = out.view(a.shape[0], geo.d_out, geo.d_in)
             if k == 0:
                 ops.seq_outer(a, gf, layout="out_in", out=view)
@@ -353,11 +355,13 @@ class ConvRule(WholeCalls, LayerRule):
         if "weight" in grads and "weight" in f.cache:  # the norms' per-sample gradients: no convolution
             kept = f.cache["weight"]
             acc = acc_dtype(kept.dtype)
-            write_or_add(grads["weight"], torch.tensordot(coef.to(acc), kept.to(acc), dims=1), accumulate)
+            write_or_add(grads["weight"], torch.tensordot(cast(coef, acc), cast(kept, acc), dims=1), accumulate)
         elif "weight" in grads:
             w = grads["weight"]
-            c = coef.to(f.g[0].dtype)
+            dt = sum_dtype(f.g[0].dtype, w)
+            c = cast(coef, dt)
             for k, (geo, x, g) in enumerate(self._calls(module, f)):
+                x, g = cast(x, dt), cast(g, dt)
                 # the layer's weight gradient with each sample scaled: scale the smaller of x and g
                 if x.numel() < g.numel():
                     x = x * c.view(-1, *([1] * (x.dim() - 1)))
@@ -366,7 +370,8 @@ class ConvRule(WholeCalls, LayerRule):
                 write_or_add(w, geo.weight_grad(x, g), accumulate or k > 0)
         if "bias" in grads:
             b = self._bias_grads(f)
-            write_or_add(grads["bias"], coef.to(b.dtype) @ b, accumulate)
+            dt = sum_dtype(b.dtype, grads["bias"])
+            write_or_add(grads["bias"], cast(coef, dt) @ cast(b, dt), accumulate)
 
     def release(self, module, f):
         if "weight" in f.cache or not module.weight.requires_grad:  # kept, or no weight to sum
@@ -427,14 +432,14 @@ class ConvRule(WholeCalls, LayerRule):
             rows = []
             for n0, n1 in _blocks(n, patch_bytes, f):
                 a, g = self._unfolded(module, f, n0, n1)  # [n·g, T, d_in], [n·g, T, d_out]
-                a = (a.to(acc) @ p_in.t()).view(n1 - n0, -1, p_in.shape[0])  # [n, g·T, k_in]
-                g = g.to(acc).reshape(n1 - n0, gs, -1, geo.d_out)
+                a = (cast(a, acc) @ p_in.t()).view(n1 - n0, -1, p_in.shape[0])  # [n, g·T, k_in]
+                g = cast(g, acc).reshape(n1 - n0, gs, -1, geo.d_out)
                 g = torch.einsum("njto,kjo->njtk", g, p_out_g).reshape(n1 - n0, -1, p_out.shape[0])
                 rows.append(ops.seq_outer(a, g, layout="out_in").flatten(1))
             out["weight"] = torch.cat(rows) if len(rows) > 1 else rows[0]
         if "bias" in mats:
             (p_bias,) = mats["bias"]
-            out["bias"] = self._bias_grads(f).to(acc) @ p_bias.t()
+            out["bias"] = cast(self._bias_grads(f), acc) @ p_bias.t()
         return out
 
 

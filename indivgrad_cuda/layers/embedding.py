@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from indivgrad_cuda import ops
-from indivgrad_cuda.layers.base import LayerRule, acc_dtype, fit, write_or_add
+from indivgrad_cuda.layers.base import LayerRule, acc_dtype, as_rows, cast, fit, write_or_add
 
 
 class EmbeddingRule(LayerRule):
@@ -32,12 +32,12 @@ class EmbeddingRule(LayerRule):
         return ids.reshape(ids.shape[0], -1)
 
     def output_grad(self, module, grads):
-        grad = grads[0]
-        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        return as_rows(grads[0], 1)
 
     def grads(self, module, f, layout, out):
         if "weight" in out:
-            ops.embedding_grads(f.a, f.g, module.num_embeddings, module.padding_idx, out=out["weight"])
+            w = out["weight"]
+            ops.embedding_grads(f.a, cast(f.g, w.dtype), module.num_embeddings, module.padding_idx, out=w)
 
     def sq_norms(self, module, f, want, method):
         if "weight" not in want:
@@ -74,7 +74,7 @@ class EmbeddingRule(LayerRule):
         p_rows, p_cols = mats["weight"]
         acc = acc_dtype(f.g.dtype)
         rows = p_rows.t()[f.a.reshape(-1)].view(*f.a.shape, -1)  # [N, T, k_rows]: P_rows e_id
-        g = f.g.to(acc)
+        g = cast(f.g, acc)
         if module.padding_idx is not None:  # padding tokens get no gradient, NaN or not
             g = torch.where((f.a != module.padding_idx)[..., None], g, 0)
         return {"weight": ops.seq_outer(rows, g @ p_cols.t(), layout="in_out").flatten(1)}

@@ -9,6 +9,9 @@ for each of its trainable parameters, reduced as any small per-sample gradient i
 sample are compared with the batch's on the first call with each input signature: a
 forward that mixes samples, or draws random numbers, is refused there, never silently wrong.
 
+The replay runs under the autocast the call ran under (the caller's, if any), so its ops
+compute in the dtypes of the batch's forward; the gradients come in the parameters' dtype.
+
 Cost: one more forward and backward of that module, per sample but vectorised; memory: the
 per-sample gradients of its parameters for a chunk (``max_chunk`` bounds it).
 """
@@ -20,6 +23,7 @@ import torch
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_leaves, tree_unflatten
 
+from indivgrad_cuda.capture.precision import AutocastState, autocast_state, replay
 from indivgrad_cuda.errors import UnsupportedModuleError
 from indivgrad_cuda.layers.base import Factors
 from indivgrad_cuda.layers.per_sample import PerSampleRule
@@ -40,6 +44,7 @@ class FallbackCall:
     out_index: list[int]  # the output leaves whose gradients are recorded
     out_dims: tuple  # their batch dims
     reference: Optional[list] = None  # the batch's outputs (clones), on a call that is checked
+    autocast: AutocastState = ()  # the autocast the call ran under, which its replays run under too
 
 
 class FallbackRule(PerSampleRule):
@@ -90,7 +95,9 @@ class FallbackRule(PerSampleRule):
                     f"batch (N={n}), got output {i} of shape {list(o.shape)}; freeze its parameters, or give it a rule"
                 )
         reference = [o.detach().clone() for o in outputs] if check else None
-        return FallbackCall(leaves, spec, tuple(in_dims), tuple(unsqueeze), out_index, tuple(out_dims), reference)
+        return FallbackCall(
+            leaves, spec, tuple(in_dims), tuple(unsqueeze), out_index, tuple(out_dims), reference, autocast_state()
+        )
 
     def output_grad(self, module, grads):
         return list(grads)
@@ -123,9 +130,10 @@ class FallbackRule(PerSampleRule):
             return grads, tuple(o.squeeze(d) for o, d in zip(outs, call.out_dims))
 
         try:
-            grads, outs = vmap(one, in_dims=(None, call.in_dims, call.out_dims), out_dims=(0, call.out_dims))(
-                params, tuple(call.leaves), tuple(cots)
-            )
+            with replay(call.autocast):
+                grads, outs = vmap(one, in_dims=(None, call.in_dims, call.out_dims), out_dims=(0, call.out_dims))(
+                    params, tuple(call.leaves), tuple(cots)
+                )
         except UnsupportedModuleError:
             raise
         except Exception as e:

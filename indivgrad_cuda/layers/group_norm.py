@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from indivgrad_cuda.layers.base import WholeCalls, acc_dtype
+from indivgrad_cuda.layers.base import WholeCalls, acc_dtype, cast
 from indivgrad_cuda.layers.per_sample import PerSampleRule
 
 INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -47,7 +47,7 @@ class ChannelAffineRule(WholeCalls, PerSampleRule):
         for x, g in zip(f.a, f.g):
             acc = acc_dtype(g.dtype)
             n, c, s = g.shape[0], g.shape[1], math.prod(g.shape[2:])  # explicit: an empty batch has no -1
-            xs, gs = x.to(acc).reshape(n, c, s), g.to(acc).reshape(n, c, s)
+            xs, gs = cast(x, acc).reshape(n, c, s), cast(g, acc).reshape(n, c, s)
             mean, rstd = self.statistics(module, xs)
             b = gs.sum(2)
             w = (torch.einsum("ncs,ncs->nc", xs, gs) - mean * b) * rstd

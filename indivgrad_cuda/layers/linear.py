@@ -16,7 +16,20 @@ import torch
 from torch import nn
 
 from indivgrad_cuda import ops
-from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, fit, gram_rows, squared_rows, write_or_add
+from indivgrad_cuda.layers.base import (
+    Factors,
+    LayerRule,
+    acc_dtype,
+    as_rows,
+    cast,
+    computed_input,
+    fit,
+    gram_rows,
+    mm_into,
+    squared_rows,
+    sum_dtype,
+    sum_rows_into,
+)
 
 
 class LinearRule(LayerRule):
@@ -31,12 +44,10 @@ class LinearRule(LayerRule):
         return "in_out" if self.transposed else layout
 
     def record(self, module, args, kwargs, output, n, check=False):
-        a = args[0].detach()
-        return a.reshape(a.shape[0], -1, a.shape[-1])
+        return as_rows(computed_input(args[0], output), 1)
 
     def output_grad(self, module, grads):
-        grad = grads[0]
-        return grad.reshape(grad.shape[0], -1, grad.shape[-1])
+        return as_rows(grads[0], 1)
 
     def grad_shape(self, module, attr, layout):
         if attr == "weight":
@@ -45,10 +56,15 @@ class LinearRule(LayerRule):
         return tuple(module.get_parameter(attr).shape)
 
     def grads(self, module, f: Factors, layout, out: dict[str, torch.Tensor]):
-        if "weight" in out:
-            ops.seq_outer(f.a, f.g, layout=self._layout(layout), out=out["weight"])
-        if "bias" in out:
-            out["bias"].copy_(_bias_grads(f))
+        if "weight" in out:  # in the buffer's dtype (half factors' products are exact in float32)
+            w = out["weight"]
+            ops.seq_outer(cast(f.a, w.dtype), cast(f.g, w.dtype), layout=self._layout(layout), out=w)
+        if "bias" in out:  # summed in the buffer's dtype (float32 for half factors under autocast)
+            b = out["bias"]
+            if f.g.shape[1] > 1:
+                torch.sum(f.g, 1, dtype=b.dtype, out=b)
+            else:
+                b.copy_(f.g[:, 0])
 
     def sq_norms(self, module, f: Factors, want: list[str], method):
         norms = {}
@@ -58,22 +74,27 @@ class LinearRule(LayerRule):
             norms["bias"] = squared_rows(_bias_grads(f))
         return norms
 
+    def write_sq_norms(self, module, f: Factors, want, method, out):
+        if want not in (["weight", "bias"], ["weight"], ["bias"]):  # the op's rows are weight, then bias
+            return super().write_sq_norms(module, f, want, method, out)
+        ops.linear_layer_sq_norms(f.a, f.g, method=method, weight="weight" in want, bias="bias" in want, out=out)
+
     def clipped_sum(self, module, f: Factors, coef, grads, accumulate):
-        c = coef.to(f.g.dtype)
-        if "weight" in grads:
-            a, g = f.a, f.g
-            if a.shape[-1] < g.shape[-1]:  # scale the narrower factor's rows
-                a = a * c[:, None, None]
-            else:
-                g = g * c[:, None, None]
-            rows_g, rows_a, w = g.reshape(-1, g.shape[-1]), a.reshape(-1, a.shape[-1]), grads["weight"]
+        w, b = grads.get("weight"), grads.get("bias")
+        dt = sum_dtype(f.g.dtype, w if w is not None else b)
+        c = cast(coef, dt).view(-1, 1, 1)
+        a, g = cast(f.a, dt), cast(f.g, dt)
+        if w is not None and b is None and a.shape[-1] < g.shape[-1]:
+            a = a * c  # scale the narrower factor's rows
+        else:
+            g = g * c  # the bias's sum is the scaled rows' sum
+        rows_g = g.reshape(-1, g.shape[-1])
+        if w is not None:
+            rows_a = a.reshape(-1, a.shape[-1])
             left, right = (rows_a.t(), rows_g) if self.transposed else (rows_g.t(), rows_a)
-            if accumulate:
-                w.addmm_(left, right)
-            else:
-                torch.mm(left, right, out=w)
-        if "bias" in grads:
-            write_or_add(grads["bias"], c @ _bias_grads(f), accumulate)
+            mm_into(w, left, right, accumulate)
+        if b is not None:
+            sum_rows_into(b, rows_g, accumulate)
 
     def gram(self, module, fa: Factors, fb: Factors, want, per_param):
         if "weight" in want and not per_param:  # (xa·xb + 1)(ga·gb): weight and bias in one pass
@@ -105,12 +126,12 @@ class LinearRule(LayerRule):
         out = {}
         if "weight" in mats:  # P_out (sum_t g_t ⊗ a_t) P_inᵀ = sum_t (P_out g_t) ⊗ (P_in a_t)
             p_out, p_in = mats["weight"][::-1] if self.transposed else mats["weight"]
-            g = f.g.to(acc) @ p_out.t()  # [N, T, k_out]: P_out g_t
-            a = f.a.to(acc) @ p_in.t()
+            g = cast(f.g, acc) @ p_out.t()  # [N, T, k_out]: P_out g_t
+            a = cast(f.a, acc) @ p_in.t()
             out["weight"] = ops.seq_outer(a, g, layout="in_out" if self.transposed else "out_in").flatten(1)
         if "bias" in mats:  # the weight's P_out unless the weight is tied elsewhere
             (p_bias,) = mats["bias"]
-            out["bias"] = (g if "weight" in mats and p_bias is p_out else f.g.to(acc) @ p_bias.t()).sum(1)
+            out["bias"] = (g if "weight" in mats and p_bias is p_out else cast(f.g, acc) @ p_bias.t()).sum(1)
         return out
 
 

@@ -25,7 +25,18 @@ from torch.utils._pytree import tree_leaves
 
 from indivgrad_cuda import ops
 from indivgrad_cuda.errors import UnsupportedModuleError
-from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, gram_rows, parameter_projection_dims, squared_rows
+from indivgrad_cuda.layers.base import (
+    Factors,
+    LayerRule,
+    acc_dtype,
+    cast,
+    computed_input,
+    gram_rows,
+    mm_into,
+    parameter_projection_dims,
+    squared_rows,
+    sum_dtype,
+)
 from indivgrad_cuda.layers.fallback import FallbackRule
 
 _SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
@@ -72,7 +83,8 @@ class MultiheadAttentionRule(LayerRule):
             t.zero_()
         for (w, r0, r1, b, b0, b1), (a, g) in f.a.items():
             if w in out:
-                out[w][:, r0:r1] += ops.seq_outer(a, g, layout="out_in")
+                dt = out[w].dtype
+                out[w][:, r0:r1] += ops.seq_outer(cast(a, dt), cast(g, dt), layout="out_in")
             if b in out:
                 out[b][:, b0:b1] += g.sum(1)
 
@@ -89,11 +101,12 @@ class MultiheadAttentionRule(LayerRule):
         if not accumulate:
             for t in grads.values():
                 t.zero_()
-        c = coef.to(next(iter(f.a.values()))[1].dtype) if f.a else coef
         for (w, r0, r1, b, b0, b1), (a, g) in f.a.items():
+            dt = sum_dtype(g.dtype, next(iter(grads.values()))) if grads else g.dtype
+            a, g, c = cast(a, dt), cast(g, dt), cast(coef, dt)
             if w in grads:
                 rows_g = (g * c[:, None, None]).reshape(-1, g.shape[-1])
-                grads[w][r0:r1].addmm_(rows_g.t(), a.reshape(-1, a.shape[-1]))
+                mm_into(grads[w][r0:r1], rows_g.t(), a.reshape(-1, a.shape[-1]), True)
             if b in grads:
                 grads[b][b0:b1] += c @ g.sum(1)
 
@@ -119,10 +132,12 @@ class MultiheadAttentionRule(LayerRule):
             acc = acc_dtype(g.dtype)
             if w in mats:
                 rows, cols = mats[w]
-                part = ops.seq_outer(a.to(acc) @ cols.t(), g.to(acc) @ rows[:, r0:r1].t(), layout="out_in").flatten(1)
+                part = ops.seq_outer(
+                    cast(a, acc) @ cols.t(), cast(g, acc) @ rows[:, r0:r1].t(), layout="out_in"
+                ).flatten(1)
                 out[w] = out.get(w, 0) + part
             if b in mats:
-                out[b] = out.get(b, 0) + g.to(acc).sum(1) @ mats[b][0][:, b0:b1].t()
+                out[b] = out.get(b, 0) + cast(g, acc).sum(1) @ mats[b][0][:, b0:b1].t()
         return out
 
 
@@ -171,7 +186,7 @@ class _Projections:
                     f"MultiheadAttention: a projection's input of shape {list(x.shape)} has no batch of {self.n} "
                     f"in dim -2"
                 )
-            self.pieces.append(((attr, r0, r1, battr, b0, b1), _batch_major(x.detach(), self.n)))
+            self.pieces.append(((attr, r0, r1, battr, b0, b1), _batch_major(computed_input(x, out), self.n)))
             return self.tap(out)
         return out
 

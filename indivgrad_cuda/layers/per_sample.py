@@ -10,10 +10,11 @@ from indivgrad_cuda.layers.base import (
     Factors,
     LayerRule,
     acc_dtype,
+    cast,
     gram_rows,
+    mv_into,
     parameter_projection_dims,
     squared_rows,
-    write_or_add,
 )
 
 
@@ -49,8 +50,8 @@ class PerSampleRule(LayerRule):
         per_sample = self._grads(module, f)
         for attr, dst in grads.items():
             g = per_sample[attr]
-            summed = torch.tensordot(coef.to(acc_dtype(g.dtype)), g.to(acc_dtype(g.dtype)), dims=1)
-            write_or_add(dst, summed.reshape(dst.shape), accumulate)
+            acc = acc_dtype(g.dtype)
+            mv_into(dst, cast(g, acc).reshape(g.shape[0], -1).t(), cast(coef, acc), accumulate)
 
     def gram(self, module, fa, fb, want, per_param):
         ga, gb = self._grads(module, fa), self._grads(module, fb)
@@ -71,7 +72,7 @@ class PerSampleRule(LayerRule):
         out = {}
         for attr, m in mats.items():
             g = per_sample[attr]
-            g = g.to(acc_dtype(g.dtype))
+            g = cast(g, acc_dtype(g.dtype))
             if len(m) == 1:
                 out[attr] = g.flatten(1) @ m[0].t()
             else:

@@ -21,8 +21,9 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_unflatten
 
+from indivgrad_cuda.capture.precision import replay
 from indivgrad_cuda.errors import UnsupportedModuleError
-from indivgrad_cuda.layers.base import WholeCalls, acc_dtype
+from indivgrad_cuda.layers.base import WholeCalls, acc_dtype, cast
 from indivgrad_cuda.layers.fallback import FallbackRule, difference
 from indivgrad_cuda.layers.per_sample import PerSampleRule
 
@@ -36,7 +37,7 @@ FORM_TOL_DEFAULT = 1e-3
 def _sum_positions(xhat: torch.Tensor, g: torch.Tensor, keep: int) -> torch.Tensor:
     """sum over the positions (dims 1 .. -keep-1) of x̂ ⊙ g, in the accumulation dtype: [N, *last keep dims]."""
     acc = acc_dtype(g.dtype)
-    prod = xhat.to(acc) * g.to(acc)
+    prod = cast(xhat, acc) * cast(g, acc)
     return prod.reshape(prod.shape[0], -1, *prod.shape[prod.dim() - keep :]).sum(1)
 
 
@@ -97,7 +98,7 @@ class ScaleNormRule(FallbackRule):
     @staticmethod
     def _run(module, call, weight):
         args, kwargs = tree_unflatten(call.leaves, call.spec)
-        with torch.no_grad():
+        with torch.no_grad(), replay(call.autocast):  # in the precision of the recorded call
             return functional_call(module, {"weight": weight}, args, kwargs)
 
     def _h(self, module, call, offset):

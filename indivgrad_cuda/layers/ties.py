@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype
+from indivgrad_cuda.layers.base import Factors, LayerRule, acc_dtype, cast
 from indivgrad_cuda.layers.embedding import EmbeddingRule
 from indivgrad_cuda.layers.linear import LinearRule
 from indivgrad_cuda.layers.per_sample import PerSampleRule
@@ -105,7 +105,7 @@ def _embedding_linear(e: Use, lin: Use, diagonal: bool) -> torch.Tensor:
     ids, ge = e.f.a, e.f.g
     a, gl = lin.f.a, lin.f.g
     acc = acc_dtype(gl.dtype)
-    ge, a, gl = ge.to(acc), a.to(acc), gl.to(acc)
+    ge, a, gl = cast(ge, acc), cast(a, acc), cast(gl, acc)
     if e.module.padding_idx is not None:  # padding tokens add nothing to the table's gradient
         ge = torch.where((ids != e.module.padding_idx)[..., None], ge, 0)
     te, tl = ids.shape[1], a.shape[1]
@@ -143,13 +143,13 @@ def _by_blocks(u: Use, v: Use, diagonal: bool) -> torch.Tensor:
         out = torch.empty(nu, dtype=acc, device=p.device)
         for n0 in range(0, nu, step):
             s = slice(n0, min(nu, n0 + step))
-            out[s] = (u.grads(s).flatten(1).to(acc) * v.grads(s).flatten(1).to(acc)).sum(1)
+            out[s] = (cast(u.grads(s).flatten(1), acc) * cast(v.grads(s).flatten(1), acc)).sum(1)
         return out
     out = torch.empty(nu, nv, dtype=acc, device=p.device)
     for n0 in range(0, nu, step):
         s = slice(n0, min(nu, n0 + step))
-        gu = u.grads(s).flatten(1).to(acc)
+        gu = cast(u.grads(s).flatten(1), acc)
         for m0 in range(0, nv, step):
             t = slice(m0, min(nv, m0 + step))
-            out[s, t] = gu @ v.grads(t).flatten(1).to(acc).t()
+            out[s, t] = gu @ cast(v.grads(t).flatten(1), acc).t()
     return out

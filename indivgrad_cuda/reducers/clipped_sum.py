@@ -22,9 +22,13 @@ def clipped_grad_sum(engine, inputs, target, loss_fn, max_norm, reduction, noise
     max_norm = float(max_norm)
     layers, params = engine._params(cap, "out_in")
     grads = {name: _grad_tensor(p) for name, (p, _) in params.items()}
-    sq = squared_norm_buffer(params, n, engine._device())
+    sq = squared_norm_buffer(params, n, engine._device(), engine._kept)
+    graphed = cap is engine._hooks and cap.graphable(layers, inputs, engine.max_chunk)
+    into = grads
+    if graphed:  # a graph writes the engine's kept buffers, copied into p.grad after (p.grad may move)
+        into = {name: engine._kept.get(f"clipped {name}", g.shape, g.dtype, g.device) for name, g in grads.items()}
     if n == 0:
-        for g in grads.values():
+        for g in into.values():
             g.zero_()
     if cap is engine._native:
         cap.clipped_sum(inputs, target, loss_fn, reduction, generator, max_norm, grads, sq)
@@ -42,19 +46,32 @@ def clipped_grad_sum(engine, inputs, target, loss_fn, max_norm, reduction, noise
             pending.append((layer, f, own, tied))
 
         def end_chunk(n0, n1):
-            reducer.end_chunk(n0, n1)
             coef = clip_coefficients(sq[:, n0:n1], max_norm)
             for layer, f, own, tied in pending:
-                dst = {attr: grads[layer.names[attr]] for attr in own}
+                dst = {attr: into[layer.names[attr]] for attr in own}
                 _add(layer.rule, layer.module, f, coef, dst, n0 > 0)
                 for name, uses in tied:
                     if not uses and n0 == 0:
-                        grads[name].zero_()
+                        into[name].zero_()
                     for k, u in enumerate(uses):
-                        u.rule.clipped_sum(u.module, u.f, coef, {u.attr: grads[name]}, n0 > 0 or k > 0)
+                        u.rule.clipped_sum(u.module, u.f, coef, {u.attr: into[name]}, n0 > 0 or k > 0)
             pending.clear()
 
-        cap.run(layers, inputs, target, loss_fn, reduction, generator, engine.max_chunk, visit, end_chunk)
+        key = ("clipped", max_norm, engine.norm_method, sq.data_ptr(), *(t.data_ptr() for t in into.values()))
+        cap.run(
+            layers,
+            inputs,
+            target,
+            loss_fn,
+            reduction,
+            generator,
+            engine.max_chunk,
+            visit,
+            end_chunk,
+            graph_key=key if graphed else None,
+        )
+        if graphed:
+            torch._foreach_copy_(list(grads.values()), list(into.values()))
     if noise_multiplier > 0:
         randomness.add_noise(list(grads.values()), float(noise_multiplier) * max_norm, generator)
     return sq.sum(0).sqrt()

@@ -18,8 +18,16 @@ class LayerVisits:
         self.tied = tied_names(layers)
         self._uses = defaultdict(list)
         self._seen = defaultdict(int)
+        # the layers none of whose attrs are tied: their own attrs, visited without a lookup
+        self._untied = [
+            None if any(layer.names[a] in self.tied for a in layer.trainable()) else list(layer.trainable())
+            for layer in layers
+        ]
 
     def visit(self, i: int, f: Optional[Factors], n: int) -> tuple[list[str], list[tuple[str, list[Use]]]]:
+        untied = self._untied[i]
+        if untied is not None:
+            return untied, []
         layer = self.layers[i]
         own, done = [], []
         for attr in layer.trainable():
