@@ -1,5 +1,8 @@
 # Quick start:  make bench   (the benchmark)   |   make test   (the test suite)
-# Both create or reuse the virtual environment $(VENV), install torch there if it has none
+#   make bench       the headline setups (two of the seed's MLPs, a transformer, a CNN) and the
+#                    kernels' large shapes: about 4 minutes on 2 CPU cores
+#   make bench-all   the full sweep (bench/run.py --all, bench/kernels.py --all)
+# They create or reuse the virtual environment $(VENV), install torch there if it has none
 # (the CUDA 13.0 build of torch 2.14.1 when nvcc is present, so the CUDA kernels get
 # compiled; else the CPU build of torch 2.13.0), build the extension against it, and run.
 #   make lint        ruff and clang-format over the tree (.pre-commit-config.yaml pins them)
@@ -15,7 +18,7 @@ BUILT := $(VENV)/.indivgrad-built
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*)
 PRE_COMMIT := pre-commit==4.7.0
 
-.PHONY: test bench build lint hooks wheel wheel-test clean
+.PHONY: test bench bench-all build lint hooks wheel wheel-test clean
 
 # pre-commit too: tests/test_lint.py and test_gpu_check.py's shellcheck run the hooks
 test: $(BUILT) $(VENV)/.pre-commit
@@ -24,6 +27,10 @@ test: $(BUILT) $(VENV)/.pre-commit
 bench: $(BUILT)
 	$(PY) bench/run.py
 	$(PY) bench/kernels.py
+
+bench-all: $(BUILT)
+	$(PY) bench/run.py --all
+	$(PY) bench/kernels.py --all
 
 build: $(BUILT)
 

@@ -24,18 +24,18 @@ PROG=gpu_check.sh
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 STEPS=(build env wheels tests sanitizer-memcheck sanitizer-racecheck sanitizer-initcheck sanitizer-synccheck
-       kernels profile run attribution dp)
+       kernels profile run attribution dp dp-step)
 SANITIZER_STEPS=" sanitizer-memcheck sanitizer-racecheck sanitizer-initcheck sanitizer-synccheck "
-NEEDS_BUILD=" tests$SANITIZER_STEPS""kernels profile run attribution dp "  # skipped when the build failed
+NEEDS_BUILD=" tests$SANITIZER_STEPS""kernels profile run attribution dp dp-step "  # skipped when the build failed
 
 CONCURRENT_STEPS=" tests$SANITIZER_STEPS"  # run at the same time unless --serial
 
 # Time budgets in seconds, enforced with `timeout`. The tests and the four sanitizer steps run
 # at the same time (one GPU, 16 cores; --serial: one after another), so the worst case is
-#   full:  build 80 + env 15 + wheels 10 + max(tests, sanitizers) 210 + kernels 40 + profile 45 + run 140
-#          + attribution 90 + dp 90 = 720 s
+#   full:  build 80 + env 15 + wheels 10 + max(tests, sanitizers) 210 + kernels 40 + profile 45 + run 200
+#          + attribution 90 + dp 120 + dp-step 120 = 930 s
 #   quick: build 80 + env 15 + wheels 10 + max(tests, sanitizers)  60 + kernels 25 + profile 60 + run 30
-#          + attribution 45 + dp 45 = 370 s
+#          + attribution 45 + dp 45 + dp-step 45 = 415 s
 # A device command may run 600 s: with --deadline 570 the full run ends in time, and the steps
 # the deadline left no time for are named, with the command that runs them (a second call).
 # Measured on the lent H200 (2026-11-28, e14e716, the steps of the group at the same time): build
@@ -44,13 +44,17 @@ CONCURRENT_STEPS=" tests$SANITIZER_STEPS"  # run at the same time unless --seria
 # 90% done), run.py past 100 s (the seed MLPs and the transformers done, about 40 s left by its
 # pace). The kernel-emulation tests, one worker's ~135 s of that run, now build and run their
 # binaries at once. attribution and dp have not run on a GPU: their budgets are guesses from
-# CPU runs (attribution_digits.py's default sizes, dp_sgd_digits.py's two models).
+# CPU runs (attribution_digits.py's default sizes, dp_sgd_digits.py's two models). dp-step
+# (bench/dp_step.py, BERT-base and GPT-2 small, float32 and bf16) has not run on a GPU either: about
+# 10 s of imports and model building, then per setup and precision a check, the first calls and
+# at least 5 interleaved rounds of three steps (GPT-2 small's: ~0.1 s non-private, Opacus's
+# ghost clipping a few times that, by the FLOPs): 120 s leaves about twice that.
 declare -A BUDGET_FULL=([build]=80 [env]=15 [wheels]=10 [tests]=210 [sanitizer-memcheck]=210
                         [sanitizer-racecheck]=180 [sanitizer-initcheck]=210 [sanitizer-synccheck]=150
-                        [kernels]=40 [profile]=45 [run]=200 [attribution]=90 [dp]=120)
+                        [kernels]=40 [profile]=45 [run]=200 [attribution]=90 [dp]=120 [dp-step]=120)
 declare -A BUDGET_QUICK=([build]=80 [env]=15 [wheels]=10 [tests]=60 [sanitizer-memcheck]=60
                          [sanitizer-racecheck]=60 [sanitizer-initcheck]=60 [sanitizer-synccheck]=60
-                         [kernels]=25 [profile]=60 [run]=30 [attribution]=45 [dp]=45)
+                         [kernels]=25 [profile]=60 [run]=30 [attribution]=45 [dp]=45 [dp-step]=45)
 
 # pytest selections: the GPU tests are those with the `cuda` marker (-m cuda; tests/conftest.py:
 # a test that needs a GPU carries it, and so does the "cuda" param of the device fixture). The
@@ -317,7 +321,7 @@ load() {  # before a bench: the load and the busiest processes (the H200's third
 step_kernels() {
     load
     local args=(bench/kernels.py --device cuda --layouts out_in in_out --results-dir "$OUTDIR/results" --quiet)
-    if ((QUICK)); then args+=(--quick --no-compile); fi
+    if ((QUICK)); then args+=(--quick --no-compile); else args+=(--all); fi
     x "$PY" "${args[@]}"
 }
 
@@ -342,9 +346,8 @@ step_profile() {
 step_run() {
     load
     local args=(bench/run.py --device cuda --results-dir "$OUTDIR/results" --quiet)
-    if ((QUICK)); then args+=(--quick); fi
-    x "$PY" "${args[@]}" || return 1
-    if ((!QUICK)); then x "$PY" "${args[@]}" --setups cnns; fi  # the CNNs at full size
+    if ((QUICK)); then args+=(--quick); else args+=(--all); fi  # --all: the full sweep, the CNNs at full size
+    x "$PY" "${args[@]}"
 }
 
 # Data attribution (bench/attribution_digits.py): mislabel detection, then inner products and
@@ -368,6 +371,17 @@ step_dp() {
         x "$PY" "${args[@]}" || rc=1
     done
     return "$rc"
+}
+
+# A whole DP-SGD step (bench/dp_step.py): BERT-base and GPT-2 small, float32 and bf16 autocast,
+# DPSGD against a non-private step, the FLOP bound and Opacus's ghost clipping (issue 28's
+# targets; quick: tiny models).
+step_dp_step() {
+    load
+    local args=(bench/dp_step.py --device cuda --setups bert gpt2 --precisions float32 bf16
+                --results-dir "$OUTDIR/results" --quiet)
+    if ((QUICK)); then args+=(--quick); fi
+    x "$PY" "${args[@]}"
 }
 
 # worst-case wall time of the selected steps: the sequential ones add up, concurrent ones overlap
@@ -421,7 +435,7 @@ export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
 export ROOT OUTDIR PY QUICK DRY WHEELS SAN NCU KERNEL_FILTER TEST_WORKERS MODE PROG SAN_K_FULL SAN_K_QUICK_MEMCHECK \
        SAN_K_QUICK_FEW
 export -f q x say load sanitize step_build step_env step_wheels step_tests step_kernels step_profile step_run \
-          step_attribution step_dp step_sanitizer_memcheck step_sanitizer_racecheck step_sanitizer_initcheck \
+          step_attribution step_dp step_dp_step step_sanitizer_memcheck step_sanitizer_racecheck step_sanitizer_initcheck \
           step_sanitizer_synccheck
 
 now() { date +%s.%N; }

@@ -1,9 +1,10 @@
 """The ops alone: indivgrad's outer / act_outer against torch.bmm, a broadcast multiply and
 torch.compile of the broadcast multiply, beside the write roofline of the same buffer
 (a fill, the same bytes filled as 32-bit words, and a device-to-device copy), over a sweep
-of shapes in float32 and bfloat16.
+of shapes in float32 and bfloat16: by default the large shapes (LARGE: two a device; `make
+bench`), with --all every shape of the device's sweep (`make bench-all`).
 
-    python bench/kernels.py [--quick] [--device cuda|cpu] [--dtypes float32 bfloat16]
+    python bench/kernels.py [--quick | --all] [--device cuda|cpu] [--dtypes float32 bfloat16]
                             [--layouts out_in in_out]
 
 Every method writes an [N, D_out, D_in] buffer ("out_in", nn.Linear's layout; the setup
@@ -36,6 +37,9 @@ GPU_SHAPES = [
     (4096, 256, 256),
     (32, 300, 1),
 ]
+# The default run: the large shapes of each sweep, where the write bandwidth is the bound (on a
+# GPU the two the README's roofline claims are about; on a CPU their scaled-down counterparts).
+LARGE = {"cuda": [(256, 1024, 1024), (64, 4096, 4096)], "cpu": [(256, 300, 300), (64, 1024, 1024)]}
 QUICK_SHAPES = [(16, 33, 17)]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float64: 1e-12}
 
@@ -97,6 +101,15 @@ def bench_shape(shape, dtype, device, compile_broadcast, layout="out_in"):
     return rows
 
 
+def chosen_shapes(args, device):
+    """--quick's shape, --all's sweep for the device, or its large shapes."""
+    if args.quick:
+        return QUICK_SHAPES
+    if args.all:
+        return GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    return LARGE["cuda" if device.type == "cuda" else "cpu"]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -111,14 +124,19 @@ def main(argv=None):
         help="out_in: [N, D_out, D_in] (nn.Linear's); in_out: [N, D_in, D_out]",
     )
     parser.add_argument("--quick", action="store_true", help="one small shape, for smoke tests")
+    parser.add_argument(
+        "--all", action="store_true", help="every shape of the device's sweep (default: the large ones)"
+    )
     parser.add_argument("--no-compile", action="store_true", help="leave out torch.compile (slow to warm up)")
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR))
     parser.add_argument("--no-plot", action="store_true")
     console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
+    if args.quick and args.all:
+        parser.error("--quick and --all: give one")
     console.silence_peer_warnings()
     device = torch.device(args.device)
-    shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    shapes = chosen_shapes(args, device)
     context = common.run_context(device)
     print(f"bench/kernels.py on {context['device']}, torch {context['torch']}, commit {context['commit']}")
     print(f"  {'shape/dtype':<30} {'method':<24} {'µs':>10} {'GB/s':>8} {'% fill':>7}  note")

@@ -3,7 +3,8 @@ transformers, Hugging Face models and CNNs, indivgrad_cuda beside plain autograd
 method, torch.func, Opacus (hooks and ghost clipping) and BackPACK, each checked against a
 float64 reference before it is timed.
 
-    python bench/run.py                    # the seed's and the model setups (plus larger MLPs on a GPU)
+    python bench/run.py                    # the headline setups: two of the seed's MLPs, a transformer, a CNN
+    python bench/run.py --all              # the full sweep: every MLP, transformer, the residual MLP, both CNNs
     python bench/run.py --setups 32,300,50 tfm:32,64,128,2 --device cpu
     python bench/run.py --quick            # a small smoke run
     python bench/run.py --setups hf        # GPT-2, Llama and ViT shapes (Hugging Face), sized by device
@@ -33,9 +34,14 @@ Setups:
                   WRN-16-4 is wrn:N,32,16,4) on [N, 3, S, S] images, 10 classes, mean cross-entropy
   cnns            the two above at the device's size (CNN_SETUPS: full size on a GPU, scaled
                   down on a CPU); cnn or wrn alone: that one at the device's size
-The Hugging Face and CNN setups are not in the default run (at full size they take minutes).
+The default run (HEADLINE_SETUPS, `make bench`: about 4 minutes on 2 CPU cores) is the seed's
+[32, 300, 50] and [1000, 100, 10], tfm:32,64,128,2 and cnn at the device's size; --all (`make
+bench-all`) runs the seed's six MLPs, the three transformers, the residual MLP, cnn and wrn (and on
+a GPU three larger MLPs). The Hugging Face setups are in neither (at full size they take minutes).
 For per-sample gradients the table also gives "x bound": the time over the summed step plus
-writing the gradients' bytes at the fill bandwidth measured in the same run.
+writing the gradients' bytes at the fill bandwidth measured in the same run; for the clipped sums
+of the transformer setups (tfm, gpt2, llama, vit) the time over the FLOP bound of exact clipping
+(bench/flop_bound.py: the summed step plus each layer's per-sample norm), also in the CSV's note.
 Rows are appended to bench/results/results.csv.
 """
 
@@ -55,10 +61,12 @@ from torch import nn
 import common
 import console
 from cnn_models import WideResNet, opacus_cifar_cnn
+from flop_bound import flop_bound
 from methods import METHODS, REFUSES_TIED, Skip, Task
 from tests.models import ResidualMLP, TinyEncoder, token_batch
 from tests.reference import clipped_sum_ref, func_module_grads
 
+# The seed's MLPs; HEADLINE_SETUPS takes two of them, the deepest and the largest batch.
 SEED_SETUPS = [
     ("mlp", s) for s in [(2, 3, 1), (10, 100, 10), (100, 100, 10), (100, 300, 3), (32, 300, 50), (1000, 100, 10)]
 ]
@@ -101,6 +109,12 @@ CNN_SETUPS = {
 }
 DEVICE_SIZED = {**HF_SETUPS, **CNN_SETUPS}  # the kinds that may be named alone: dims by device
 GROUPS = {"hf": list(HF_SETUPS), "cnns": list(CNN_SETUPS)}  # the names of several such kinds
+# The default run (`make bench`), about 4 minutes on 2 CPU cores with kernels.py's: the seed's
+# deepest MLP and its largest batch, the smallest transformer and the CIFAR-10 CNN at the
+# device's size. The transformers at T = 128 and 256 take minutes each on a CPU (their summed
+# step alone 1.3 and 2.4 s): they are in ALL_SETUPS (`make bench-all`).
+HEADLINE_SETUPS = [("mlp", (32, 300, 50)), ("mlp", (1000, 100, 10)), ("tfm", (32, 64, 128, 2)), ("cnn", None)]
+ALL_SETUPS = SEED_SETUPS + MODEL_SETUPS + [("cnns", None)]  # --all; plus GPU_SETUPS on a GPU
 QUICK_SETUPS = [("mlp", (2, 3, 1)), ("mlp", (16, 20, 3)), ("tfm", (4, 8, 32, 1)), ("resmlp", (8, 16, 2))]
 KINDS = {
     "mlp": ("[N, D, L]", 3),
@@ -389,7 +403,28 @@ def bench_setup(setup, device, methods, progress, budget_s=1.0):
         row["ratio_vs_summed"] = row["median_ms"] / summed_ms if summed_ms else None
         if kind == "grads" and summed_ms:  # % of the bound: the summed step plus writing the gradients
             row["roofline_pct"] = 100 * (summed_ms + bound_write_ms) / row["median_ms"]
+    add_flop_bound(setup, task, rows)
     return rows
+
+
+# The transformer setups, whose clipped sums are judged against the FLOP bound of exact
+# per-sample clipping (bench/flop_bound.py): the summed step plus each layer's norm, the cheaper
+# of its ghost and direct forms. It goes in the note (the CSV's columns stay as they are) and in
+# the table's "x bound" column of the clipped rows.
+FLOP_BOUND_KINDS = {"tfm", "gpt2", "llama", "vit"}
+
+
+def add_flop_bound(setup, task, rows):
+    """On a transformer setup, each timed clipped sum's time over the FLOP bound's: its ratio to
+    the summed step divided by the bound (row["flop_bound"], row["x_flop_bound"]; the note)."""
+    if setup[0] not in FLOP_BOUND_KINDS:
+        return
+    bound = flop_bound(task.model, task.inputs)
+    for row in rows:
+        if METHODS[row["method"]][1] == "clipped" and row.get("ratio_vs_summed"):
+            row["flop_bound"], row["x_flop_bound"] = bound, row["ratio_vs_summed"] / bound
+            note = f"{row['x_flop_bound']:.3g}x the FLOP bound ({bound:.3f}x summed)"
+            row["note"] = "; ".join(filter(None, [row.get("note"), note]))
 
 
 def first_call(fn):
@@ -404,12 +439,15 @@ def print_table(setup, setup_rows):
     print(f"\n{KINDS[kind][0]} = {list(dims)}")
     print(f"  {'method':<18} {'median ms':>10} {'x summed':>9} {'x bound':>8} {'peak MB':>9} {'rel err':>9}  note")
     for r in setup_rows:
-        bound = 100 / r["roofline_pct"] if r.get("roofline_pct") else None
+        bound = 100 / r["roofline_pct"] if r.get("roofline_pct") else r.get("x_flop_bound")
         print(
             f"  {r['method']:<18} {common.fmt(r.get('median_ms')):>10} {common.fmt(r.get('ratio_vs_summed')):>9} "
             f"{common.fmt(bound):>8} {common.fmt(r.get('peak_mem_mb')):>9} {common.fmt(r.get('max_rel_err'), 2):>9}  "
             f"{r.get('note', '')}"
         )
+    flop = next((r["flop_bound"] for r in setup_rows if r.get("flop_bound")), None)
+    if flop:
+        print(f"  x bound of the clipped sums: time over the FLOP bound of exact clipping, {flop:.3f}x the summed step")
 
 
 def parse_setup(text):
@@ -446,6 +484,19 @@ def device_setups(setups, device):
     return out
 
 
+def chosen_setups(args, device):
+    """The setups to run, sized for the device: --setups, else --quick's, --all's or the headline ones."""
+    if args.setups:
+        setups = args.setups
+    elif args.quick:
+        setups = QUICK_SETUPS
+    elif args.all:
+        setups = ALL_SETUPS + (GPU_SETUPS if device.type == "cuda" else [])
+    else:
+        setups = HEADLINE_SETUPS
+    return device_setups(setups, device)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -453,12 +504,18 @@ def main(argv=None):
         nargs="+",
         type=parse_setup,
         help="N,D,L | tfm:N,T,D,L | resmlp:N,D,L | gpt2:N,T,D,L,V | llama:N,T,D,L,V | vit:N,S,D,L | cnn:N,S | "
-        "wrn:N,S,D,K | hf | gpt2 | llama | vit | cnns | cnn | wrn (default: the seed's six MLPs and the model "
-        "setups, plus larger MLPs on a GPU)",
+        "wrn:N,S,D,K | hf | gpt2 | llama | vit | cnns | cnn | wrn (default: the headline setups 32,300,50 "
+        "1000,100,10 tfm:32,64,128,2 cnn)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
-    parser.add_argument("--quick", action="store_true", help="two small setups, for smoke tests")
+    parser.add_argument("--quick", action="store_true", help="four small setups, for smoke tests")
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="the full sweep: the seed's six MLPs, three transformers, the residual MLP, cnn and wrn "
+        "(plus three larger MLPs on a GPU)",
+    )
     parser.add_argument(
         "--budget-s",
         type=float,
@@ -469,12 +526,11 @@ def main(argv=None):
     parser.add_argument("--no-plot", action="store_true")
     console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
+    if sum(map(bool, (args.setups, args.quick, args.all))) > 1:
+        parser.error("--setups, --quick and --all each choose the setups: give one")
     console.silence_peer_warnings()
     device = torch.device(args.device)
-    setups = device_setups(args.setups, device) if args.setups else None
-    setups = setups or (
-        QUICK_SETUPS if args.quick else SEED_SETUPS + MODEL_SETUPS + (GPU_SETUPS if device.type == "cuda" else [])
-    )
+    setups = chosen_setups(args, device)
     if "summed" not in args.methods:
         args.methods = ["summed", *args.methods]  # every ratio is to the summed gradient
     context = common.run_context(device)

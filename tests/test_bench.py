@@ -159,8 +159,14 @@ def test_profile_engine_quick(device):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("  indivgrad")}
     assert set(rows) == {"indivgrad", "indivgrad_norms", "indivgrad_clipped"}, proc.stdout
-    for name, (ms, ratio, busy) in rows.items():
+    summed_ms = float(next(line.split()[1] for line in proc.stdout.splitlines() if line.startswith("  summed")))
+    layers = int(re.search(r"\((\d+) layers with trainable parameters", proc.stdout).group(1))
+    assert layers == 10  # one block: two Embeddings, three LayerNorms, qkv, proj, fc1, fc2, the head
+    for name, (ms, ratio, extra, busy) in rows.items():
         assert float(ms) > 0 and float(ratio) > 0, (name, ms, ratio)
+        want = (float(ms) - summed_ms) * 1e3 / layers  # the engine's µs per layer over the summed step
+        rounding = 0.005 * (float(ms) + summed_ms) * 1e3 / layers  # each printed to 3 significant digits
+        assert abs(float(extra) - want) <= rounding + 0.005 * abs(want), (name, extra, want)
         assert busy == "-" if device == "cpu" else float(busy) > 0, busy  # the kernels' time, on a GPU only
         assert f"## {name}: the top 3 by self_" in proc.stdout
 
@@ -267,6 +273,9 @@ def test_run_hugging_face_setups(tmp_path, device, setup, title):
         assert float(r["max_rel_err"]) < 1e-3 and float(r["ratio_vs_summed"]) > 0 and float(r["peak_mem_mb"]) >= 0
     untied = "on an untied copy" in timed["opacus_ghost"]["note"]
     assert untied == setup.startswith("gpt2"), timed["opacus_ghost"]
+    for method in ("indivgrad_clipped", "opacus_ghost"):  # a transformer's clipped sums: against the FLOP bound
+        assert re.search(r"[\d.]+x the FLOP bound \(1\.\d+x summed\)", timed[method]["note"]), timed[method]
+    assert "x bound of the clipped sums: time over the FLOP bound" in proc.stdout, proc.stdout
 
 
 def test_hugging_face_setups_are_sized_by_device():
@@ -355,3 +364,121 @@ def test_lora_dp_sgd_two_steps():
     assert [int(s[0]) for s in steps] == [1, 2], proc.stdout
     assert 0 < float(steps[0][3]) < float(steps[1][3]), proc.stdout  # epsilon grows with the steps
     assert "LoRA r=4" in proc.stdout and "2 steps: median" in proc.stdout, proc.stdout
+
+
+def test_bench_runs_the_headline_setups_and_bench_all_the_sweep():
+    """`make bench` (the defaults) runs the headline setups, about 4 minutes on 2 CPU cores: the
+    seed's [32, 300, 50] and [1000, 100, 10], the smallest transformer, the CIFAR-10 CNN at the
+    device's size, and the kernels' large shapes; `make bench-all` (--all) the whole sweep,
+    which holds them. --quick, --all and --setups each choose: one at a time."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import argparse
+
+    import torch
+
+    import kernels
+    import run
+
+    def choice(**kw):
+        return argparse.Namespace(**{"setups": None, "quick": False, "all": False, **kw})
+
+    for device in ("cpu", "cuda"):
+        dev = torch.device(device)
+        default, full = run.chosen_setups(choice(), dev), run.chosen_setups(choice(all=True), dev)
+        cnn = ("cnn", run.CNN_SETUPS["cnn"][device])
+        assert default == [("mlp", (32, 300, 50)), ("mlp", (1000, 100, 10)), ("tfm", (32, 64, 128, 2)), cnn]
+        want = run.SEED_SETUPS + run.MODEL_SETUPS + [cnn, ("wrn", run.CNN_SETUPS["wrn"][device])]
+        assert full == want + (run.GPU_SETUPS if device == "cuda" else [])
+        assert set(default) <= set(full)
+        assert run.chosen_setups(choice(quick=True), dev) == run.QUICK_SETUPS
+        sweep = kernels.GPU_SHAPES if device == "cuda" else kernels.CPU_SHAPES
+        assert kernels.chosen_shapes(choice(all=True), dev) == sweep
+        assert kernels.chosen_shapes(choice(), dev) == kernels.LARGE[device] and set(kernels.LARGE[device]) <= set(
+            sweep
+        )
+    for main, flags in (
+        (run.main, ["--all", "--quick"]),
+        (run.main, ["--all", "--setups", "cnn"]),
+        (kernels.main, ["--all", "--quick"]),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(flags)
+        assert e.value.code == 2
+    recipes = (ROOT / "Makefile").read_text()
+    assert "bench-all: $(BUILT)\n\t$(PY) bench/run.py --all\n\t$(PY) bench/kernels.py --all\n" in recipes
+    assert "bench: $(BUILT)\n\t$(PY) bench/run.py\n\t$(PY) bench/kernels.py\n" in recipes
+
+
+def test_flop_bound_against_a_hand_count():
+    """bench/flop_bound.py: the non-private step is 3x the forward's FLOPs, each layer's norm the
+    cheaper of T^2 (D_in + D_out) and T D_in D_out multiply-adds per sample (an Embedding: D_in
+    1), 2 FLOPs each; counted by hand on an Embedding and two Linears."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from torch import nn
+
+    from flop_bound import flop_bound, flop_counts
+
+    n, t = 3, 5
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model = nn.Sequential(nn.Embedding(50, 8), mlp)
+    count = flop_counts(model, (torch.randint(0, 50, (n, t)),))
+    assert count.forward_flops == 2 * n * t * (8 * 16 + 16 * 4) == 5760  # the Linears' GEMMs; no FLOP in a lookup
+    assert count.step_flops == 3 * 5760
+    forms = [(layer.name, layer.t, layer.d_in, layer.d_out, layer.form, layer.flops) for layer in count.layers]
+    assert forms == [
+        ("0", t, 1, 8, "direct", 2 * n * t * 8),  # direct 5*8 = 40 against ghost 25*9 = 225
+        ("1.0", t, 8, 16, "ghost", 2 * n * t * t * 24),  # ghost 25*24 = 600 against direct 5*128 = 640
+        ("1.2", t, 16, 4, "direct", 2 * n * t * 16 * 4),  # direct 5*64 = 320 against ghost 25*20 = 500
+    ]
+    assert count.norm_flops == 2 * n * (40 + 600 + 320) == 5760 and count.uncounted == []
+    assert count.ratio == flop_bound(model, (torch.randint(0, 50, (n, t)),)) == (17280 + 5760) / 17280
+    # one row per sample ([N, D_in]): T = 1, the ghost form, D_in + D_out
+    flat = flop_counts(mlp, torch.randn(n, 8))
+    assert flat.forward_flops == 2 * n * (8 * 16 + 16 * 4) == 1152
+    assert [layer.flops for layer in flat.layers] == [2 * n * 24, 2 * n * 20]
+    assert flat.ratio == (3 * 1152 + 2 * n * 44) / (3 * 1152)
+    # a frozen layer has no norm to take; a parameter of a kind no rule counts is named
+    mlp[0].weight.requires_grad_(False)
+    assert [layer.name for layer in flop_counts(mlp, torch.randn(n, 8)).layers] == ["2"]
+
+    class Pair(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.bil = nn.Linear(8, 4), nn.Bilinear(4, 4, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return self.bil(h, h)
+
+    assert flop_counts(Pair(), torch.randn(n, 8)).uncounted == ["bil.weight"]
+
+
+def test_dp_step_quick(tmp_path):
+    """bench/dp_step.py on tiny BERT and GPT-2 models, float32 and bf16: DPSGD's update checked
+    against the non-private step's (else exit 1), every step timed, against the FLOP bound and
+    Opacus's ghost clipping (on GPT-2's untied copy)."""
+    pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[test])")
+    has_opacus = importlib.util.find_spec("opacus") is not None
+    proc, rows = run_bench("dp_step.py", tmp_path, "cpu", "--quick", "--quiet")
+    out = proc.stdout
+    assert "BERT-shaped classifier, 2 classes [N, T, D, layers, vocab] = [2, 8, 64, 1, 100]" in out, out
+    assert "GPT-2-shaped LM, lm_head tied to wte [N, T, D, layers, vocab] = [2, 8, 64, 1, 100]" in out, out
+    assert {r["bench"] for r in rows} == {"dp_step"}
+    setups = [f"{kind}:2x8x64x1x100/{precision}" for kind in ("bert", "gpt2") for precision in ("float32", "bf16")]
+    assert sorted({r["setup"] for r in rows}) == sorted(setups)
+    by = {(r["setup"], r["method"]): r for r in rows}
+    for setup in setups:
+        step, dp, ghost = (by[setup, m] for m in ("non-private", "indivgrad DPSGD", "opacus ghost"))
+        assert float(step["ratio_vs_summed"]) == 1 and float(dp["ratio_vs_summed"]) > 0
+        assert float(dp["max_rel_err"]) < (1e-4 if setup.endswith("float32") else 5e-2), dp
+        bound = float(re.search(r"FLOP bound ([\d.]+)x", dp["note"]).group(1))
+        assert 1 < bound < 1.5, dp["note"]
+        x_bound = float(dp["ratio_vs_summed"]) / bound
+        assert float(dp["roofline_pct"]) == pytest.approx(100 / x_bound, rel=1e-2), dp
+        assert bool(ghost["median_ms"]) == has_opacus, ghost
+        if has_opacus:
+            speedup = float(ghost["median_ms"]) / float(dp["median_ms"])
+            assert f"{speedup:.3g}x faster than Opacus ghost" in dp["note"], dp["note"]
+            assert ("on an untied copy" in ghost["note"]) == setup.startswith("gpt2"), ghost
+    assert out.count("  targets, ") == 4, out

@@ -30,6 +30,7 @@ STEPS = [
     "run",
     "attribution",
     "dp",
+    "dp-step",
 ]
 TOOLS = ["memcheck", "racecheck", "initcheck", "synccheck"]
 NINE_MINUTES = 540  # one 10-minute device command, with a minute to spare
@@ -109,12 +110,15 @@ def test_dry_run_plans_every_step_and_creates_nothing(tmp_path):
         assert ("--kernel-name kns=indivgrad" in line) == (tool in ("racecheck", "synccheck"))
     profile = next(ln for ln in plan.splitlines() if "bench/ncu_outer.py" in ln)
     assert "--kernel-name regex:outer_kernel" in profile and f"--log-file {out}/ncu.csv" in profile
-    assert f"bench/kernels.py --device cuda --layouts out_in in_out --results-dir {out}/results --quiet\n" in plan
-    assert f"bench/run.py --device cuda --results-dir {out}/results --quiet\n" in plan
+    assert f"bench/kernels.py --device cuda --layouts out_in in_out --results-dir {out}/results --quiet --all\n" in plan
+    assert f"bench/run.py --device cuda --results-dir {out}/results --quiet --all\n" in plan
     assert f"bench/attribution_digits.py --device cuda --results-dir {out}/results --quiet\n" in plan
     for model in ("mlp", "sequence"):
         dp = f"bench/dp_sgd_digits.py --model {model} --device cuda --processes 0 --results-dir {out}/results --quiet\n"
         assert dp in plan, model
+    dp_step = "bench/dp_step.py --device cuda --setups bert gpt2 --precisions float32 bf16 --results-dir"
+    assert f"{dp_step} {out}/results --quiet\n" in plan  # issue 28's DP-SGD step: both setups, both precisions
+    assert re.search(r"\] dp-step: budget (\d+) s", plan).group(1) == "120"
     assert "--quick" not in plan and "--deadline" not in plan
     assert not out.exists()
 
@@ -145,6 +149,10 @@ def test_dry_run_quick_with_wheels(tmp_path):
     assert (
         len(re.findall(r"bench/dp_sgd_digits\.py --model \w+ .* --quiet --epochs 1\n", plan)) == 3
     )  # mlp, sequence, cnn
+    assert re.search(
+        r"bench/dp_step\.py --device cuda --setups bert gpt2 --precisions float32 bf16 .* --quiet --quick\n", plan
+    )
+    assert re.search(r"\] dp-step: budget 45 s", plan)
     selections = {tool: re.search(rf"--tool {tool} .* -k ('[^']*')", plan).group(1) for tool in TOOLS}
     assert selections["memcheck"] != selections["racecheck"] == selections["initcheck"] == selections["synccheck"]
     assert all("not 2_31" in k for k in selections.values())
@@ -296,6 +304,7 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, 
         "run": "ok",
         "attribution": "ok",
         "dp": "ok",
+        "dp-step": "ok",
     }
     assert rows["tests"][3] == "3 passed, 1 skipped in 0.01s"
     assert "ERROR SUMMARY: 2 errors" in rows["sanitizer-racecheck"][3]
@@ -305,6 +314,7 @@ def test_failures_and_timeouts_are_recorded_and_later_steps_still_run(tmp_path, 
     assert "fake python bench/run.py --device cuda" in (out / "run.log").read_text()
     assert "fake python bench/attribution_digits.py --device cuda" in (out / "attribution.log").read_text()
     assert (out / "dp.log").read_text().count("fake python bench/dp_sgd_digits.py --model") == 3
+    assert "fake python bench/dp_step.py --device cuda --setups bert gpt2" in (out / "dp-step.log").read_text()
     assert "--kernel-name regex:outer_kernel" in (out / "profile.log").read_text()
     assert (out / "ncu.csv").exists()
     assert "TIMEOUT" in (out / "kernels.log").read_text()
