@@ -183,7 +183,7 @@ def test_mlp_under_autocast_takes_the_hooks_capture(device, dtype):
         assert not auto._native.applies(x)  # the hooks capture runs the autocast forward
         got = auto(x, y, F.cross_entropy)
         forced = indivgrad_cuda.PerSampleGrads(model, capture="native")
-        with pytest.raises(ValueError, match="capture='native' does not run under torch.autocast"):
+        with pytest.raises(ValueError, match=r"capture='native' does not run under torch\.autocast"):
             forced(x, y, F.cross_entropy)
     assert all(g.dtype == torch.float32 for g in got.values())
 

@@ -49,10 +49,14 @@ def test_no_spills_and_fast_loops_cheaper_per_byte_than_the_run_loop(kernels, dt
 
 
 def test_gram_kernel_has_no_spills(tmp_path):
-    """csrc/gram_cuda.cu's kernel, every dtype: registers only (64 for 4-byte accumulators,
-    so 4 blocks of 256 threads fit an SM; bench/NOTES.md)."""
+    """csrc/gram_cuda.cu's kernels (the Gram kernel and its per-sample ghost-norm form), every
+    dtype: registers only (64 for 4-byte accumulators, so 4 blocks of 256 threads fit an SM;
+    bench/NOTES.md)."""
     _, log = sass.compile_cubin(sass.ROOT / "csrc", "sm_90", tmp_path, "gram_cuda.cu")
     regs = {sass.demangle([k])[k]: v for k, v in sass.registers(log).items()}
-    assert len(regs) == 4, regs
+    assert len(regs) == 8 and {k.split("<")[0] for k in regs} == {
+        "void indivgrad::gram_kernel",
+        "void indivgrad::ghost_sq_norm_kernel",
+    }, regs
     for kernel, (count, spill) in regs.items():
         assert spill == 0 and 0 < count <= (128 if "<double, double>" in kernel else 64), (kernel, count, spill)
