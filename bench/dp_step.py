@@ -64,6 +64,7 @@ import common
 import console
 from flop_bound import flop_counts
 from indivgrad_cuda.privacy import DPSGD
+from run import gpt2_pair
 
 HEAD_DIM, CLASSES = 64, 2
 # kind -> {device type: (N, T, D, L, V)}: full size on a GPU, scaled down on a CPU
@@ -153,21 +154,7 @@ def make_task(kind, dims, device):
         }
         labels = torch.randint(0, CLASSES, (n,), device=device)
         return Task(kind, dims, model.eval().to(device), inputs, labels, _cls_loss, _cls_opacus)
-    cfg = dict(
-        vocab_size=vocab,
-        n_embd=d,
-        n_layer=layers,
-        n_head=heads,
-        n_positions=t,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=vocab - 1,
-        eos_token_id=vocab - 1,
-    )
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
-    untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg, tie_word_embeddings=False))
-    untied.load_state_dict(model.state_dict())  # lm_head.weight: a copy of wte's values
+    model, untied = gpt2_pair(vocab, d, layers, heads, t)
     inputs = {"input_ids": ids, "position_ids": positions}
     return Task(kind, dims, model.eval().to(device), inputs, ids, _lm_loss, _lm_opacus, untied=untied.eval().to(device))
 

@@ -179,21 +179,7 @@ def hf_task(kind, dims, device):
     heads, untied = d // HEAD_DIM, None
     ids = torch.randint(0, vocab, (n, t), device=device)
     if kind == "gpt2":
-        cfg = dict(
-            vocab_size=vocab,
-            n_embd=d,
-            n_layer=layers,
-            n_head=heads,
-            n_positions=t,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            bos_token_id=vocab - 1,
-            eos_token_id=vocab - 1,
-        )
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
-        untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg, tie_word_embeddings=False))
-        untied.load_state_dict(model.state_dict())  # lm_head.weight: a copy of wte's values
+        model, untied = gpt2_pair(vocab, d, layers, heads, t)
         untied = untied.eval().to(device)
         # position ids given per sample: GPT-2 broadcasts its own [1, T], which Opacus's
         # Embedding rule reads as one sample (wrong wpe gradients in hooks mode, a failure in
@@ -215,6 +201,29 @@ def hf_task(kind, dims, device):
     return Task(
         model.eval().to(device), inputs, ids, lm_loss, functools.partial(lm_loss, reduction="none"), untied=untied
     )
+
+
+def gpt2_pair(vocab, d, layers, heads, t):
+    """GPT2LMHeadModel from its config (no dropout; lm_head tied to wte), and its untied copy
+    (the same values, lm_head a copy of wte) for the methods that refuse tied weights."""
+    import transformers
+
+    cfg = dict(
+        vocab_size=vocab,
+        n_embd=d,
+        n_layer=layers,
+        n_head=heads,
+        n_positions=t,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+    )
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg))
+    untied = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg, tie_word_embeddings=False))
+    untied.load_state_dict(model.state_dict())  # lm_head.weight: a copy of wte's values
+    return model, untied
 
 
 def cnn_task(kind, dims, device):
