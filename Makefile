@@ -1,6 +1,6 @@
 # Quick start:  make bench   (the benchmark)   |   make test   (the test suite)
 #   make bench       the headline setups (two of the seed's MLPs, a transformer, a CNN) and the
-#                    kernels' large shapes: about 4 minutes on 2 CPU cores
+#                    kernels' large shapes: about 2 minutes on 2 CPU cores
 #   make bench-all   the full sweep (bench/run.py --all, bench/kernels.py --all)
 # They create or reuse the virtual environment $(VENV), install torch there if it has none
 # (the CUDA 13.0 build of torch 2.14.1 when nvcc is present, so the CUDA kernels get

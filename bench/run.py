@@ -34,7 +34,7 @@ Setups:
                   WRN-16-4 is wrn:N,32,16,4) on [N, 3, S, S] images, 10 classes, mean cross-entropy
   cnns            the two above at the device's size (CNN_SETUPS: full size on a GPU, scaled
                   down on a CPU); cnn or wrn alone: that one at the device's size
-The default run (HEADLINE_SETUPS, `make bench`: about 4 minutes on 2 CPU cores) is the seed's
+The default run (HEADLINE_SETUPS, `make bench`: about 2 minutes on 2 CPU cores) is the seed's
 [32, 300, 50] and [1000, 100, 10], tfm:32,64,128,2 and cnn at the device's size; --all (`make
 bench-all`) runs the seed's six MLPs, the three transformers, the residual MLP, cnn and wrn (and on
 a GPU three larger MLPs). The Hugging Face setups are in neither (at full size they take minutes).
@@ -109,7 +109,7 @@ CNN_SETUPS = {
 }
 DEVICE_SIZED = {**HF_SETUPS, **CNN_SETUPS}  # the kinds that may be named alone: dims by device
 GROUPS = {"hf": list(HF_SETUPS), "cnns": list(CNN_SETUPS)}  # the names of several such kinds
-# The default run (`make bench`), about 4 minutes on 2 CPU cores with kernels.py's: the seed's
+# The default run (`make bench`), about 2 minutes on 2 CPU cores with kernels.py's: the seed's
 # deepest MLP and its largest batch, the smallest transformer and the CIFAR-10 CNN at the
 # device's size. The transformers at T = 128 and 256 take minutes each on a CPU (their summed
 # step alone 1.3 and 2.4 s): they are in ALL_SETUPS (`make bench-all`).
