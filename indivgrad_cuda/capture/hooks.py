@@ -146,14 +146,7 @@ class HooksCapture:
 
         def backward(static_grads, _):
             roots = [t for t, w in zip(latest.pop("leaves"), latest["wanted"]) if w]  # as grads()
-            with autocast_off():
-                if rec.calls_recorded and roots:
-                    torch.autograd.backward(roots, grad_tensors=static_grads, inputs=[rec.probe])
-                rec.finish()
-                if rec.refused:
-                    raise UnsupportedModuleError("\n".join(rec.refused))
-                if end_chunk is not None:
-                    end_chunk(0, n)
+            _backward(rec, roots, static_grads, end_chunk, 0, n)
             return ()  # the results are in the caller's buffers
 
         return self.graphs.run(key, inputs, forward, grads, backward, warmup=False) is not None
@@ -216,14 +209,22 @@ class HooksCapture:
             if check:
                 parameter_uses.check(self.scan, rec, modules, seed.loss, self.fallback)
                 self._checked.add(signature)
-            with autocast_off():  # the backward and the reductions: as a normal step's backward, outside autocast
-                if rec.calls_recorded and seed.loss.requires_grad:  # else no layer's output reaches the loss
-                    torch.autograd.backward(seed.loss, grad_tensors=seed.grad, inputs=[rec.probe])
-                rec.finish()
-                if rec.refused:
-                    raise UnsupportedModuleError("\n".join(rec.refused))
-                if end_chunk is not None:
-                    end_chunk(n0, n1)
+            roots = [seed.loss] if seed.loss.requires_grad else []  # else no layer's output reaches the loss
+            _backward(rec, roots, [seed.grad], end_chunk, n0, n1)
+
+
+def _backward(rec: "_Recorder", roots: list, grads: list, end_chunk, n0: int, n1: int) -> None:
+    """The taps' backward from ``roots``, then the layers no gradient reached, then
+    ``end_chunk(n0, n1)``: with autocast off, as a normal step's backward runs outside
+    autocast (the layers' reductions run in it)."""
+    with autocast_off():
+        if rec.calls_recorded and roots:
+            torch.autograd.backward(roots, grad_tensors=grads, inputs=[rec.probe])
+        rec.finish()
+        if rec.refused:
+            raise UnsupportedModuleError("\n".join(rec.refused))
+        if end_chunk is not None:
+            end_chunk(n0, n1)
 
 
 def _call(model, inputs):

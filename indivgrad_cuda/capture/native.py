@@ -13,7 +13,6 @@ from indivgrad_cuda import randomness
 from indivgrad_cuda.capture.layers import Layer
 from indivgrad_cuda.capture.losses import grad_of_output
 from indivgrad_cuda.capture.mlp_plan import build_plan
-from indivgrad_cuda.capture.precision import no_autocast
 from indivgrad_cuda.chunking import chunk_size, chunks
 from indivgrad_cuda.cuda_graphs import GraphRunner, addresses, parameter_key
 from indivgrad_cuda.layers import Factors, rule_for
@@ -182,12 +181,11 @@ class NativeCapture:
         its results."""
         plan = self.plan
         program, weights, biases = plan.program, plan.weights(), plan.biases()
-        device = x.device.type
         n = x.shape[0]
         masks = randomness.dropout_masks(plan, n, x.dtype, x.device, self._training(), generator)
         size = self._chunk_size(x)
 
-        def grad_of(output, tc):  # the caller's loss, in the caller's autocast context
+        def grad_of(output, tc):  # the caller's loss (the native capture runs only with autocast off: applies())
             return grad_of_output(output, tc, loss_fn, reduction)
 
         graphs = self.graphs
@@ -200,23 +198,15 @@ class NativeCapture:
         ):
 
             def forward(xs):
-                with no_autocast(device):
-                    return program.forward(xs, weights, biases, masks)
-
-            def backward(grad_out, saved):
-                with no_autocast(device):
-                    return graphed_pass(grad_out, saved)
+                return program.forward(xs, weights, biases, masks)
 
             key = (*graph_key, parameter_key(weights), parameter_key(biases))
-            results = graphs.run(key, x, forward, lambda output: grad_of(output, target), backward)
+            results = graphs.run(key, x, forward, lambda output: grad_of(output, target), graphed_pass)
             if results is not None:
                 return results
         for n0, n1, xc, tc in chunks(x, target, size):
-            with no_autocast(device):
-                output, saved = program.forward(xc, weights, biases, [m if m is None else m[n0:n1] for m in masks])
-            grad_out = grad_of(output, tc)
-            with no_autocast(device):
-                chunk_pass(grad_out, saved, n0, n1)
+            output, saved = program.forward(xc, weights, biases, [m if m is None else m[n0:n1] for m in masks])
+            chunk_pass(grad_of(output, tc), saved, n0, n1)
         return None
 
     def _chunk_size(self, x):

@@ -1,15 +1,14 @@
 """Mixed precision: what runs under the caller's ``torch.autocast`` and what does not.
 
 The hooks capture runs the model's forward (and ``loss_fn``) in the caller's context, autocast
-included, so each op computes in the dtype a normal autocast step gives it, and the backward
-replays them. The layer rules keep each layer's factors in the dtype its op computed in
+included, so each op computes in the dtype a normal autocast step gives it. The layer rules
+keep each layer's factors in the dtype its op computed in
 (:func:`indivgrad_cuda.layers.base.computed_input`). The backward and the reductions of the
 factors (which run during it and after it) run with autocast off (:func:`autocast_off`), as a
 normal step's backward runs outside autocast: else autocast would round the reductions' GEMMs,
-and those inside the ops, to half precision. The fallback replays a module's forward under the autocast its call ran in
-(:func:`autocast_state`, :func:`replay`). The native capture does not run under autocast
-(:meth:`indivgrad_cuda.capture.native.NativeCapture.applies`); its own passes turn it off
-(:func:`no_autocast`).
+and those inside the ops, to half precision. The fallback replays a module's forward under the
+autocast its call ran in (:func:`autocast_state`, :func:`replay`). The native capture runs only
+with autocast off (:meth:`indivgrad_cuda.capture.native.NativeCapture.applies`).
 """
 
 import contextlib
@@ -20,13 +19,6 @@ DEVICE_TYPES = ("cpu", "cuda")  # the device types whose autocast the engine loo
 
 # ((device type, autocast dtype), ...) of the device types with autocast enabled
 AutocastState = tuple
-
-
-def no_autocast(device_type: str):
-    """Autocast turned off for one device type. Entering the context costs, so only when needed."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def autocast_state() -> AutocastState:
