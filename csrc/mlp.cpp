@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <pybind11/functional.h>
+
 #include <algorithm>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -161,26 +164,38 @@ class MlpProgram {
     return {xs, gs};
   }
 
-  // DP-SGD: grad_w[l] (+)= sum_n c_n g_n x_n^T (one GEMM per layer), with
-  // c_n = min(1, max_norm / (||per-sample gradient n|| + 1e-6)). Returns the squared norms
-  // [P, N]. The noise is the caller's: it is drawn once per batch, after all chunks.
+  // DP-SGD: grad_w[l] (+)= sum_n c_{w,n} g_n x_n^T (one GEMM per layer) and
+  // grad_b[l] (+)= sum_n c_{b,n} g_n, where c = coefficients(sq) [P, N] holds each wanted
+  // parameter's clip coefficients, a row per row of the squared norms sq [P, N]. The clipping
+  // rule (groups, thresholds, clip function) is the caller's, written once in Python
+  // (reducers/clipping.py); it is called with the GIL held. Returns sq. The noise is the
+  // caller's: it is drawn once per batch, after all chunks.
   Tensor clipped_sum(const Tensor& grad_output, const std::vector<OptTensor>& saved, const std::vector<Tensor>& weights,
                      const std::vector<OptTensor>& grad_weights, const std::vector<OptTensor>& grad_biases,
-                     double max_norm, bool accumulate) const {
+                     const std::function<Tensor(const Tensor&)>& coefficients, bool accumulate) const {
     const at::NoGradGuard no_grad;  // parameters require grad; nothing here is for autograd
     std::vector<Tensor> xs(num_linear()), gs(num_linear());
     const Tensor sq = walk_norms(grad_output, saved, weights, present(grad_weights), present(grad_biases), &xs, &gs);
-    const Tensor coef = (max_norm / (sq.sum(0).sqrt() + 1e-6)).clamp_max(1.0).unsqueeze(1);
+    Tensor coef;
+    {
+      const pybind11::gil_scoped_acquire gil;
+      coef = coefficients(sq);
+    }
+    TORCH_CHECK(coef.dim() == 2 && coef.size(0) == sq.size(0) && coef.size(1) == sq.size(1),
+                "coefficients: expected [P, N] = ", sq.sizes(), ", got ", coef.sizes());
+    int64_t row = 0;  // sq's rows: the wanted parameters, weights and biases in layer order
     for (int64_t l = 0; l < num_linear(); ++l) {
-      if (!gs[l].defined()) continue;
-      const Tensor gc = gs[l] * coef.to(gs[l].scalar_type());
       if (grad_weights[l]) {
+        const Tensor& g = gs[l];
+        const Tensor gc = g * coef[row++].unsqueeze(1).to(g.scalar_type());
         Tensor gw = *grad_weights[l];
         accumulate ? gw.addmm_(gc.t(), xs[l]) : at::mm_out(gw, gc.t(), xs[l]);
       }
       if (grad_biases[l]) {
+        const Tensor& g = gs[l];
+        const Tensor c = coef[row++].to(g.scalar_type());
         Tensor gb = *grad_biases[l];
-        accumulate ? gb.add_(gc.sum(0)) : at::sum_out(gb, gc, {0});
+        accumulate ? gb.addmv_(g.t(), c) : at::mv_out(gb, g.t(), c);
       }
     }
     return sq;

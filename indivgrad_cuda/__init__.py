@@ -22,6 +22,22 @@ from indivgrad_cuda.ops import act_outer, outer  # noqa: E402
 from indivgrad_cuda.projection import Projection  # noqa: E402
 from indivgrad_cuda.tracin import tracin_scores, tracin_self_influence  # noqa: E402
 
+# submodules loaded on first use (as torch.distributed on torch): ig.privacy imports
+# torch.distributed, ig.opacus imports Opacus; `import indivgrad_cuda` imports neither
+_LAZY_SUBMODULES = ("opacus", "privacy")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")  # also sets the attribute: called once
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY_SUBMODULES])
+
 
 def build_info() -> dict:
     """How this copy was built: package version, the torch and CUDA it was compiled

@@ -23,6 +23,7 @@ from indivgrad_cuda.errors import UnsupportedModuleError
 from indivgrad_cuda.ops import NORM_METHODS
 from indivgrad_cuda.projection import Projection
 from indivgrad_cuda.reducers import clipped_sum, inner_products, materialise, norms, projections
+from indivgrad_cuda.reducers.clipping import resolve_groups
 
 REDUCTIONS = ("mean", "sum")
 CAPTURES = ("auto", "native", "hooks")
@@ -239,18 +240,51 @@ class PerSampleGrads:
         reduction: str = "mean",
         noise_multiplier: float = 0.0,
         generator: Optional[torch.Generator] = None,
+        clip_fn: str = "abadi",
+        stability: float = 0.01,
+        clip_groups=None,
     ) -> torch.Tensor:
-        """DP-SGD's step: sets each trainable ``p.grad`` to
-        ``sum_n min(1, max_norm / (||g_n|| + 1e-6)) * g_n`` (``g_n``: sample n's full
-        per-sample gradient), plus Gaussian noise of std ``noise_multiplier * max_norm``
-        when ``noise_multiplier > 0`` (drawn from ``generator`` if given, after any Dropout
-        masks). One forward and one backward; one GEMM (or index_add) per layer over the
-        batch's rows, each scaled by its sample's coefficient. Returns the per-sample norms
-        ``[N]`` before clipping. Existing ``p.grad`` tensors are overwritten, not
-        accumulated into. An empty batch gives zero gradients (plus the noise)."""
+        """DP-SGD's step: sets each trainable ``p.grad`` to ``sum_n c_n * g_n`` (``g_n``:
+        sample n's per-sample gradient), plus Gaussian noise of std
+        ``noise_multiplier * max_norm`` when ``noise_multiplier > 0`` (drawn from
+        ``generator`` if given, after any Dropout masks). One forward and one backward; one
+        GEMM (or index_add) per layer over the batch's rows, each scaled by its sample's
+        coefficient. Existing ``p.grad`` tensors are overwritten, not accumulated into. An
+        empty batch gives zero gradients (plus the noise).
+
+        Clipping (:mod:`indivgrad_cuda.reducers.clipping`): ``clip_groups`` splits the
+        trainable parameters into G groups, each clipped on its own to ``max_norm / sqrt(G)``
+        (so the whole clipped gradient's norm stays at most ``max_norm``): None (one group,
+        the whole gradient), ``"layer"`` (the parameters of each module), ``"param"`` (each
+        parameter), or a list of lists of parameter names naming every trainable parameter
+        once (:meth:`clip_groups` gives the groups). ``clip_fn`` gives each group's
+        coefficient from its norm: ``"abadi"``, ``min(1, threshold / (norm + 1e-6))``, or
+        ``"automatic"`` (Bu et al.'s AUTO-S), ``threshold / (norm + stability)``. With the
+        hooks capture each group's GEMMs run as soon as its norms are in: per layer, as each
+        layer's gradient arrives.
+
+        Returns the per-sample norms before clipping: ``[N]`` of the whole gradient when
+        ``clip_groups`` is None, else ``[N, G]``, column k the norm of group k's part."""
         return clipped_sum.clipped_grad_sum(
-            self, inputs, target, loss_fn, max_norm, reduction, noise_multiplier, generator
+            self,
+            inputs,
+            target,
+            loss_fn,
+            max_norm,
+            reduction,
+            noise_multiplier,
+            generator,
+            clip_fn,
+            stability,
+            clip_groups,
         )
+
+    def clip_groups(self, clip_groups) -> list[list[str]]:
+        """The groups ``clip_groups`` (as :meth:`clipped_grad_sum` takes it) makes of the
+        trainable parameters now, as lists of ``named_parameters()`` names: column k of the
+        norms it returns is group k's."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        return [names] if clip_groups is None else resolve_groups(names, clip_groups)
 
     @_replanning
     def inner_products(

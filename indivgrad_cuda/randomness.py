@@ -3,6 +3,8 @@ batch (masks first, in layer order, then the noise), so that results never depen
 the batch is split into chunks."""
 
 import contextlib
+import hashlib
+import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -90,6 +92,42 @@ def add_noise(grads: Sequence[Optional[torch.Tensor]], std: float, generator: Op
     for g in grads:
         if g is not None:
             g.add_(torch.normal(0.0, std, g.shape, generator=generator, dtype=g.dtype, device=g.device))
+
+
+NOISE_BLOCK = 1 << 20  # elements of one block of a parameter's DP-SGD noise (whole rows)
+
+
+def noise_seed(seed: int, step: int, key) -> int:
+    """The seed of one block of DP-SGD's noise: the first 63 bits of the BLAKE2b digest of
+    ``f"{seed}:{step}:{key}"`` (``key``: ``"<parameter index>:<block>"``, or a name)."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def noise_rows(shape, rows: tuple[int, int], std: float, seed: int, step: int, index: int, dtype, device, generator):
+    """Rows ``rows[0]:rows[1]`` (of dim 0) of the noise N(0, std²) of shape ``shape`` that
+    parameter ``index`` gets at ``step``: the parameter's rows are drawn in blocks of
+    ``max(1, NOISE_BLOCK // row size)`` rows, block b by ``normal_`` from ``generator``
+    seeded with ``noise_seed(seed, step, f"{index}:{b}")``. A shard of rows draws only the
+    blocks it overlaps, so shards drawn apart on several processes assemble into the noise
+    one process draws for the whole parameter (FSDP). A 0-d shape is one row (0-d when drawn whole)."""
+    rest = tuple(shape[1:])
+    total = shape[0] if len(shape) else 1
+    row = math.prod(rest)
+    per = max(1, NOISE_BLOCK // max(row, 1))
+    r0, r1 = rows
+    out = torch.empty((r1 - r0, *rest), dtype=dtype, device=device)
+    blocks = range(r0 // per, -(-r1 // per)) if r1 > r0 else ()  # those overlapping the rows
+    for b in blocks:
+        b0, b1 = b * per, min((b + 1) * per, total)
+        generator.manual_seed(noise_seed(seed, step, f"{index}:{b}"))
+        lo, hi = max(b0, r0), min(b1, r1)
+        if (lo, hi) == (b0, b1):
+            out[lo - r0 : hi - r0].normal_(0.0, std, generator=generator)
+        else:  # the block's rows outside this shard are drawn too (and dropped): the same numbers
+            block = torch.empty((b1 - b0, *rest), dtype=dtype, device=device).normal_(0.0, std, generator=generator)
+            out[lo - r0 : hi - r0] = block[lo - b0 : hi - b0]
+    return out.reshape(()) if not len(shape) and r1 - r0 == 1 else out
 
 
 class RandomState:

@@ -1,6 +1,9 @@
 """Independent reference implementations, shared by the tests and the benchmarks (so the
 two cannot drift apart). They use only plain torch: float64 broadcasting and autograd."""
 
+import hashlib
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -106,11 +109,43 @@ def dropout_masks(model, x, generator):
     return masks
 
 
-def clipped_sum_ref(grads, max_norm):
-    """DP-SGD clipping of materialised per-sample gradients: (sum_n c_n g_n, norms)."""
-    norms = torch.stack([g.flatten(1).double().norm(dim=1) for g in grads.values()]).norm(dim=0)
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    return {k: (g.double() * coef.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}, norms
+def clipped_sum_ref(grads, max_norm, clip_fn="abadi", stability=0.01, groups=None):
+    """DP-SGD clipping of materialised per-sample gradients: (sum_n c_n g_n, norms). Each of
+    the G groups (lists of names; None: all one group) is clipped to max_norm / sqrt(G) by
+    min(1, C_g / (norm + 1e-6)) ("abadi") or C_g / (norm + stability) ("automatic"); norms
+    [N] (no groups) or [N, G]."""
+    flat = groups is None
+    groups = [list(grads)] if flat else groups
+    threshold = max_norm / math.sqrt(len(groups))
+    sums, columns = {}, []
+    for group in groups:
+        norms = torch.stack([grads[k].flatten(1).double().norm(dim=1) for k in group]).norm(dim=0)
+        abadi = (threshold / (norms + 1e-6)).clamp(max=1.0)
+        coef = abadi if clip_fn == "abadi" else threshold / (norms + stability)
+        for k in group:
+            g = grads[k].double()
+            sums[k] = (g * coef.view(-1, *[1] * (g.dim() - 1))).sum(0)
+        columns.append(norms)
+    return sums, columns[0] if flat else torch.stack(columns, dim=1)
+
+
+def noise_ref(shape, std, seed, step, index, dtype, device):
+    """DP-SGD's documented noise of parameter `index` at `step` (indivgrad_cuda.randomness):
+    blocks of max(1, 2**20 // row size) whole rows, block b drawn by normal_ from a generator
+    seeded with the first 63 bits of blake2b(f"{seed}:{step}:{index}:{b}", 8 bytes, little
+    endian)."""
+    shape = tuple(shape)
+    rows, rest = (shape[0], shape[1:]) if shape else (1, ())
+    per = max(1, 2**20 // max(math.prod(rest), 1))
+    blocks = []
+    for b in range(-(-rows // per)):
+        seed_b = int.from_bytes(
+            hashlib.blake2b(f"{seed}:{step}:{index}:{b}".encode(), digest_size=8).digest(), "little"
+        )
+        g = torch.Generator(device=device).manual_seed(seed_b >> 1)
+        size = min(per, rows - b * per)
+        blocks.append(torch.empty((size, *rest), dtype=dtype, device=device).normal_(0.0, std, generator=g))
+    return torch.cat(blocks).reshape(shape)
 
 
 def func_module_grads(model, inputs, target, loss_fn, reduction="mean"):
@@ -139,37 +174,71 @@ def func_module_grads(model, inputs, target, loss_fn, reduction="mean"):
     return vmap(grad(sample_loss), in_dims=(None, 0, None if target is None else 0))(trainable, inputs, target)
 
 
-def dp_sgd_reference(model, logical_steps, loss_fn, *, max_grad_norm, noise_multiplier, expected_batch_size, seed, lr):
+def dp_sgd_reference(
+    model,
+    logical_steps,
+    loss_fn,
+    *,
+    max_grad_norm,
+    noise_multiplier,
+    expected_batch_size,
+    seed,
+    lr,
+    clip_fn="abadi",
+    stability=0.01,
+    groups=None,
+    adaptive=None,
+):
     """DP-SGD from materialised float64 torch.func per-sample gradients, on a float64 copy of
     the model: per logical step (a list of physical batches (inputs, target)), clip each
-    sample, sum, add N(0, (noise_multiplier * max_grad_norm)^2) noise once (one torch.normal
-    per trainable parameter, in named_parameters() order, from a generator seeded with
-    `seed`), divide by expected_batch_size and take a plain SGD step of `lr`. Returns the
-    model's final parameters and each physical batch's per-sample norms."""
+    sample (clipped_sum_ref), sum, add the noise once (noise_ref, std noise multiplier x
+    threshold), divide by expected_batch_size and take a plain SGD step of `lr`.
+
+    ``adaptive``: dict(target_quantile, learning_rate, count_noise_std, min_norm, max_norm)
+    of Andrew et al.'s update: the gradient's noise multiplier (z^-2 - (2 s)^-2)^-1/2, then
+    C <- clamp(C exp(-lr (b - q))) with b = (unclipped - samples / 2 + N(0, s²)) / B + 1/2,
+    the count's noise from a CPU generator seeded with blake2b(f"{seed}:{step}:count").
+    Returns the final parameters, each physical batch's norms and each step's threshold."""
     import copy
 
     ref = copy.deepcopy(model).double()
-    generator = torch.Generator(device=next(ref.parameters()).device).manual_seed(seed)
+    device = next(ref.parameters()).device
     params = {n: p for n, p in ref.named_parameters() if p.requires_grad}
-    all_norms = []
-    for batches in logical_steps:
+    all_norms, thresholds = [], []
+    for step, batches in enumerate(logical_steps):
+        thresholds.append(max_grad_norm)
         total = {n: torch.zeros_like(p) for n, p in params.items()}
+        unclipped = samples = 0
         for inputs, target in batches:
             if len(target) == 0:
                 continue
             inputs = tuple(t.double() if t.is_floating_point() else t for t in inputs)
             grads = func_module_grads(ref, inputs if len(inputs) > 1 else inputs[0], target, loss_fn)
-            sums, norms = clipped_sum_ref(grads, max_grad_norm)
+            sums, norms = clipped_sum_ref(grads, max_grad_norm, clip_fn, stability, groups)
             all_norms.append(norms)
+            threshold = max_grad_norm / math.sqrt(1 if groups is None else len(groups))
+            kept = norms + 1e-6 <= threshold
+            unclipped += int((kept if groups is None else kept.all(dim=1)).sum())
+            samples += len(target)
             for n in total:
                 total[n] += sums[n]
+        z = noise_multiplier
+        if adaptive is not None and z > 0:
+            z = (z**-2 - (2 * adaptive["count_noise_std"]) ** -2) ** -0.5
         with torch.no_grad():
-            for n, p in params.items():
-                noise = torch.normal(
-                    0.0, noise_multiplier * max_grad_norm, p.shape, generator=generator, dtype=p.dtype, device=p.device
-                )
+            for k, (n, p) in enumerate(params.items()):
+                noise = noise_ref(p.shape, z * max_grad_norm, seed, step, k, p.dtype, device) if z > 0 else 0
                 p -= lr * (total[n] + noise) / expected_batch_size
-    return {n: p.detach() for n, p in ref.named_parameters()}, all_norms
+        if adaptive is not None:
+            noise = 0.0
+            if noise_multiplier > 0:
+                digest = hashlib.blake2b(f"{seed}:{step}:count".encode(), digest_size=8).digest()
+                g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+                noise = torch.empty((), dtype=torch.float64).normal_(0.0, adaptive["count_noise_std"], generator=g)
+            b = (unclipped - samples / 2 + float(noise)) / expected_batch_size + 0.5
+            max_grad_norm *= math.exp(-adaptive["learning_rate"] * (b - adaptive["target_quantile"]))
+            max_grad_norm = min(max(max_grad_norm, adaptive.get("min_norm", 0.0)), adaptive.get("max_norm", math.inf))
+    return {n: p.detach() for n, p in ref.named_parameters()}, all_norms, thresholds
 
 
 def loop_module_grads(model, inputs, target, loss_fn):

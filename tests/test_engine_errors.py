@@ -100,7 +100,7 @@ def test_bad_calls():
         engine(x, t, lambda o, t: 1.0)
     with pytest.raises(ValueError, match=r"max_norm: expected a positive finite number, got 0"):
         engine.clipped_grad_sum(x, t, F.mse_loss, 0)
-    with pytest.raises(ValueError, match=r"noise_multiplier: expected a number >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"noise_multiplier: expected a finite number >= 0, got -1"):
         engine.clipped_grad_sum(x, t, F.mse_loss, 1.0, noise_multiplier=-1)
     with pytest.raises(ValueError, match=r"max_chunk: expected a positive int or None, got 0"):
         ig.PerSampleGrads(model, max_chunk=0)

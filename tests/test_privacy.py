@@ -13,7 +13,7 @@ from torch import nn
 from indivgrad_cuda.privacy import DPSGD, PoissonBatchSampler, epsilon, poisson_loader
 from indivgrad_cuda.privacy.distributed import check_backend
 from tests.models import TinyEncoder, token_batch
-from tests.reference import dp_sgd_reference, func_module_grads
+from tests.reference import dp_sgd_reference, func_module_grads, noise_ref
 
 # max_grad_norm near the median per-sample norm of these models and batches (1.46 to 1.63), so
 # each step clips some samples and leaves others as they are (checked where it matters)
@@ -67,7 +67,7 @@ def test_step_matches_float64_reference(kind, sizes, device):
     model = make(device)
     steps = [[batch(n, device) for n in sizes_of_step] for sizes_of_step in sizes]
     loss_fn = nn.CrossEntropyLoss()
-    want, want_norms = dp_sgd_reference(model, steps, loss_fn, lr=LR, **SETTINGS)
+    want, want_norms, _ = dp_sgd_reference(model, steps, loss_fn, lr=LR, **SETTINGS)
     norms = torch.cat(want_norms)
     clip = SETTINGS["max_grad_norm"]
     assert (norms < clip).any() and (norms > clip).any(), "both sides of min(1, C / norm) must be exercised"
@@ -123,10 +123,9 @@ def test_empty_step_applies_the_noise_alone(device):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), **SETTINGS)
     dp.step()
-    g = torch.Generator(device=device).manual_seed(SETTINGS["seed"])
     std = SETTINGS["noise_multiplier"] * SETTINGS["max_grad_norm"]
-    for n, p in model.named_parameters():
-        noise = torch.normal(0.0, std, p.shape, generator=g, dtype=p.dtype, device=p.device)
+    for k, (n, p) in enumerate(model.named_parameters()):
+        noise = noise_ref(p.shape, std, SETTINGS["seed"], 0, k, p.dtype, p.device)
         torch.testing.assert_close(p.detach(), before[n] - LR * noise / SETTINGS["expected_batch_size"])
 
 

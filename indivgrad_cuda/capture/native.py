@@ -116,25 +116,28 @@ class NativeCapture:
             sq.copy_(graphed)
 
     def clipped_sum(
-        self, x, target, loss_fn, reduction, generator, max_norm, grads: dict[str, torch.Tensor], sq: torch.Tensor
+        self, x, target, loss_fn, reduction, generator, clipping, grads: dict[str, torch.Tensor], sq: torch.Tensor
     ):
+        """The clipped sums into ``grads`` and the squared norms into sq [P, N]; the C++ pass asks
+        ``clipping`` (reducers/clipping.py) for each parameter's coefficients from the norms."""
         plan = self.plan
         program, weights = plan.program, plan.weights()
         grads_w = [grads.get(name) for name in plan.weight_names]
         grads_b = [grads.get(name) if name is not None else None for name in plan.bias_names]
+        coefficients = clipping.row_coefficients
 
         def chunk_clipped(grad_out, saved, n0, n1):
-            sq[:, n0:n1] = program.clipped_sum(grad_out, saved, weights, grads_w, grads_b, max_norm, n0 > 0)
+            sq[:, n0:n1] = program.clipped_sum(grad_out, saved, weights, grads_w, grads_b, coefficients, n0 > 0)
 
         def graphed_clipped(grad_out, saved):
             # into the graph's own buffers, copied to p.grad after each replay: p.grad is
             # often a new tensor every step (zero_grad(set_to_none=True))
             gw = [None if g is None else torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads_w]
             gb = [None if g is None else torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads_b]
-            return program.clipped_sum(grad_out, saved, weights, gw, gb, max_norm, False), gw, gb
+            return program.clipped_sum(grad_out, saved, weights, gw, gb, coefficients, False), gw, gb
 
         graphed = self._run(
-            x, target, loss_fn, reduction, generator, chunk_clipped, graphed_clipped, ("clipped_sum", max_norm)
+            x, target, loss_fn, reduction, generator, chunk_clipped, graphed_clipped, ("clipped_sum", clipping.key())
         )
         if graphed is not None:
             sq.copy_(graphed[0])

@@ -1,6 +1,7 @@
 """``DPSGD``: a whole DP-SGD step around the engine's clipped sum: per-sample clipping in one
-forward and one backward, the sum over all ranks, Gaussian noise once, the division by the
-expected batch size, the optimiser's step and the accountant's record."""
+forward and one backward (flat, per group, automatic), the sum over all ranks, Gaussian noise
+once, the division by the expected batch size, the optimiser's step, the adaptive
+threshold's update and the accountant's record."""
 
 import math
 import secrets
@@ -14,11 +15,13 @@ from indivgrad_cuda import randomness
 from indivgrad_cuda.capture.losses import losses_tallied, per_sample_loss_sum
 from indivgrad_cuda.engine import PerSampleGrads
 from indivgrad_cuda.privacy import accounting, distributed
+from indivgrad_cuda.privacy.adaptive import AdaptiveClipping
 from indivgrad_cuda.privacy.sampling import check_sample_rate
+from indivgrad_cuda.reducers.clipping import ABADI_EPS, DEFAULT_STABILITY, check_clip_fn
 
 
 class StepStats(NamedTuple):
-    norms: torch.Tensor  # [n] per-sample gradient norms of this process's batch, before clipping
+    norms: torch.Tensor  # this process's per-sample gradient norms before clipping: [n], or [n, G] by clip group
     loss: torch.Tensor  # the mean of the batch's per-sample losses (NaN for an empty batch)
 
 
@@ -26,40 +29,59 @@ class DPSGD:
     """DP-SGD around any torch optimiser, for any model ``PerSampleGrads`` supports.
 
     Each logical step: every physical batch given to :meth:`accumulate` (or to :meth:`step`)
-    adds ``sum_n min(1, max_grad_norm / (||g_n|| + 1e-6)) g_n`` over its samples (one forward
-    and one backward, no per-sample gradient in memory); :meth:`step` then sums those over
-    the processes (one all-reduce), adds Gaussian noise of std
-    ``noise_multiplier * max_grad_norm`` once, divides by ``expected_batch_size``, sets each
-    trainable ``p.grad`` to the result, calls ``optimizer.step()`` and records the step for
-    the accountant (:meth:`epsilon`).
+    adds ``sum_n c_n g_n`` over its samples, ``g_n`` clipped as ``clip_fn`` and
+    ``clip_groups`` say (one forward and one backward, no per-sample gradient in memory);
+    :meth:`step` then sums those over the processes (one all-reduce), adds Gaussian noise of
+    std ``noise_multiplier * max_grad_norm`` once, divides by ``expected_batch_size``, sets
+    each trainable ``p.grad`` to the result, calls ``optimizer.step()``, updates an adaptive
+    threshold and records the step for the accountant (:meth:`epsilon`).
 
     Args:
         model: the ``nn.Module``, or a ``DistributedDataParallel`` wrapping it (its module is
             used and its process group is the default; DDP's own gradient all-reduce never
             runs, since the step never calls DDP's forward: evaluate through it under no_grad).
         optimizer: any ``torch.optim.Optimizer`` over exactly the model's trainable parameters.
-        noise_multiplier: sigma, >= 0.
-        max_grad_norm: the clipping norm C, > 0.
+        noise_multiplier: sigma, >= 0 (with adaptive clipping: of the gradient and the count
+            together, see :class:`AdaptiveClipping`).
+        max_grad_norm: the clipping norm C, > 0 (with adaptive clipping: its first value).
         expected_batch_size, sample_rate, dataset_size: two of them (the third follows from
             ``expected_batch_size = sample_rate * dataset_size``), or ``expected_batch_size``
             alone (then nothing is accounted). The sum is divided by the expected size of a
             logical batch over all processes (as Opacus's ``loss_reduction="mean"``); the
             accountant records ``sample_rate``. Given both, they are used as given (Opacus
             divides by ``int(dataset_size * sample_rate)``, for instance).
-        seed: seeds the noise generator (on the model's device); None draws one from the OS.
-            Across processes rank 0's seed is used on every rank, so every rank adds the same
-            noise and the replicas stay bit-identical.
+        clip_fn: ``"abadi"`` (``min(1, C_g / (||g|| + 1e-6))``, Opacus's) or
+            ``"automatic"`` (``C_g / (||g|| + stability)``, Bu et al.'s AUTO-S, fastDP's
+            default: every gradient normalised, C only scales the step).
+        stability: gamma of ``"automatic"``, > 0 (default 0.01).
+        clip_groups: None (the whole gradient clipped as one, Opacus's ``"flat"``),
+            ``"layer"`` (each module's parameters apart: private-transformers' ``per_layer``,
+            fastDP's ``layer-wise``), ``"param"`` (each parameter: fastDP's
+            ``param-wise``), or a list of lists of parameter names (every trainable
+            parameter once: fastDP's ``group-wise``). Each of the G groups is clipped to
+            ``C_g = max_grad_norm / sqrt(G)``, so the whole clipped gradient's norm stays at
+            most ``max_grad_norm`` and the noise keeps its meaning. :attr:`groups` lists them.
+        adaptive_clipping: an :class:`AdaptiveClipping` (Andrew et al. 2021, Opacus's
+            AdaClip): ``max_grad_norm`` follows a target quantile of the norms, the count's
+            noise accounted for. Not with ``"automatic"``, which clips every sample alike.
+        seed: seeds the noise (see below); None draws one from the OS. Across processes
+            rank 0's seed is used on every rank, so every rank adds the same noise and the
+            replicas stay bit-identical.
         process_group: the group to all-reduce over (default: the DDP model's, else the
             default group when torch.distributed is initialised with more than one process).
             Its backend must serve the model's device: gloo (or mpi) for CPU, NCCL for CUDA.
         engine_options: ``max_chunk``, ``capture``, ``norm_method``, ``cuda_graphs`` for
             :class:`indivgrad_cuda.PerSampleGrads`.
 
-    Noise is drawn by ``torch.normal`` from a ``torch.Generator``, one draw per trainable
-    parameter in ``named_parameters()`` order: reproducible, not cryptographically secure
-    (as Opacus without ``secure_mode``). Dropout masks draw from torch's default generator.
-    At the first step across processes every rank's parameters (a hash of their bytes) and
-    settings are compared once, and a difference raises on every rank.
+    Noise: parameter k's noise at step t (k in ``named_parameters()`` order of the
+    trainable ones) is drawn in blocks of whole rows, each block by ``normal_`` from a
+    ``torch.Generator`` on the model's device seeded from (seed, t, k, block)
+    (:func:`indivgrad_cuda.randomness.noise_rows`): reproducible from the seed and the step
+    alone (a checkpoint needs no generator state), and the same whether a parameter is drawn
+    whole or shard by shard. Not cryptographically secure (as Opacus without
+    ``secure_mode``). Dropout masks draw from torch's default generator. At the first step
+    across processes every rank's parameters (a hash of their bytes) and settings are
+    compared once, and a difference raises on every rank.
     """
 
     def __init__(
@@ -72,6 +94,10 @@ class DPSGD:
         expected_batch_size: Optional[float] = None,
         sample_rate: Optional[float] = None,
         dataset_size: Optional[int] = None,
+        clip_fn: str = "abadi",
+        stability: float = DEFAULT_STABILITY,
+        clip_groups=None,
+        adaptive_clipping: Optional[AdaptiveClipping] = None,
         seed: Optional[int] = None,
         process_group=None,
         **engine_options,
@@ -89,10 +115,26 @@ class DPSGD:
             raise ValueError(f"max_grad_norm: expected a finite number > 0, got {max_grad_norm!r}")
         if seed is not None and not (isinstance(seed, int) and seed >= 0):
             raise ValueError(f"seed: expected an int >= 0 or None, got {seed!r}")
+        check_clip_fn(clip_fn, stability)
+        if adaptive_clipping is not None and not isinstance(adaptive_clipping, AdaptiveClipping):
+            raise TypeError(
+                f"adaptive_clipping: expected an indivgrad_cuda.privacy.AdaptiveClipping or None, "
+                f"got {type(adaptive_clipping).__name__}"
+            )
+        if adaptive_clipping is not None and clip_fn == "automatic":
+            raise ValueError(
+                "adaptive_clipping: clip_fn='automatic' rescales every sample's gradient, so no sample is left "
+                "unclipped and there is no threshold to adapt (its max_grad_norm only scales the step)"
+            )
         self.model, self.optimizer = model, optimizer
         self.noise_multiplier, self.max_grad_norm = float(noise_multiplier), float(max_grad_norm)
         self.expected_batch_size, self.sample_rate = _batch_and_rate(expected_batch_size, sample_rate, dataset_size)
+        self.clip_fn, self.stability, self.clip_groups = clip_fn, float(stability), clip_groups
+        self.adaptive_clipping = adaptive_clipping
+        if adaptive_clipping is not None:  # 2 sigma_b > noise_multiplier, checked now
+            adaptive_clipping.gradient_noise_multiplier(self.noise_multiplier, self.expected_batch_size)
         self.engine = PerSampleGrads(model, **engine_options)
+        self.engine.clip_groups(clip_groups)  # checked now, not at the first step
         self.group = distributed.resolve_group(process_group)
         self.device = self.engine._device()
         if self.group is not None:
@@ -100,20 +142,45 @@ class DPSGD:
         self._check_optimizer()
         self._seed_given = seed is not None
         self.seed = seed if seed is not None else secrets.randbits(62)
-        self.noise_generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self._noise_generator = torch.Generator(device=self.device)  # seeded per block of noise
         self.steps = 0
         self.history: list = []  # [(noise_multiplier, sample_rate, steps)], for the accountant
         self._sum: Optional[dict[str, torch.Tensor]] = None  # this logical step's clipped sums so far
+        self._tally: Optional[torch.Tensor] = None  # [unclipped samples, samples] of this logical step
         self._ranks_agree = self.group is None  # checked once, at the first step across processes
 
     # ---------------------------------------------------------------- public API
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """The clip groups as lists of parameter names (one group when ``clip_groups`` is None):
+        the columns of :class:`StepStats`' norms when ``clip_groups`` is given."""
+        return self.engine.clip_groups(self.clip_groups)
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """The gradient's noise is ``N(0, (gradient_noise_multiplier * max_grad_norm)²)``: the
+        noise multiplier itself, or with adaptive clipping the larger one that leaves the
+        count its share (:meth:`AdaptiveClipping.gradient_noise_multiplier`)."""
+        if self.adaptive_clipping is None:
+            return self.noise_multiplier
+        return self.adaptive_clipping.gradient_noise_multiplier(self.noise_multiplier, self.expected_batch_size)
 
     def accumulate(self, inputs, target, loss_fn: Callable, *, reduction: str = "mean") -> StepStats:
         """Adds one physical batch's clipped per-sample gradients to this logical step
         (inputs, target, loss_fn and reduction as :class:`indivgrad_cuda.PerSampleGrads`).
         Nothing is noised or applied until :meth:`step`."""
         with losses_tallied() as tally:
-            norms = self.engine.clipped_grad_sum(inputs, target, loss_fn, self.max_grad_norm, reduction=reduction)
+            norms = self.engine.clipped_grad_sum(
+                inputs,
+                target,
+                loss_fn,
+                self.max_grad_norm,
+                reduction=reduction,
+                clip_fn=self.clip_fn,
+                stability=self.stability,
+                clip_groups=self.clip_groups,
+            )
         params = self._trainable()
         if self._sum is None:
             self._sum = {name: p.grad for name, p in params.items()}  # this batch's sums become the accumulator
@@ -127,6 +194,8 @@ class DPSGD:
                 )
             for name, p in params.items():
                 self._sum[name].add_(p.grad)
+        if self.adaptive_clipping is not None:
+            self._count_unclipped(norms)
         total = per_sample_loss_sum(tally, reduction)
         n = norms.shape[0]
         loss = total / n if total is not None and n else norms.new_full((), math.nan)
@@ -135,27 +204,34 @@ class DPSGD:
     def step(self, inputs=None, target=None, loss_fn: Optional[Callable] = None, *, reduction: str = "mean"):
         """Ends the logical step: accumulates ``inputs`` first when given (then returns their
         :class:`StepStats`, else None), sums over the processes, adds the noise, divides by
-        the expected batch size, sets ``p.grad`` and calls ``optimizer.step()``. A step with
-        no samples (Poisson sampling can draw none) applies the noise alone; every process
-        must call it the same number of times."""
+        the expected batch size, sets ``p.grad``, calls ``optimizer.step()`` and updates an
+        adaptive threshold. A step with no samples (Poisson sampling can draw none) applies
+        the noise alone; every process must call it the same number of times."""
         stats = None
         if inputs is not None:
             if loss_fn is None:
                 raise TypeError("loss_fn: needed with inputs")
             stats = self.accumulate(inputs, target, loss_fn, reduction=reduction)
         grads = self._sum if self._sum is not None else {n: torch.zeros_like(p) for n, p in self._trainable().items()}
-        self._sum = None
+        tally = self._tally
+        if self.adaptive_clipping is not None and tally is None:
+            tally = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self._sum = self._tally = None
         if self.group is not None:
             if not self._ranks_agree:
                 self._agree_with_other_ranks()
                 self._ranks_agree = True
-            distributed.all_reduce_sum(list(grads.values()), self.group)
-        if self.noise_multiplier > 0:
-            randomness.add_noise(list(grads.values()), self.noise_multiplier * self.max_grad_norm, self.noise_generator)
+            distributed.all_reduce_sum(list(grads.values()) + ([tally] if tally is not None else []), self.group)
+        std = self.gradient_noise_multiplier * self.max_grad_norm
+        if std > 0:
+            for k, g in enumerate(grads.values()):
+                g.add_(self._noise(g.shape, (0, g.shape[0] if g.dim() else 1), std, k, g))
         params = dict(self.model.named_parameters())
         for name, g in grads.items():
             params[name].grad = g.div_(self.expected_batch_size)
         self.optimizer.step()
+        if self.adaptive_clipping is not None:
+            self.max_grad_norm = self._adapted(tally)
         self.steps += 1
         if self.sample_rate is not None:
             accounting.record_step(self.history, self.noise_multiplier, self.sample_rate)
@@ -163,7 +239,9 @@ class DPSGD:
 
     def epsilon(self, delta: float, accountant: str = "prv") -> float:
         """Epsilon of (epsilon, delta)-DP spent so far, by Opacus's ``"prv"``, ``"rdp"`` or
-        ``"gdp"`` accountant (needs Opacus: ``pip install 'indivgrad_cuda[opacus]'``)."""
+        ``"gdp"`` accountant (needs Opacus: ``pip install 'indivgrad_cuda[opacus]'``). With
+        adaptive clipping the history holds ``noise_multiplier``, which the gradient's and
+        the count's noise together amount to (:class:`AdaptiveClipping`)."""
         if self.sample_rate is None:
             raise ValueError(
                 "epsilon: needs the sample rate; give DPSGD sample_rate, or dataset_size beside expected_batch_size"
@@ -172,20 +250,47 @@ class DPSGD:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume: steps, the accountant's history, the noise seed
-        and generator state (the optimiser and model have their own)."""
+        and the (adaptive) threshold (the optimiser and model have their own)."""
         return {
             "steps": self.steps,
             "history": list(self.history),
             "seed": self.seed,
-            "noise_generator": self.noise_generator.get_state(),
+            "max_grad_norm": self.max_grad_norm,
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.history, self.seed = state["steps"], list(state["history"]), state["seed"]
+        self.max_grad_norm = float(state.get("max_grad_norm", self.max_grad_norm))
         self._seed_given = True
-        self.noise_generator.set_state(state["noise_generator"])
 
     # ---------------------------------------------------------------- internals
+
+    def _noise(self, shape, rows, std, index, like) -> torch.Tensor:
+        return randomness.noise_rows(
+            shape, rows, std, self.seed, self.steps, index, like.dtype, like.device, self._noise_generator
+        )
+
+    def _count_unclipped(self, norms: torch.Tensor) -> None:
+        """Adds the batch's samples, and those no part of which was clipped, to the step's tally."""
+        threshold = self.max_grad_norm / math.sqrt(len(self.groups)) if self.clip_groups is not None else None
+        if threshold is None:
+            unclipped = norms + ABADI_EPS <= self.max_grad_norm
+        else:
+            unclipped = (norms + ABADI_EPS <= threshold).all(dim=1)
+        counts = torch.stack([unclipped.sum(), torch.tensor(norms.shape[0], device=norms.device)]).double()
+        self._tally = counts if self._tally is None else self._tally.add_(counts)
+
+    def _adapted(self, tally: torch.Tensor) -> float:
+        """The next threshold from the step's tally (summed over the processes): the centred
+        count noised with std sigma_b (0 when noise_multiplier is 0), drawn like the noise."""
+        adaptive = self.adaptive_clipping
+        unclipped, samples = tally.tolist()
+        noise = 0.0
+        if self.noise_multiplier > 0:
+            g = torch.Generator().manual_seed(randomness.noise_seed(self.seed, self.steps, "count"))
+            std = adaptive.count_std(self.expected_batch_size)
+            noise = torch.empty((), dtype=torch.float64).normal_(0.0, std, generator=g).item()
+        return adaptive.updated(self.max_grad_norm, unclipped - samples / 2 + noise, self.expected_batch_size)
 
     def _trainable(self) -> dict[str, nn.Parameter]:
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
@@ -209,13 +314,16 @@ class DPSGD:
             "max_grad_norm": self.max_grad_norm,
             "expected_batch_size": self.expected_batch_size,
             "sample_rate": self.sample_rate,
+            "clip_fn": self.clip_fn,
+            "stability": self.stability,
+            "groups": self.groups,
+            "adaptive_clipping": self.adaptive_clipping,
             "steps": self.steps,
             "seed": self.seed if self._seed_given else None,
         }
         seed0 = distributed.check_ranks_agree(self.group, self._trainable(), settings, self.seed)
         if seed0 != self.seed:
             self.seed = seed0
-            self.noise_generator.manual_seed(seed0)
 
 
 def _is_number(v) -> bool:
