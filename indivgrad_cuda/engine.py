@@ -279,6 +279,14 @@ class PerSampleGrads:
             clip_groups,
         )
 
+    @_replanning
+    def _clipped_sum_into(self, inputs, target, loss_fn, max_norm, sink, *, reduction, clip_fn, stability, clip_groups):
+        """The clipped sums handed to ``sink`` group by group (a sharded model's DP-SGD step:
+        see reducers/clipped_sum.py); the norms returned as :meth:`clipped_grad_sum` does."""
+        return clipped_sum.clipped_grad_sum(
+            self, inputs, target, loss_fn, max_norm, reduction, 0.0, None, clip_fn, stability, clip_groups, sink
+        )
+
     def clip_groups(self, clip_groups) -> list[list[str]]:
         """The groups ``clip_groups`` (as :meth:`clipped_grad_sum` takes it) makes of the
         trainable parameters now, as lists of ``named_parameters()`` names: column k of the

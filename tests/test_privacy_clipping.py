@@ -145,6 +145,35 @@ def test_layer_groups_clip_as_each_layer_arrives(monkeypatch):
     assert events == ["visit"] * (layers - 1) + ["visit", "flush", "end"], events
 
 
+@pytest.mark.parametrize("n", [5, 0])
+def test_sums_handed_over_layer_by_layer(n):
+    """The sharded step's path (a sink instead of p.grad): flat clipping still hands each
+    layer's sums over on their own (one layer's full-size sums in memory at a time), all equal
+    to the reference; an empty batch runs its forward and hands over zeros."""
+    model = encoder()
+    inputs, target = batch("encoder", max(n, 1))
+    inputs, target = tuple(t[:n] for t in inputs), target[:n]
+    engine = ig.PerSampleGrads(model)
+    layers = {layer.path: set(layer.names.values()) for layer in engine._layers()}
+    handed, calls = {}, []
+
+    def sink(sums):
+        calls.append(set(sums))
+        handed.update({k: v.clone() for k, v in sums.items()})
+
+    options = dict(reduction="mean", clip_fn="abadi", stability=0.01, clip_groups=None)
+    norms = engine._clipped_sum_into(inputs, target, nn.CrossEntropyLoss(), 1.0, sink, **options)
+    assert all(any(names == owned for owned in layers.values()) for names in calls), calls
+    assert len(calls) == len(layers) and set(handed) == {name for name, _ in model.named_parameters()}
+    if n == 0:
+        assert norms.shape == (0,) and all(not g.any() for g in handed.values())
+        return
+    want, want_norms = clipped_sum_ref(ref_grads(model, inputs, target), 1.0)
+    torch.testing.assert_close(norms, want_norms, **F64)
+    for name, g in handed.items():
+        torch.testing.assert_close(g, want[name], **F64, msg=name)
+
+
 # ---------------------------------------------------------------- DPSGD
 
 

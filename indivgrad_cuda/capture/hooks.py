@@ -182,12 +182,15 @@ class HooksCapture:
         visit: Visit,
         end_chunk: Optional[Callable[[int, int], None]] = None,
         graph_key: Optional[tuple] = None,
+        empty_forward: bool = False,
     ) -> None:
         """Forward, loss and backward chunk by chunk: ``visit`` gets each layer's factors for
         samples n0..n1 during the backward (in the order they complete), ``end_chunk(n0, n1)``
         is called after the chunk's backward. ``graph_key``: the caller's results land in
         buffers whose addresses, and settings, it holds, so the call may replay CUDA graphs
-        (:meth:`_graphed`); None: eagerly."""
+        (:meth:`_graphed`); None: eagerly. ``empty_forward``: an empty batch still runs its
+        forward and backward (0 rows; every layer visited with no factors), as a sharded
+        model's collectives need every process to (FSDP's all-gathers)."""
         _check_no_batch_statistics(self.scan.batch_norms)
         n = batch_size(inputs)
         size = max(1, n if max_chunk is None else min(n, max_chunk))  # see PerSampleGrads's max_chunk
@@ -198,7 +201,8 @@ class HooksCapture:
             if self._graphed(layers, inputs, target, loss_fn, reduction, visit, end_chunk, key, n):
                 return
         rec = self._recorder(layers)
-        for n0, n1, chunk, tc in split_batch(inputs, target, n, size):
+        chunks = split_batch(inputs, target, n, size) if n or not empty_forward else [(0, 0, inputs, target)]
+        for n0, n1, chunk, tc in chunks:
             check = signature not in self._checked
             rec.start(check, n1 - n0, lambda i, f, n0=n0, n1=n1: visit(i, f, n0, n1))
             modules = parameter_uses.ModuleUses(self.model, layers) if check else contextlib.nullcontext()
@@ -303,6 +307,7 @@ class _Recorder:
         self.calls_recorded = 0
         self.inside = []  # the intercepts of the inner rules' calls in progress
         self.refused = []  # what the layers' reductions refused (a fallback that cannot run, ...)
+        self.aliases = {}  # on a checked chunk: id(a Parameter swapped in for a call, by FSDP) -> id(the served one)
         for rec in self.recordings:
             rec.reset()
         return self
@@ -402,7 +407,8 @@ class _Recorder:
                 )
         if self.check:
             self._count_local_uses(rec, args, kwargs, [leaves[i] for i in taps])
-        call = _Call(rule.record(module, args, kwargs, output, self.n, self.check), [], [None] * len(taps))
+        record = rule.record(module, args, kwargs, output, self.n, self.check) if self.n else None  # 0 rows: nothing
+        call = _Call(record, [], [None] * len(taps))
         for k, i in enumerate(taps):
             t = leaves[i]
             call.outputs.append((t.shape, t.dtype, t.device))
@@ -434,10 +440,16 @@ class _Recorder:
         use others, which stay outside uses until a module holding them serves them)."""
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
         stop = {t.grad_fn for t in inputs if t.grad_fn is not None}
-        own = {id(p) for p in rec.layer.trainable().values()}
+        own = {}  # id of the parameter the call used -> id of the one the engine serves
+        module = rec.layer.module
+        for attr, p in rec.layer.trainable().items():
+            live = module._parameters.get(attr) if "." not in attr else module.get_parameter(attr)
+            own[id(p)] = id(p)
+            if live is not None and live is not p:  # FSDP's unsharded Parameter, registered for the call
+                own[id(live)] = self.aliases[id(live)] = id(p)
         for pid, count in parameter_uses.param_edges([t.grad_fn for t in outputs], stop).items():
             if pid in own:
-                rec.local_uses[pid] = rec.local_uses.get(pid, 0) + count
+                rec.local_uses[own[pid]] = rec.local_uses.get(own[pid], 0) + count
 
     def _arrive(self, index: int, call: _Call, k: int, grad: torch.Tensor):
         rec = self.recordings[index]
@@ -457,8 +469,9 @@ class _Recorder:
                     g if g is not None else torch.zeros(shape, dtype=dtype, device=device)
                     for g, (shape, dtype, device) in zip(got, call.outputs)
                 ]
-            records.append(call.record)
-            grads.append(rule.output_grad(module, got))
+            if self.n:  # an empty chunk's layers have no factors (nothing to reduce)
+                records.append(call.record)
+                grads.append(rule.output_grad(module, got))
             call.record = call.grads = call.outputs = None  # nothing of the call outlives the layer's reduction
         rec.calls = []
         rec.done = True
@@ -473,9 +486,21 @@ class _Recorder:
             if not rec.done:
                 self._complete(i)
 
+    def served_edges(self, edges: dict[int, int]) -> dict[int, int]:
+        """``edges`` (id(param) -> autograd edges) with the edges into a Parameter a call swapped
+        in for a served one (FSDP's unsharded Parameter) counted as the served one's."""
+        if not self.aliases:
+            return edges
+        out = {}
+        for pid, count in edges.items():
+            pid = self.aliases.get(pid, pid)
+            out[pid] = out.get(pid, 0) + count
+        return out
+
     def params_used_outside(self, total: dict[int, int]) -> dict[int, tuple]:
         """{id(param): (name, a layer serving it)} of the trainable parameters with more autograd
-        edges in the loss's graph (``total``) than inside the calls of the layers serving them."""
+        edges in the loss's graph (``total``, from served_edges) than inside the calls of the
+        layers serving them."""
         local, owners = {}, {}
         for rec in self.recordings:
             for pid, count in rec.local_uses.items():

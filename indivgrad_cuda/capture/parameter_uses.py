@@ -19,7 +19,7 @@ def check(scan: ModelScan, recorder, modules: "ModuleUses", loss: torch.Tensor, 
     a parent's forward, by a parent that never calls the submodule owning it) moves to the
     fallback of the innermost called module whose forward holds all its uses, and the call
     starts again (:class:`Replanned`); what no module holds is refused, every one named."""
-    total = param_edges([loss.grad_fn], set())
+    total = recorder.served_edges(param_edges([loss.grad_fn], set()))
     outside = recorder.params_used_outside(total)
     if not outside:
         return

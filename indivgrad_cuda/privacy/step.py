@@ -14,7 +14,7 @@ from torch import nn
 from indivgrad_cuda import randomness
 from indivgrad_cuda.capture.losses import losses_tallied, per_sample_loss_sum
 from indivgrad_cuda.engine import PerSampleGrads
-from indivgrad_cuda.privacy import accounting, distributed
+from indivgrad_cuda.privacy import accounting, distributed, sharding
 from indivgrad_cuda.privacy.adaptive import AdaptiveClipping
 from indivgrad_cuda.privacy.sampling import check_sample_rate
 from indivgrad_cuda.reducers.clipping import ABADI_EPS, DEFAULT_STABILITY, check_clip_fn
@@ -102,7 +102,8 @@ class DPSGD:
         process_group=None,
         **engine_options,
     ):
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if ddp:
             process_group = process_group if process_group is not None else model.process_group
             model = model.module
         if not isinstance(model, nn.Module):
@@ -135,6 +136,10 @@ class DPSGD:
             adaptive_clipping.gradient_noise_multiplier(self.noise_multiplier, self.expected_batch_size)
         self.engine = PerSampleGrads(model, **engine_options)
         self.engine.clip_groups(clip_groups)  # checked now, not at the first step
+        self.shards = None  # a sharded model's (FSDP2): see privacy/sharding.py
+        if sharding.is_sharded_model(self._trainable()):
+            self.shards = self._sharded(ddp, process_group)
+            process_group = self.shards.group
         self.group = distributed.resolve_group(process_group)
         self.device = self.engine._device()
         if self.group is not None:
@@ -170,30 +175,38 @@ class DPSGD:
         """Adds one physical batch's clipped per-sample gradients to this logical step
         (inputs, target, loss_fn and reduction as :class:`indivgrad_cuda.PerSampleGrads`).
         Nothing is noised or applied until :meth:`step`."""
+        self._ensure_ranks_agree()  # before the first collective (a sharded model's run in its forward)
+        clipping = dict(
+            reduction=reduction, clip_fn=self.clip_fn, stability=self.stability, clip_groups=self.clip_groups
+        )
         with losses_tallied() as tally:
-            norms = self.engine.clipped_grad_sum(
-                inputs,
-                target,
-                loss_fn,
-                self.max_grad_norm,
-                reduction=reduction,
-                clip_fn=self.clip_fn,
-                stability=self.stability,
-                clip_groups=self.clip_groups,
-            )
+            if self.shards is not None:
+                sums = {}
+                norms = self.engine._clipped_sum_into(
+                    inputs,
+                    target,
+                    loss_fn,
+                    self.max_grad_norm,
+                    lambda g: sums.update(self.shards.scatter(g)),
+                    **clipping,
+                )
+            else:
+                norms = self.engine.clipped_grad_sum(inputs, target, loss_fn, self.max_grad_norm, **clipping)
         params = self._trainable()
-        if self._sum is None:
-            self._sum = {name: p.grad for name, p in params.items()}  # this batch's sums become the accumulator
+        if self.shards is None:
+            sums = {name: p.grad for name, p in params.items()}
             for p in params.values():
-                p.grad = None  # so the next batch gets its own
+                p.grad = None  # the next batch gets its own (these become the step's accumulator)
+        if self._sum is None:
+            self._sum = {name: sums[name] for name in params}
         else:
             if self._sum.keys() != params.keys():
                 raise RuntimeError(
                     f"the trainable parameters changed within a logical step: {sorted(self._sum)} before, "
                     f"{sorted(params)} now"
                 )
-            for name, p in params.items():
-                self._sum[name].add_(p.grad)
+            for name, g in self._sum.items():
+                g.add_(sums[name])
         if self.adaptive_clipping is not None:
             self._count_unclipped(norms)
         total = per_sample_loss_sum(tally, reduction)
@@ -212,23 +225,30 @@ class DPSGD:
             if loss_fn is None:
                 raise TypeError("loss_fn: needed with inputs")
             stats = self.accumulate(inputs, target, loss_fn, reduction=reduction)
-        grads = self._sum if self._sum is not None else {n: torch.zeros_like(p) for n, p in self._trainable().items()}
+        self._ensure_ranks_agree()
+        params = self._trainable()
+        grads = self._sum
+        if grads is None:
+            grads = {n: self._zeros(n, p) for n, p in params.items()}
         tally = self._tally
         if self.adaptive_clipping is not None and tally is None:
             tally = torch.zeros(2, dtype=torch.float64, device=self.device)
         self._sum = self._tally = None
-        if self.group is not None:
-            if not self._ranks_agree:
-                self._agree_with_other_ranks()
-                self._ranks_agree = True
-            distributed.all_reduce_sum(list(grads.values()) + ([tally] if tally is not None else []), self.group)
+        if self.group is not None:  # a sharded model's sums are summed already: by the reduce-scatters
+            replicated = list(grads.values()) if self.shards is None else []
+            distributed.all_reduce_sum(replicated + ([tally] if tally is not None else []), self.group)
         std = self.gradient_noise_multiplier * self.max_grad_norm
         if std > 0:
-            for k, g in enumerate(grads.values()):
-                g.add_(self._noise(g.shape, (0, g.shape[0] if g.dim() else 1), std, k, g))
-        params = dict(self.model.named_parameters())
+            for k, (name, g) in enumerate(grads.items()):
+                p = params[name]
+                rows = self.shards.rows[name] if self.shards is not None else (0, p.shape[0] if p.dim() else 1)
+                g.add_(self._noise(p.shape, rows, std, k, g).view_as(g))
         for name, g in grads.items():
-            params[name].grad = g.div_(self.expected_batch_size)
+            g.div_(self.expected_batch_size)
+            if self.shards is not None:
+                self.shards.set_grad(params[name], g)
+            else:
+                params[name].grad = g
         self.optimizer.step()
         if self.adaptive_clipping is not None:
             self.max_grad_norm = self._adapted(tally)
@@ -264,6 +284,33 @@ class DPSGD:
         self._seed_given = True
 
     # ---------------------------------------------------------------- internals
+
+    def _sharded(self, ddp: bool, process_group) -> "sharding.Shards":
+        """The shards of a model sharded with fully_shard, after the checks that need it."""
+        if ddp:
+            raise ValueError(
+                "model: a DistributedDataParallel wrapping a model sharded with fully_shard (FSDP2); FSDP2 does the "
+                "data parallelism itself: pass the fully_shard model, unwrapped"
+            )
+        if process_group is not None:
+            raise ValueError(
+                "process_group: a model sharded with fully_shard (FSDP2) reduces over its device mesh's group; "
+                "leave process_group None"
+            )
+        if self.engine.max_chunk is not None:
+            raise ValueError(
+                f"max_chunk: a model sharded with fully_shard (FSDP2) runs each batch in one forward and backward "
+                f"(its collectives pair every process's), so max_chunk must be None, got {self.engine.max_chunk}"
+            )
+        return sharding.Shards(self._trainable())
+
+    def _zeros(self, name: str, p) -> torch.Tensor:
+        return self.shards.zeros(p, name) if self.shards is not None else torch.zeros_like(p)
+
+    def _ensure_ranks_agree(self) -> None:
+        if not self._ranks_agree:
+            self._agree_with_other_ranks()
+            self._ranks_agree = True
 
     def _noise(self, shape, rows, std, index, like) -> torch.Tensor:
         return randomness.noise_rows(
@@ -321,7 +368,8 @@ class DPSGD:
             "steps": self.steps,
             "seed": self.seed if self._seed_given else None,
         }
-        seed0 = distributed.check_ranks_agree(self.group, self._trainable(), settings, self.seed)
+        replicas = self._trainable() if self.shards is None else {}  # shards differ by design
+        seed0 = distributed.check_ranks_agree(self.group, replicas, settings, self.seed)
         if seed0 != self.seed:
             self.seed = seed0
 
