@@ -143,7 +143,8 @@ class _CpuAllocations(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
+            # plain tensors: a subclass (FSDP's DTensor) wraps a local tensor counted on its own
+            if type(t) is torch.Tensor and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 ptr, nbytes = storage.data_ptr(), storage.nbytes()
                 if not ptr or not nbytes:

@@ -2,9 +2,11 @@
 indivgrad_cuda.privacy.DPSGD (one forward and one backward per step, no per-sample gradient
 in memory) against Opacus in its hooks mode (with its own samplers, and with indivgrad_cuda
 as its nn.Linear backend) and its ghost clipping, all on the same Poisson batches (one
-seeded poisson_loader), the same model, hyper-parameters and accountant; then the same
-DPSGD training in 2 CPU processes with gloo (torch.multiprocessing), each loading its shard
-of every batch, against one process.
+seeded poisson_loader), the same model, hyper-parameters and accountant; DPSGD's clipping
+variants (per-layer groups, automatic clipping, adaptive clipping); then the same DPSGD
+training in 2 CPU processes with gloo (torch.multiprocessing), each loading its shard of
+every batch, data-parallel (replicas) and with the model sharded by FSDP2 (fully_shard per
+layer or block), against one process.
 
     python bench/dp_sgd_digits.py [--model mlp|sequence|cnn] [--epochs 10] [--device cpu|cuda] [--processes 2]
 
@@ -15,13 +17,16 @@ encoder (tests/models.py: FeatureEncoder, d_model 32, 2 heads, 1 block; 20 epoch
 convolution to 16 channels, GroupNorm(4, 16), ReLU, a strided 3x3 convolution to 32, ReLU, a
 linear head on the flattened 4x4x32 maps; 10 epochs, lr 0.2).
 All: SGD with momentum 0.9, sample rate 1/round(1347 / 128) = 1/11, the sum divided by
-int(1347 / 11) = 122 (Opacus's make_private rounds the expected batch so), noise drawn from
-generators seeded alike (both draw one torch.normal per parameter in order), so every
-method trains the same model up to float rounding. Prints each run's median time per step,
+int(1347 / 11) = 122 (Opacus's make_private rounds the expected batch so), noise of the same
+law (Opacus draws one torch.normal per parameter from its seeded generator, DPSGD its
+seeded blocks: not the same numbers). Variants: "per-layer" (clip_groups="layer"),
+"automatic" (clip_fn="automatic", Bu et al.'s AUTO-S), "adaptive" (AdaptiveClipping with
+target quantile 0.5, the paper's learning rate 0.2 and count noise B / 20; the accounted noise
+multiplier is the same). Prints each run's median time per step,
 the memory its first step allocates (peak, beyond the model and data), the final test
 accuracy and epsilon, and appends them to --results-dir's results.csv (one row per run,
 bench "dp_sgd"); first checks that Opacus and indivgrad give the same per-sample gradients
-on the first batch. Exits 1 if they differ, or if the gloo run's weights differ
+on the first batch. Exits 1 if they differ, or if a gloo run's weights differ
 from the single process's by more than float32 rounding.
 """
 
@@ -46,7 +51,7 @@ import console
 import indivgrad_cuda as ig
 import indivgrad_cuda.opacus as ig_opacus
 from cnn_models import digits_cnn
-from indivgrad_cuda.privacy import DPSGD, poisson_loader
+from indivgrad_cuda.privacy import DPSGD, AdaptiveClipping, poisson_loader
 from tests.models import FeatureEncoder
 
 
@@ -167,11 +172,23 @@ def train_opacus(model, train_data, test_data, mode, args, device):
     return Result(step_ms, peak_mb, _accuracy(model, test_data), engine.get_epsilon(delta=args.delta), model._module)
 
 
-def train_dpsgd(model, train_data, test_data, args, device):
-    """indivgrad_cuda.privacy.DPSGD: one forward and one backward per step, the noise once,
-    the sum divided by the expected batch size; across processes when torch.distributed is
-    initialised (each rank then loads its shard of every Poisson batch)."""
+# DPSGD's clipping variants: label -> its options (the flat, Abadi clipping of Opacus is "")
+VARIANTS = {
+    "": {},
+    "per-layer": dict(clip_groups="layer"),
+    "automatic": dict(clip_fn="automatic"),
+    "adaptive": dict(adaptive_clipping=AdaptiveClipping(target_quantile=0.5)),
+}
+
+
+def train_dpsgd(model, train_data, test_data, args, device, variant="", fsdp=False):
+    """indivgrad_cuda.privacy.DPSGD (with a variant's options): one forward and one backward
+    per step, the noise once, the sum divided by the expected batch size; across processes
+    when torch.distributed is initialised (each rank then loads its shard of every Poisson
+    batch), the model sharded by fully_shard when ``fsdp``."""
     model, optimizer = _setup(model, device, args)
+    if fsdp:
+        model, optimizer = _fully_shard(model, args)
     loader = _loader(train_data, args)
     dp = DPSGD(
         model,
@@ -181,10 +198,25 @@ def train_dpsgd(model, train_data, test_data, args, device):
         sample_rate=1 / args.steps_per_epoch,
         expected_batch_size=len(train_data[0]) // args.steps_per_epoch,  # as Opacus's make_private rounds it
         seed=args.seed,
+        **VARIANTS[variant],
     )
     loss_fn = nn.CrossEntropyLoss()
     step_ms, peak_mb = _timed_steps(loader, lambda xb, yb: dp.step(xb, yb, loss_fn), args, device)
     return Result(step_ms, peak_mb, _accuracy(model, test_data), dp.epsilon(args.delta, args.accountant), model)
+
+
+def _fully_shard(model, args):
+    """FSDP2 over this process group: fully_shard on each Linear (MLP) or each encoder block
+    and convolution (the others), then the root; a new optimiser over the sharded parameters."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    units = list(getattr(model, "blocks", [])) or [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    for unit in units:
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
 
 
 class Result(NamedTuple):
@@ -195,24 +227,26 @@ class Result(NamedTuple):
     model: Optional[nn.Module] = None
 
 
-def _gloo_worker(rank, world, init_file, out_file, model, train_data, test_data, args):
+def _gloo_worker(rank, world, init_file, out_file, model, train_data, test_data, args, fsdp):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    result = train_dpsgd(model, train_data, test_data, args, torch.device("cpu"))
+    result = train_dpsgd(model, train_data, test_data, args, torch.device("cpu"), fsdp=fsdp)
+    state = {n: p.full_tensor() if fsdp else p for n, p in result.model.state_dict().items()}  # gathered: every rank
     if rank == 0:
-        torch.save(result._replace(model=result.model.state_dict())._asdict(), out_file)
+        torch.save(result._replace(model=state)._asdict(), out_file)
     dist.destroy_process_group()
 
 
-def train_dpsgd_processes(model, train_data, test_data, args, device):
-    """train_dpsgd in args.processes CPU processes (gloo), spawned here; rank 0's figures."""
+def train_dpsgd_processes(model, train_data, test_data, args, device, fsdp=False):
+    """train_dpsgd in args.processes CPU processes (gloo), spawned here, the model replicated
+    or sharded (``fsdp``); rank 0's figures."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank0.pt")
         cpu = torch.device("cpu")
         data = [_on(train_data, cpu), _on(test_data, cpu)]
         mp.spawn(
             _gloo_worker,
-            args=(args.processes, os.path.join(tmp, "init"), out, copy.deepcopy(model).cpu(), *data, args),
+            args=(args.processes, os.path.join(tmp, "init"), out, copy.deepcopy(model).cpu(), *data, args, fsdp),
             nprocs=args.processes,
             join=True,
         )
@@ -269,7 +303,7 @@ def main(argv=None):
         f"{n_train // args.steps_per_epoch}), noise {args.noise_multiplier}, clip {args.max_grad_norm}, "
         f"SGD lr {args.lr} momentum 0.9, {common.device_name(device)}"
     )
-    print(f"  {'method':<34} {'ms/step (median)':>17} {'peak MB':>8} {'steps':>6} {'test acc':>9} {'epsilon':>8}")
+    print(f"  {'method':<44} {'ms/step (median)':>17} {'peak MB':>8} {'steps':>6} {'test acc':>9} {'epsilon':>8}")
     cpu = torch.device("cpu")
     runs = {
         "opacus hooks": lambda: train_opacus(model, train_data, test_data, "hooks", args, device),
@@ -277,16 +311,18 @@ def main(argv=None):
         "opacus + indivgrad backend": lambda: train_opacus(
             model, train_data, test_data, "indivgrad backend", args, device
         ),
-        "indivgrad DPSGD": lambda: train_dpsgd(model, train_data, test_data, args, device),
     }
+    for variant in VARIANTS:
+        runs[_dpsgd_label(variant)] = lambda v=variant: train_dpsgd(model, train_data, test_data, args, device, v)
     if args.processes > 1:
-        if device.type != "cpu":  # the gloo run is on CPU: its single-process twin too
+        if device.type != "cpu":  # the gloo runs are on CPU: their single-process twin too
             runs["indivgrad DPSGD, 1 process, cpu"] = lambda: train_dpsgd(
                 copy.deepcopy(model).cpu(), _on(train_data, cpu), _on(test_data, cpu), args, cpu
             )
-        runs[f"indivgrad DPSGD, {args.processes} gloo processes"] = lambda: train_dpsgd_processes(
-            model, train_data, test_data, args, device
-        )
+        for fsdp in (False, True):
+            runs[_gloo_label(args, fsdp)] = lambda fsdp=fsdp: train_dpsgd_processes(
+                model, train_data, test_data, args, device, fsdp
+            )
     results = {}
     progress = console.Progress(len(runs), args.quiet, unit="method")
     context, setup = common.run_context(device), _setup_name(args, n_train)
@@ -296,7 +332,7 @@ def main(argv=None):
         path = common.append_rows([_row(context, setup, label, r, args)], args.results_dir)  # kept if a later run fails
         with progress.paused():
             print(
-                f"  {label:<34} {statistics.median(r.step_ms):>17.3f} {r.peak_mb:>8.2f} {len(r.step_ms):>6} "
+                f"  {label:<44} {statistics.median(r.step_ms):>17.3f} {r.peak_mb:>8.2f} {len(r.step_ms):>6} "
                 f"{r.accuracy:>9.3f} {r.epsilon:>8.2f}"
             )
     progress.close()
@@ -306,20 +342,27 @@ def main(argv=None):
         f"{ms['opacus ghost clipping'] / ms['indivgrad DPSGD']:.2f}x, indivgrad backend "
         f"{ms['opacus + indivgrad backend'] / ms['indivgrad DPSGD']:.2f}x"
     )
-    gap = _max_rel_diff(results["indivgrad DPSGD"].model.state_dict(), results["opacus hooks"].model.state_dict())
-    print(f"  DPSGD against Opacus hooks: final weights' max relative difference {gap:.1e}")
     ok = max(diff, diff_engine) < 1e-4
     if args.processes > 1:
         single = results["indivgrad DPSGD" if device.type == "cpu" else "indivgrad DPSGD, 1 process, cpu"]
-        multi = results[f"indivgrad DPSGD, {args.processes} gloo processes"]
-        gap = _max_rel_diff(multi.model.state_dict(), single.model.state_dict())
-        print(
-            f"  {args.processes} gloo processes against one process on cpu: final weights' max relative difference "
-            f"{gap:.1e}, test accuracy {multi.accuracy:.3f} against {single.accuracy:.3f}"
-        )
-        ok = ok and gap < 1e-3
+        for fsdp in (False, True):
+            multi = results[_gloo_label(args, fsdp)]
+            gap = _max_rel_diff(multi.model.state_dict(), single.model.state_dict())
+            print(
+                f"  {_gloo_label(args, fsdp)[len('indivgrad DPSGD, ') :]} against one process on cpu: final weights' "
+                f"max relative difference {gap:.1e}, test accuracy {multi.accuracy:.3f} against {single.accuracy:.3f}"
+            )
+            ok = ok and gap < 1e-3
     print(f"rows appended to {path}")
     return 0 if ok else 1
+
+
+def _dpsgd_label(variant):
+    return "indivgrad DPSGD" + (f", {variant}" if variant else "")
+
+
+def _gloo_label(args, fsdp):
+    return f"indivgrad DPSGD, {args.processes} gloo processes" + (", FSDP2" if fsdp else "")
 
 
 def _setup_name(args, n_train):
