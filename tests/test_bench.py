@@ -359,6 +359,21 @@ def test_cnn_setups_are_sized_by_device():
             run.parse_setup(bad)
 
 
+def test_fsdp_step_smoke():
+    """The FSDP2 step bench: four modes timed on 2 gloo processes, and the two ratios."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "fsdp_step.py"), "--steps", "2", "--warmup", "1", "--batch", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    times = dict(re.findall(r"^  (\S.*?)\s+([\d.]+) ms$", proc.stdout, re.M))
+    assert sorted(times) == sorted(["FSDP2 plain step", "DPSGD on FSDP2", "DDP plain step", "DPSGD on replicas"])
+    assert all(float(v) > 0 for v in times.values()), proc.stdout
+    assert re.search(r"DPSGD against the plain step: [\d.]+x sharded, [\d.]+x replicated", proc.stdout), proc.stdout
+
+
 def test_lora_dp_sgd_two_steps():
     """The LoRA DP-SGD example: two steps print a loss, an epsilon that grows and a step time."""
     pytest.importorskip("peft", reason="peft is not installed (pip install -e .[bench])")

@@ -2,10 +2,11 @@
 process computes its own samples' norms and clip coefficients from the layers' factors
 (FSDP all-gathers each layer's parameters for its forward and backward, as in any step),
 forms each layer's clipped sums at the parameters' full shapes as soon as its clip group's
-coefficients are known, and reduce-scatters them into the processes' shards at once (one
-collective per layer and dtype, as FSDP's own backward), so a process holds one layer's full
-sums at a time, never the whole gradient; the noise is then drawn for each shard's rows
-alone (randomness.noise_rows), the shards' noise together the one process's."""
+coefficients are known, and reduce-scatters each FSDP unit's (a ``fully_shard`` module's
+parameters) into the processes' shards once they are all formed (one collective per unit and
+dtype, as FSDP's own backward), so a process holds about one unit's full sums at a time,
+never the whole gradient; the noise is then drawn for each shard's rows alone
+(randomness.noise_rows), the shards' noise together the one process's."""
 
 import math
 
@@ -27,7 +28,8 @@ class Shards:
     """The trainable parameters' shards: FSDP2 splits dim 0 as ``torch.chunk`` does,
     ``ceil(rows / world)`` rows per process, the last processes' short or empty."""
 
-    def __init__(self, params: dict):
+    def __init__(self, model, params: dict):
+        from torch.distributed.fsdp import FSDPModule
         from torch.distributed.tensor import Shard
 
         groups = set()
@@ -56,6 +58,25 @@ class Shards:
             raise ValueError(f"model: its parameters are sharded over {len(groups)} device meshes; DP-SGD needs one")
         self.group = groups.pop()
         self.world = dist.get_world_size(self.group)
+        # FSDP's units: each parameter belongs to the innermost fully_shard module above it
+        # (FSDP reduce-scatters a unit's gradients together: so do we, once all are formed)
+        units = [path for path, m in model.named_modules() if isinstance(m, FSDPModule)]
+        self.units: dict = {}
+        for name in params:
+            unit = max((u for u in units if u == "" or name.startswith(u + ".")), key=len, default=None)
+            self.units.setdefault(unit, []).append(name)
+        self._unit_of = {name: unit for unit, names in self.units.items() for name in names}
+        self._waiting: dict = {}  # a unit's sums formed so far, this batch
+
+    def collect(self, sums: dict, into: dict) -> None:
+        """Takes a layer's full-size sums (the clipped sum's sink); once every trainable
+        parameter of an FSDP unit has its sum, reduce-scatters the unit's (scatter) and puts
+        this process's rows in ``into``. Every process completes the units in the same order
+        (the layers complete in the backward's order)."""
+        for name, g in sums.items():
+            self._waiting.setdefault(self._unit_of[name], {})[name] = g
+        for unit in [u for u, got in self._waiting.items() if len(got) == len(self.units[u])]:
+            into.update(self.scatter(self._waiting.pop(unit)))
 
     def zeros(self, p, name: str) -> torch.Tensor:
         """This process's rows of a zero gradient of ``p``."""

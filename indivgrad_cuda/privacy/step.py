@@ -179,6 +179,8 @@ class DPSGD:
         clipping = dict(
             reduction=reduction, clip_fn=self.clip_fn, stability=self.stability, clip_groups=self.clip_groups
         )
+        if self.shards is not None and self.shards.rows.keys() != self._trainable().keys():
+            self.shards = sharding.Shards(self.model, self._trainable())  # requires_grad changed
         with losses_tallied() as tally:
             if self.shards is not None:
                 sums = {}
@@ -187,7 +189,7 @@ class DPSGD:
                     target,
                     loss_fn,
                     self.max_grad_norm,
-                    lambda g: sums.update(self.shards.scatter(g)),
+                    lambda g: self.shards.collect(g, sums),
                     **clipping,
                 )
             else:
@@ -302,7 +304,7 @@ class DPSGD:
                 f"max_chunk: a model sharded with fully_shard (FSDP2) runs each batch in one forward and backward "
                 f"(its collectives pair every process's), so max_chunk must be None, got {self.engine.max_chunk}"
             )
-        return sharding.Shards(self._trainable())
+        return sharding.Shards(self.model, self._trainable())
 
     def _zeros(self, name: str, p) -> torch.Tensor:
         return self.shards.zeros(p, name) if self.shards is not None else torch.zeros_like(p)
