@@ -33,13 +33,14 @@ def make_model(kind, init_seed=0):
     return TinyEncoder(vocab=11, d_model=8, heads=2, layers=1, max_len=5, classes=3).double().eval()
 
 
-def global_batches(kind):
+def global_batches(kind, mlp_classes=3):
     """STEPS logical batches of 7, the same in every process."""
     g = torch.Generator().manual_seed(123)
     out = []
     for _ in range(STEPS):
         if kind == "mlp":
-            out.append(((torch.randn(7, 6, dtype=torch.float64, generator=g),), torch.randint(0, 3, (7,), generator=g)))
+            x = torch.randn(7, 6, dtype=torch.float64, generator=g)
+            out.append(((x,), torch.randint(0, mlp_classes, (7,), generator=g)))
         else:
             ids, mask, labels = token_batch(7, 5, 11, 3, generator=g)
             out.append(((ids, mask), labels))

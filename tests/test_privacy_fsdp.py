@@ -17,9 +17,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from indivgrad_cuda.privacy import DPSGD, AdaptiveClipping
-from tests.models import TinyEncoder, token_batch
+from tests.models import TinyEncoder
+from tests.test_privacy_distributed import SHARDS, STEPS, global_batches, shard
 
-STEPS, LR, SEED = 3, 0.1, 77
+LR, SEED = 0.1, 77
 SETTINGS = dict(noise_multiplier=0.8, expected_batch_size=7.0, seed=SEED)
 CLIP = {"mlp": 1.6, "encoder": 2.3}
 ADAPTIVE = dict(target_quantile=0.5, learning_rate=0.3, count_noise_std=1.0)
@@ -30,10 +31,6 @@ SCENARIOS = {
     "mlp adaptive": ("mlp", None, True, "interleaved"),
     "encoder flat, a process without samples": ("encoder", None, False, "uneven"),
     "encoder layer": ("encoder", "layer", False, "interleaved"),
-}
-SHARDS = {
-    "interleaved": lambda rank, world: list(range(rank, 7, world)),
-    "uneven": lambda rank, world: [[], [0, 1, 2], [3, 4, 5, 6]][rank] if world == 3 else [[], list(range(7))][rank],
 }
 
 
@@ -68,21 +65,7 @@ def shard_model(model, kind, world):
 
 
 def batches(kind):
-    g = torch.Generator().manual_seed(123)
-    out = []
-    for _ in range(STEPS):
-        if kind == "mlp":
-            out.append(((torch.randn(7, 6, dtype=torch.float64, generator=g),), torch.randint(0, 2, (7,), generator=g)))
-        else:
-            ids, mask, labels = token_batch(7, 5, 11, 3, generator=g)
-            out.append(((ids, mask), labels))
-    return out
-
-
-def rows_of(batch, rows):
-    inputs, target = batch
-    inputs = tuple(t[rows] for t in inputs)
-    return (inputs[0] if len(inputs) == 1 else inputs), target[rows]
+    return global_batches(kind, mlp_classes=2)  # the MLP's 2 outputs: 2 rows to shard over 3 processes
 
 
 def train(model, kind, clip_groups, adaptive, rows):
@@ -92,7 +75,7 @@ def train(model, kind, clip_groups, adaptive, rows):
     norms, thresholds = [], []
     for batch in batches(kind):
         thresholds.append(dp.max_grad_norm)
-        norms.append(dp.step(*rows_of(batch, rows), nn.CrossEntropyLoss()).norms)
+        norms.append(dp.step(*shard(batch, rows), nn.CrossEntropyLoss()).norms)
     return dp, norms, thresholds
 
 
@@ -126,7 +109,7 @@ def worker(rank, world, init_file, out_dir):
         import indivgrad_cuda as ig
 
         try:
-            x, y = rows_of(batches("mlp")[0], list(range(7)))
+            x, y = shard(batches("mlp")[0], list(range(7)))
             ig.PerSampleGrads(model).clipped_grad_sum(x, y, nn.CrossEntropyLoss(), 1.0)
             refusals["engine"] = None
         except ValueError as e:
@@ -138,7 +121,7 @@ def worker(rank, world, init_file, out_dir):
 
         torch.manual_seed(0)
         outside = fully_shard(Outside().double(), mesh=init_device_mesh("cpu", (world,)))
-        x, y = rows_of(batches("mlp")[0], list(range(7)))
+        x, y = shard(batches("mlp")[0], list(range(7)))
         try:
             ig.PerSampleGrads(outside, fallback=False).norms(x, y, nn.CrossEntropyLoss())
             refusals["outside"] = None
