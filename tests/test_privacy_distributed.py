@@ -117,15 +117,20 @@ def worker(rank, world, init_file, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["2_processes", "3_processes"])
-def runs(request, tmp_path_factory):
-    world = request.param
-    out = tmp_path_factory.mktemp(f"dp{world}")
+def spawn_ranks(worker, world, out):
+    """``worker(rank, world, init_file, out_dir)`` in ``world`` spawned processes; each rank's
+    saved results (``rank{r}.pt``), none of which may hold an error."""
     mp.spawn(worker, args=(world, str(out / "init"), str(out)), nprocs=world, join=True)
     results = [torch.load(out / f"rank{r}.pt") for r in range(world)]
     for r, res in enumerate(results):
         assert "error" not in res, f"rank {r}:\n{res.get('error')}"
-    return world, results
+    return results
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2_processes", "3_processes"])
+def runs(request, tmp_path_factory):
+    world = request.param
+    return world, spawn_ranks(worker, world, tmp_path_factory.mktemp(f"dp{world}"))
 
 
 def single_process(kind, norms=None):

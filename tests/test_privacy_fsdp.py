@@ -13,12 +13,11 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from indivgrad_cuda.privacy import DPSGD, AdaptiveClipping
 from tests.models import TinyEncoder
-from tests.test_privacy_distributed import SHARDS, STEPS, global_batches, shard
+from tests.test_privacy_distributed import SHARDS, STEPS, global_batches, shard, spawn_ranks
 
 LR, SEED = 0.1, 77
 SETTINGS = dict(noise_multiplier=0.8, expected_batch_size=7.0, seed=SEED)
@@ -137,12 +136,7 @@ def worker(rank, world, init_file, out_dir):
 @pytest.fixture(scope="module", params=[2, 3], ids=["2_processes", "3_processes"])
 def runs(request, tmp_path_factory):
     world = request.param
-    out = tmp_path_factory.mktemp(f"fsdp{world}")
-    mp.spawn(worker, args=(world, str(out / "init"), str(out)), nprocs=world, join=True)
-    results = [torch.load(out / f"rank{r}.pt") for r in range(world)]
-    for r, res in enumerate(results):
-        assert "error" not in res, f"rank {r}:\n{res.get('error')}"
-    return world, results
+    return world, spawn_ranks(worker, world, tmp_path_factory.mktemp(f"fsdp{world}"))
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
