@@ -23,7 +23,7 @@ from indivgrad_cuda.errors import UnsupportedModuleError
 from indivgrad_cuda.ops import NORM_METHODS
 from indivgrad_cuda.projection import Projection
 from indivgrad_cuda.reducers import clipped_sum, inner_products, materialise, norms, projections
-from indivgrad_cuda.reducers.clipping import resolve_groups
+from indivgrad_cuda.reducers.clipping import DEFAULT_STABILITY, resolve_groups
 
 REDUCTIONS = ("mean", "sum")
 CAPTURES = ("auto", "native", "hooks")
@@ -241,7 +241,7 @@ class PerSampleGrads:
         noise_multiplier: float = 0.0,
         generator: Optional[torch.Generator] = None,
         clip_fn: str = "abadi",
-        stability: float = 0.01,
+        stability: float = DEFAULT_STABILITY,
         clip_groups=None,
     ) -> torch.Tensor:
         """DP-SGD's step: sets each trainable ``p.grad`` to ``sum_n c_n * g_n`` (``g_n``:

@@ -318,6 +318,10 @@ def test_trainable_set_fixed_within_a_logical_step():
     model[2].bias.requires_grad_(False)
     with pytest.raises(RuntimeError, match="the trainable parameters changed within a logical step"):
         dp.accumulate(x, y, nn.CrossEntropyLoss())
+    with pytest.raises(RuntimeError, match="the trainable parameters changed within a logical step"):
+        dp.step()
+    model[2].bias.requires_grad_(True)
+    dp.step()  # as it was: the step goes on
 
 
 def test_step_with_inputs_needs_a_loss():

@@ -145,12 +145,30 @@ def test_layer_groups_clip_as_each_layer_arrives(monkeypatch):
     assert events == ["visit"] * (layers - 1) + ["visit", "flush", "end"], events
 
 
+class SharedPositions(nn.Module):
+    """Positions passed as one row [1, T] shared by the batch, as Hugging Face models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(13, 6)
+        self.pos = nn.Embedding(6, 6)
+        self.ln = nn.LayerNorm(6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids, mask=None):
+        h = self.tok(ids) + self.pos(torch.arange(ids.shape[1])[None])
+        return self.head(self.ln(h).mean(1))
+
+
+@pytest.mark.parametrize("make", [encoder, lambda: SharedPositions().double()], ids=["encoder", "shared_positions"])
 @pytest.mark.parametrize("n", [5, 0])
-def test_sums_handed_over_layer_by_layer(n):
+def test_sums_handed_over_layer_by_layer(n, make):
     """The sharded step's path (a sink instead of p.grad): flat clipping still hands each
     layer's sums over on their own (one layer's full-size sums in memory at a time), all equal
-    to the reference; an empty batch runs its forward and hands over zeros."""
-    model = encoder()
+    to the reference; an empty batch runs its forward (a [1, T] input shared by the batch
+    included) and hands over zeros."""
+    torch.manual_seed(4)
+    model = make()
     inputs, target = batch("encoder", max(n, 1))
     inputs, target = tuple(t[:n] for t in inputs), target[:n]
     engine = ig.PerSampleGrads(model)
@@ -230,6 +248,44 @@ def test_dpsgd_matches_reference(kind, clip_fn, grouping):
     nonempty = [s.norms for s in stats if len(s.norms)]
     for got_norms, norms in zip(nonempty, want_norms, strict=True):
         torch.testing.assert_close(got_norms, norms, **F64)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("grouping", ["layer", "halves"])
+@pytest.mark.parametrize("kind", ["mlp", "encoder"])
+def test_graphed_groups_equal_eager(kind, grouping):
+    """CUDA graphs (the native MLP's and the hooks capture's) replayed with clip groups: each
+    call equal to the eager engine's, with the allocator's cache emptied between calls (a
+    graph must not read a buffer of an earlier call)."""
+    make, options = MODELS[kind]
+    torch.manual_seed(5)
+    model = make().cuda()
+    names = [n for n, _ in model.named_parameters()]
+    graphed, eager = (ig.PerSampleGrads(model, cuda_graphs=g, **options) for g in (True, False))
+    for step in range(3):
+        inputs, target = batch(kind, 6, torch.Generator().manual_seed(step))
+        inputs = tuple(t.cuda() for t in inputs) if isinstance(inputs, tuple) else inputs.cuda()
+        target = target.cuda()
+        got = {}
+        for engine in (graphed, eager):
+            norms = engine.clipped_grad_sum(
+                inputs, target, nn.CrossEntropyLoss(), 0.8, clip_groups=groups_for(names, grouping)
+            )
+            got[engine] = (norms.clone(), {n: p.grad.clone() for n, p in model.named_parameters()})
+            torch.cuda.empty_cache()
+        torch.testing.assert_close(got[graphed][0], got[eager][0])
+        for name in names:
+            torch.testing.assert_close(got[graphed][1][name], got[eager][1][name], msg=name)
+
+
+def test_adaptive_clipping_turns_cuda_graphs_off_by_default():
+    model = mlp()
+    settings = dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=64)
+    adaptive = AdaptiveClipping(target_quantile=0.5)
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), **settings, adaptive_clipping=adaptive)
+    assert dp.engine._native.graphs is None and dp.engine._hooks.graphs is None
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), **settings)
+    assert dp.engine._native.graphs is not None
 
 
 ADAPTIVE = dict(target_quantile=0.4, learning_rate=0.3, count_noise_std=2.0)

@@ -374,9 +374,9 @@ class _Recorder:
     def _expand_shared(self, args):
         """An input of one row while the batch has N (positions [1, T] shared by every sample,
         as Hugging Face models pass them) is expanded to N rows, so that each sample's share of
-        the layer's gradient is its own (the output then has N rows too)."""
+        the layer's gradient is its own (the output then has N rows too; none for an empty batch)."""
         x = args[0]
-        if x.dim() >= 2 and x.shape[0] == 1 and self.n > 1:
+        if x.dim() >= 2 and x.shape[0] == 1 and self.n != 1:
             return (x.expand(self.n, *x.shape[1:]), *args[1:])
         return args
 

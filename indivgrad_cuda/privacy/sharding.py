@@ -68,6 +68,14 @@ class Shards:
         self._unit_of = {name: unit for unit, names in self.units.items() for name in names}
         self._waiting: dict = {}  # a unit's sums formed so far, this batch
 
+    def begin(self) -> None:
+        """A new batch: nothing of an earlier one (cut short by an error) waits."""
+        self._waiting.clear()
+
+    def finish(self) -> None:
+        if self._waiting:
+            raise RuntimeError(f"the clipped sums of the FSDP units {sorted(self._waiting)} were left incomplete")
+
     def collect(self, sums: dict, into: dict) -> None:
         """Takes a layer's full-size sums (the clipped sum's sink); once every trainable
         parameter of an FSDP unit has its sum, reduce-scatters the unit's (scatter) and puts

@@ -17,7 +17,8 @@ from indivgrad_cuda.engine import PerSampleGrads
 from indivgrad_cuda.privacy import accounting, distributed, sharding
 from indivgrad_cuda.privacy.adaptive import AdaptiveClipping
 from indivgrad_cuda.privacy.sampling import check_sample_rate
-from indivgrad_cuda.reducers.clipping import ABADI_EPS, DEFAULT_STABILITY, check_clip_fn
+from indivgrad_cuda.reducers import clipping
+from indivgrad_cuda.reducers.clipping import DEFAULT_STABILITY, check_clip_fn
 
 
 class StepStats(NamedTuple):
@@ -31,7 +32,8 @@ class DPSGD:
     Each logical step: every physical batch given to :meth:`accumulate` (or to :meth:`step`)
     adds ``sum_n c_n g_n`` over its samples, ``g_n`` clipped as ``clip_fn`` and
     ``clip_groups`` say (one forward and one backward, no per-sample gradient in memory);
-    :meth:`step` then sums those over the processes (one all-reduce), adds Gaussian noise of
+    :meth:`step` then sums those over the processes (one all-reduce; a model sharded with
+    FSDP2 reduce-scatters during each backward instead), adds Gaussian noise of
     std ``noise_multiplier * max_grad_norm`` once, divides by ``expected_batch_size``, sets
     each trainable ``p.grad`` to the result, calls ``optimizer.step()``, updates an adaptive
     threshold and records the step for the accountant (:meth:`epsilon`).
@@ -39,7 +41,10 @@ class DPSGD:
     Args:
         model: the ``nn.Module``, or a ``DistributedDataParallel`` wrapping it (its module is
             used and its process group is the default; DDP's own gradient all-reduce never
-            runs, since the step never calls DDP's forward: evaluate through it under no_grad).
+            runs, since the step never calls DDP's forward: evaluate through it under no_grad),
+            or a model sharded with FSDP2's ``fully_shard`` (every trainable parameter: see
+            :mod:`indivgrad_cuda.privacy.sharding`; not DDP-wrapped, ``max_chunk`` None, the
+            device mesh's group).
         optimizer: any ``torch.optim.Optimizer`` over exactly the model's trainable parameters.
         noise_multiplier: sigma, >= 0 (with adaptive clipping: of the gradient and the count
             together, see :class:`AdaptiveClipping`).
@@ -71,7 +76,8 @@ class DPSGD:
             default group when torch.distributed is initialised with more than one process).
             Its backend must serve the model's device: gloo (or mpi) for CPU, NCCL for CUDA.
         engine_options: ``max_chunk``, ``capture``, ``norm_method``, ``cuda_graphs`` for
-            :class:`indivgrad_cuda.PerSampleGrads`.
+            :class:`indivgrad_cuda.PerSampleGrads` (``cuda_graphs`` defaults to False with
+            adaptive clipping: a graph is keyed by the threshold, which changes every step).
 
     Noise: parameter k's noise at step t (k in ``named_parameters()`` order of the
     trainable ones) is drawn in blocks of whole rows, each block by ``normal_`` from a
@@ -134,6 +140,8 @@ class DPSGD:
         self.adaptive_clipping = adaptive_clipping
         if adaptive_clipping is not None:  # 2 sigma_b > noise_multiplier, checked now
             adaptive_clipping.gradient_noise_multiplier(self.noise_multiplier, self.expected_batch_size)
+        # a CUDA graph is keyed by the threshold, which adaptive clipping changes at every step
+        engine_options.setdefault("cuda_graphs", adaptive_clipping is None)
         self.engine = PerSampleGrads(model, **engine_options)
         self.engine.clip_groups(clip_groups)  # checked now, not at the first step
         self.shards = None  # a sharded model's (FSDP2): see privacy/sharding.py
@@ -179,11 +187,11 @@ class DPSGD:
         clipping = dict(
             reduction=reduction, clip_fn=self.clip_fn, stability=self.stability, clip_groups=self.clip_groups
         )
-        if self.shards is not None and self.shards.rows.keys() != self._trainable().keys():
-            self.shards = sharding.Shards(self.model, self._trainable())  # requires_grad changed
+        self._check_trainable(self._trainable())
         with losses_tallied() as tally:
             if self.shards is not None:
                 sums = {}
+                self.shards.begin()
                 norms = self.engine._clipped_sum_into(
                     inputs,
                     target,
@@ -192,6 +200,7 @@ class DPSGD:
                     lambda g: self.shards.collect(g, sums),
                     **clipping,
                 )
+                self.shards.finish()
             else:
                 norms = self.engine.clipped_grad_sum(inputs, target, loss_fn, self.max_grad_norm, **clipping)
         params = self._trainable()
@@ -202,11 +211,6 @@ class DPSGD:
         if self._sum is None:
             self._sum = {name: sums[name] for name in params}
         else:
-            if self._sum.keys() != params.keys():
-                raise RuntimeError(
-                    f"the trainable parameters changed within a logical step: {sorted(self._sum)} before, "
-                    f"{sorted(params)} now"
-                )
             for name, g in self._sum.items():
                 g.add_(sums[name])
         if self.adaptive_clipping is not None:
@@ -221,7 +225,10 @@ class DPSGD:
         :class:`StepStats`, else None), sums over the processes, adds the noise, divides by
         the expected batch size, sets ``p.grad``, calls ``optimizer.step()`` and updates an
         adaptive threshold. A step with no samples (Poisson sampling can draw none) applies
-        the noise alone; every process must call it the same number of times."""
+        the noise alone; every process must call it the same number of times. On a model
+        sharded with FSDP2 every process runs every batch's forward and backward (their
+        collectives pair up): a process with no samples passes its empty batch (0-row tensors,
+        as ``poisson_loader`` gives), not ``step()`` alone, unless every process does."""
         stats = None
         if inputs is not None:
             if loss_fn is None:
@@ -229,6 +236,7 @@ class DPSGD:
             stats = self.accumulate(inputs, target, loss_fn, reduction=reduction)
         self._ensure_ranks_agree()
         params = self._trainable()
+        self._check_trainable(params)
         grads = self._sum
         if grads is None:
             grads = {n: self._zeros(n, p) for n, p in params.items()}
@@ -282,7 +290,8 @@ class DPSGD:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.history, self.seed = state["steps"], list(state["history"]), state["seed"]
-        self.max_grad_norm = float(state.get("max_grad_norm", self.max_grad_norm))
+        if self.adaptive_clipping is not None:  # else the constructor's threshold stands
+            self.max_grad_norm = float(state.get("max_grad_norm", self.max_grad_norm))
         self._seed_given = True
 
     # ---------------------------------------------------------------- internals
@@ -306,6 +315,17 @@ class DPSGD:
             )
         return sharding.Shards(self.model, self._trainable())
 
+    def _check_trainable(self, params: dict) -> None:
+        """The trainable parameters may change between logical steps, not within one (a sharded
+        model's shards are then worked out again)."""
+        if self._sum is not None and self._sum.keys() != params.keys():
+            raise RuntimeError(
+                f"the trainable parameters changed within a logical step: {sorted(self._sum)} before, "
+                f"{sorted(params)} now"
+            )
+        if self.shards is not None and self.shards.rows.keys() != params.keys():
+            self.shards = sharding.Shards(self.model, params)
+
     def _zeros(self, name: str, p) -> torch.Tensor:
         return self.shards.zeros(p, name) if self.shards is not None else torch.zeros_like(p)
 
@@ -321,12 +341,8 @@ class DPSGD:
 
     def _count_unclipped(self, norms: torch.Tensor) -> None:
         """Adds the batch's samples, and those no part of which was clipped, to the step's tally."""
-        threshold = self.max_grad_norm / math.sqrt(len(self.groups)) if self.clip_groups is not None else None
-        if threshold is None:
-            unclipped = norms + ABADI_EPS <= self.max_grad_norm
-        else:
-            unclipped = (norms + ABADI_EPS <= threshold).all(dim=1)
-        counts = torch.stack([unclipped.sum(), torch.tensor(norms.shape[0], device=norms.device)]).double()
+        kept = clipping.unclipped(norms, clipping.group_threshold(self.max_grad_norm, len(self.groups)))
+        counts = torch.stack([kept.sum(), torch.tensor(norms.shape[0], device=norms.device)]).double()
         self._tally = counts if self._tally is None else self._tally.add_(counts)
 
     def _adapted(self, tally: torch.Tensor) -> float:

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from indivgrad_cuda import randomness
-from indivgrad_cuda.reducers.clipping import Clipping, resolve_groups
+from indivgrad_cuda.reducers.clipping import DEFAULT_STABILITY, Clipping, resolve_groups
 from indivgrad_cuda.reducers.norms import NormsReducer, squared_norm_buffer
 
 
@@ -33,7 +33,7 @@ def clipped_grad_sum(
     noise_multiplier,
     generator,
     clip_fn="abadi",
-    stability=0.01,
+    stability=DEFAULT_STABILITY,
     clip_groups=None,
     sink: Optional[Callable[[dict], None]] = None,
 ):

@@ -109,11 +109,10 @@ class Clipping:
         self.flat = groups is None  # one group: norms [N]; else [N, G]
         self.groups = [self.names] if groups is None else groups
         self.max_norm, self.clip_fn, self.stability = float(max_norm), clip_fn, float(stability)
-        self.threshold = self.max_norm / math.sqrt(len(self.groups))
+        self.threshold = group_threshold(self.max_norm, len(self.groups))
         row = {n: i for i, n in enumerate(self.names)}
         self.rows = [[row[n] for n in g] for g in self.groups]
         self.group_of = {n: k for k, g in enumerate(self.groups) for n in g}
-        self._row_group = None  # [P] long, the group of each row (on sq's device)
 
     def key(self) -> tuple:
         """What a CUDA graph of the clipped sum depends on."""
@@ -127,31 +126,45 @@ class Clipping:
 
     def group_coefficients(self, k: int, sq: torch.Tensor) -> torch.Tensor:
         """Group k's coefficients [N'] from sq's columns at hand ([P, N'])."""
-        rows = self.rows[k]
-        r0 = rows[0]
-        part = sq[r0 : r0 + len(rows)] if rows == list(range(r0, r0 + len(rows))) else sq[rows]
-        return self.coefficients(part.sum(0))
+        return self.coefficients(self._group_sum(k, sq))
 
     def group_sq(self, sq: torch.Tensor) -> torch.Tensor:
         """[G, N] squared norms of each group's part."""
         if len(self.groups) == 1:
             return sq.sum(0, keepdim=True)
-        return sq.new_zeros(len(self.groups), sq.shape[1]).index_add_(0, self._groups_of_rows(sq.device), sq)
+        return torch.stack([self._group_sum(k, sq) for k in range(len(self.groups))])
 
     def row_coefficients(self, sq: torch.Tensor) -> torch.Tensor:
         """[P, N]: each parameter's coefficients (its group's), from sq [P, N]."""
         coef = self.coefficients(self.group_sq(sq))
-        return coef.expand(sq.shape[0], -1) if len(self.groups) == 1 else coef[self._groups_of_rows(sq.device)]
+        if len(self.groups) == 1:
+            return coef.expand(sq.shape[0], -1)
+        return torch.stack([coef[self.group_of[n]] for n in self.names])
 
     def norms(self, sq: torch.Tensor) -> torch.Tensor:
         """What the clipped sum returns: the norms ``[N]`` (one group) or ``[N, G]``."""
         return sq.sum(0).sqrt() if self.flat else self.group_sq(sq).sqrt().t()
 
-    def _groups_of_rows(self, device) -> torch.Tensor:
-        if self._row_group is None or self._row_group.device != device:
-            group = [0] * len(self.names)
-            for k, rows in enumerate(self.rows):
-                for r in rows:
-                    group[r] = k
-            self._row_group = torch.tensor(group, dtype=torch.long, device=device)
-        return self._row_group
+    def _group_sum(self, k: int, sq: torch.Tensor) -> torch.Tensor:
+        """Sum of group k's rows of sq, by views (slices and integer rows): no index tensor, which
+        a CUDA graph would record by address or a capture refuse to copy to the device."""
+        rows = self.rows[k]
+        r0 = rows[0]
+        if rows == list(range(r0, r0 + len(rows))):
+            return sq[r0 : r0 + len(rows)].sum(0)
+        total = sq[rows[0]].clone()
+        for r in rows[1:]:
+            total += sq[r]
+        return total
+
+
+def group_threshold(max_norm: float, groups: int) -> float:
+    """Each of ``groups`` groups' threshold: the whole clipped gradient's norm stays <= max_norm."""
+    return max_norm / math.sqrt(groups)
+
+
+def unclipped(norms: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[N] bool: the samples of which no part was scaled by ``"abadi"`` (norms ``[N]`` or
+    ``[N, G]`` from the clipped sum, each group's at most ``threshold``)."""
+    kept = norms + ABADI_EPS <= threshold
+    return kept if kept.dim() == 1 else kept.all(dim=1)
