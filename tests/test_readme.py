@@ -34,13 +34,17 @@ def test_any_model_examples_run():
 def test_dp_sgd_example_runs():
     section = README.read_text().split("### DP-SGD", 1)[1].split("\n### ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 2  # the second needs torchrun: tests/test_privacy_distributed.py runs its setting
+    # the second and fourth need torchrun: tests/test_privacy_distributed.py and test_privacy_fsdp.py run their settings
+    assert len(blocks) == 4
     scope = {}
     exec(blocks[0], scope)  # the documentation's own code
     dp = scope["dp"]
     assert dp.steps == 3 * 8 and dp.history == [(1.0, 0.125, 24)]
     assert 0.5 < dp.epsilon(1e-5) < 20
     assert scope["norms"].dim() == 1 and scope["loss"].dim() == 0
+    exec(blocks[2], scope)  # the clipping variants, on the first block's model and batches
+    layers = len(scope["model"]) - 1  # two Linear layers (and a ReLU)
+    assert scope["norms"].shape == (len(scope["x"]), layers) and scope["dp"].max_grad_norm != 1.0
 
 
 def test_data_attribution_example_runs():

@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import indivgrad_cuda as ig
 from indivgrad_cuda.privacy import DPSGD
 from tests.conftest import TOL
-from tests.reference import clipped_sum_ref, func_module_grads, loop_module_grads
+from tests.reference import clipped_sum_ref, func_module_grads, loop_module_grads, noise_ref
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e .[test])")
 transformers.logging.set_verbosity_error()
@@ -561,10 +561,9 @@ def test_dpsgd_step_on_tied_gpt2():
     clip, sigma, lr, seed = 0.5, 0.7, 0.1, 11
     sums, norms = clipped_sum_ref(ref, clip)
     assert (norms < clip).any() or (norms > clip).any()
-    generator = torch.Generator().manual_seed(seed)
     want = {}
-    for name, p in model.named_parameters():
-        noise = torch.normal(0.0, sigma * clip, p.shape, generator=generator, dtype=p.dtype)
+    for k, (name, p) in enumerate(model.named_parameters()):
+        noise = noise_ref(p.shape, sigma * clip, seed, 0, k, p.dtype, p.device)
         want[name] = p.detach() - lr * (sums[name] + noise) / 4
     dp = DPSGD(
         model,
