@@ -4,7 +4,7 @@ batches. After a few steps (noise on) the parameters, gathered, must equal the s
 process's run on the whole batches (float64 rounding): flat and per-layer clipping, uneven
 parameter shards with an empty one, a process with no samples, adaptive clipping, and the
 refusals (a DDP wrapper, max_chunk, the engine's own clipped sum on a sharded model, a
-weight used outside its layer's call)."""
+weight used outside its layer's call). With a GPU, FSDP2 over NCCL on it."""
 
 import datetime
 import os
@@ -51,11 +51,11 @@ def make_model(kind):
     return TinyEncoder(vocab=11, d_model=8, heads=2, layers=2, max_len=5, classes=3).double().eval()
 
 
-def shard_model(model, kind, world):
+def shard_model(model, kind, world, device_type="cpu"):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device_type, (world,))
     units = [model[0], model[2]] if kind == "mlp" else list(model.blocks)
     for unit in units:
         fully_shard(unit, mesh=mesh)
@@ -67,13 +67,14 @@ def batches(kind):
     return global_batches(kind, mlp_classes=2)  # the MLP's 2 outputs: 2 rows to shard over 3 processes
 
 
-def train(model, kind, clip_groups, adaptive, rows):
+def train(model, kind, clip_groups, adaptive, rows, device="cpu"):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     extra = dict(adaptive_clipping=AdaptiveClipping(**ADAPTIVE)) if adaptive else {}
     dp = DPSGD(model, opt, **SETTINGS, max_grad_norm=CLIP[kind], clip_groups=clip_groups, **extra)
     norms, thresholds = [], []
-    for batch in batches(kind):
+    for inputs, target in batches(kind):
         thresholds.append(dp.max_grad_norm)
+        batch = tuple(t.to(device) for t in inputs), target.to(device)
         norms.append(dp.step(*shard(batch, rows), nn.CrossEntropyLoss()).norms)
     return dp, norms, thresholds
 
@@ -175,3 +176,33 @@ def test_refusals(runs):
         assert "max_chunk: a model sharded with fully_shard (FSDP2)" in (refusals["max_chunk"] or "")
         assert "model: its parameters are sharded (FSDP2's fully_shard)" in (refusals["engine"] or "")
         assert "parameter 'fc.weight' (of 'fc', Linear)" in (refusals["outside"] or ""), refusals["outside"]
+
+
+def nccl_worker(rank, world, init_file, out_dir):
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    results = {}
+    try:
+        for name in ("encoder layer", "mlp adaptive"):
+            kind, clip_groups, adaptive, _ = SCENARIOS[name]
+            model = shard_model(make_model(kind).cuda(), kind, world, "cuda")
+            train(model, kind, clip_groups, adaptive, list(range(7)), "cuda")
+            results[name] = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters()}
+    except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
+        results["error"] = traceback.format_exc()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not dist.is_nccl_available(), reason="needs NCCL")
+def test_nccl_on_one_gpu(tmp_path):
+    """FSDP2 over NCCL on one GPU (two processes cannot share one): the reduce-scatter and the
+    noise of the shard (the whole parameter here) on CUDA give the unsharded CUDA run."""
+    (results,) = spawn_ranks(nccl_worker, 1, tmp_path)
+    for name in ("encoder layer", "mlp adaptive"):
+        kind, clip_groups, adaptive, _ = SCENARIOS[name]
+        model = make_model(kind).cuda()
+        train(model, kind, clip_groups, adaptive, list(range(7)), "cuda")
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(results[name][n], p.detach().cpu(), rtol=1e-12, atol=1e-14, msg=f"{name}: {n}")
