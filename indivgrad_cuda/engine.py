@@ -281,7 +281,7 @@ class PerSampleGrads:
 
     @_replanning
     def _clipped_sum_into(self, inputs, target, loss_fn, max_norm, sink, *, reduction, clip_fn, stability, clip_groups):
-        """The clipped sums handed to ``sink`` group by group (a sharded model's DP-SGD step:
+        """The clipped sums handed to ``sink`` layer by layer (a sharded model's DP-SGD step:
         see reducers/clipped_sum.py); the norms returned as :meth:`clipped_grad_sum` does."""
         return clipped_sum.clipped_grad_sum(
             self, inputs, target, loss_fn, max_norm, reduction, 0.0, None, clip_fn, stability, clip_groups, sink

@@ -184,10 +184,11 @@ class DPSGD:
         (inputs, target, loss_fn and reduction as :class:`indivgrad_cuda.PerSampleGrads`).
         Nothing is noised or applied until :meth:`step`."""
         self._ensure_ranks_agree()  # before the first collective (a sharded model's run in its forward)
-        clipping = dict(
+        options = dict(
             reduction=reduction, clip_fn=self.clip_fn, stability=self.stability, clip_groups=self.clip_groups
         )
-        self._check_trainable(self._trainable())
+        params = self._trainable()
+        self._check_trainable(params)
         with losses_tallied() as tally:
             if self.shards is not None:
                 sums = {}
@@ -198,12 +199,11 @@ class DPSGD:
                     loss_fn,
                     self.max_grad_norm,
                     lambda g: self.shards.collect(g, sums),
-                    **clipping,
+                    **options,
                 )
                 self.shards.finish()
             else:
-                norms = self.engine.clipped_grad_sum(inputs, target, loss_fn, self.max_grad_norm, **clipping)
-        params = self._trainable()
+                norms = self.engine.clipped_grad_sum(inputs, target, loss_fn, self.max_grad_norm, **options)
         if self.shards is None:
             sums = {name: p.grad for name, p in params.items()}
             for p in params.values():
@@ -341,7 +341,8 @@ class DPSGD:
 
     def _count_unclipped(self, norms: torch.Tensor) -> None:
         """Adds the batch's samples, and those no part of which was clipped, to the step's tally."""
-        kept = clipping.unclipped(norms, clipping.group_threshold(self.max_grad_norm, len(self.groups)))
+        groups = norms.shape[1] if norms.dim() == 2 else 1  # [n, G] with clip groups
+        kept = clipping.unclipped(norms, clipping.group_threshold(self.max_grad_norm, groups))
         counts = torch.stack([kept.sum(), torch.tensor(norms.shape[0], device=norms.device)]).double()
         self._tally = counts if self._tally is None else self._tally.add_(counts)
 

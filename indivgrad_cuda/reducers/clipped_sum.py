@@ -7,7 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from indivgrad_cuda import randomness
-from indivgrad_cuda.reducers.clipping import DEFAULT_STABILITY, Clipping, resolve_groups
+from indivgrad_cuda.reducers.clipping import Clipping, resolve_groups
 from indivgrad_cuda.reducers.norms import NormsReducer, squared_norm_buffer
 
 
@@ -32,9 +32,9 @@ def clipped_grad_sum(
     reduction,
     noise_multiplier,
     generator,
-    clip_fn="abadi",
-    stability=DEFAULT_STABILITY,
-    clip_groups=None,
+    clip_fn,
+    stability,
+    clip_groups,
     sink: Optional[Callable[[dict], None]] = None,
 ):
     """``sink`` (a sharded model's DP-SGD step, privacy/sharding.py): instead of ``p.grad``,
