@@ -79,6 +79,7 @@ def _worker(rank, world, init_file, out_file, args):
         medians[mode] = statistics.median(times[args.warmup :]) * 1e3
     if rank == 0:
         torch.save(medians, out_file)
+    dist.barrier()  # as dp_sgd_digits.py: no rank tears gloo down while another still works
     dist.destroy_process_group()
 
 
