@@ -75,16 +75,19 @@ def split_batch(inputs, target, n: int, size: int):
             f"target: to split the batch into chunks it must be a Tensor with {n} rows; got {type(target).__name__}"
         )
 
-    def rows(v, n0, n1):
-        return v[n0:n1] if isinstance(v, torch.Tensor) else v
-
     for n0 in range(0, n, size):
         n1 = min(n, n0 + size)
-        if (n0, n1) == (0, n):
-            yield 0, n, inputs, target
-        elif isinstance(inputs, dict):
-            yield n0, n1, {k: rows(v, n0, n1) for k, v in inputs.items()}, rows(target, n0, n1)
-        elif isinstance(inputs, tuple):
-            yield n0, n1, tuple(rows(v, n0, n1) for v in inputs), rows(target, n0, n1)
-        else:
-            yield n0, n1, inputs[n0:n1], rows(target, n0, n1)
+        yield (n0, n1, inputs, target) if (n0, n1) == (0, n) else (n0, n1, *take_rows(inputs, target, n0, n1))
+
+
+def take_rows(inputs, target, n0: int, n1: int):
+    """(inputs, target) cut to samples n0..n1: every tensor in them along dim 0, other values as they are."""
+
+    def rows(v):
+        return v[n0:n1] if isinstance(v, torch.Tensor) else v
+
+    if isinstance(inputs, dict):
+        return {k: rows(v) for k, v in inputs.items()}, rows(target)
+    if isinstance(inputs, tuple):
+        return tuple(rows(v) for v in inputs), rows(target)
+    return inputs[n0:n1], rows(target)

@@ -4,16 +4,13 @@ self-influence ``sum_c lr_c ||grad_c(train n)||²``, from the engine's inner pro
 norms (exact, never forming a per-sample gradient), or from projected gradients (TRAK-style,
 ``projection_dim``)."""
 
-import os
 from collections.abc import Iterable, Sequence
 from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
 
-from indivgrad_cuda.engine import ENGINE_OPTIONS, PerSampleGrads
-
-Checkpoint = Union[dict, str, os.PathLike]
+from indivgrad_cuda.attribution.checkpoints import Checkpoint, each_checkpoint, engine_for
 
 
 def tracin_scores(
@@ -44,9 +41,9 @@ def tracin_scores(
             checkpoint).
         engine_options: ``max_chunk``, ``capture``, ``norm_method`` for the engine.
     """
-    engine = _engine(model, engine_options)
+    engine = engine_for(model, engine_options)
     total = None
-    for lr in _each_checkpoint(model, checkpoints, learning_rates):
+    for lr in each_checkpoint(model, checkpoints, learning_rates):
         if projection_dim is None:
             k = engine.inner_products(*train, *test, loss_fn, reduction=reduction)
         else:
@@ -73,49 +70,12 @@ def tracin_self_influence(
     norms (:meth:`PerSampleGrads.norms`), or from projected gradients with
     ``projection_dim``. Arguments as :func:`tracin_scores`. High self-influence flags
     samples the model found hard to fit: mislabelled or atypical ones."""
-    engine = _engine(model, engine_options)
+    engine = engine_for(model, engine_options)
     total = None
-    for lr in _each_checkpoint(model, checkpoints, learning_rates):
+    for lr in each_checkpoint(model, checkpoints, learning_rates):
         if projection_dim is None:
             sq = engine.norms(*train, loss_fn, reduction=reduction).square()
         else:
             sq = engine.project(*train, loss_fn, dim=projection_dim, seed=seed, reduction=reduction).square().sum(1)
         total = sq.mul_(lr) if total is None else total.add_(sq, alpha=lr)
     return total
-
-
-def _engine(model, options):
-    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments {unknown}; engine options are {list(ENGINE_OPTIONS)}")
-    return PerSampleGrads(model, cuda_graphs=False, **options)
-
-
-def _each_checkpoint(model, checkpoints, learning_rates):
-    """Loads each checkpoint into model and yields its learning rate; restores the model."""
-    checkpoints = list(checkpoints)
-    if not checkpoints:
-        raise ValueError("checkpoints: expected at least one state dict or path, got none")
-    if isinstance(learning_rates, (int, float)):
-        learning_rates = [float(learning_rates)] * len(checkpoints)
-    learning_rates = list(learning_rates)
-    if len(learning_rates) != len(checkpoints):
-        raise ValueError(
-            f"learning_rates: expected one per checkpoint ({len(checkpoints)}) or a single number, "
-            f"got {len(learning_rates)}"
-        )
-    device = next(model.parameters()).device
-    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    try:
-        for i, (ckpt, lr) in enumerate(zip(checkpoints, learning_rates)):
-            if isinstance(ckpt, (str, os.PathLike)):
-                ckpt = torch.load(ckpt, map_location=device, weights_only=True)
-            if not isinstance(ckpt, dict):
-                raise TypeError(f"checkpoints[{i}]: expected a state dict or a path, got {type(ckpt).__name__}")
-            try:
-                model.load_state_dict(ckpt)
-            except RuntimeError as e:
-                raise ValueError(f"checkpoints[{i}]: does not fit the model: {e}") from e
-            yield float(lr)
-    finally:
-        model.load_state_dict(own)

@@ -132,7 +132,7 @@ class HooksCapture:
         def forward(static_inputs):
             rec.start(False, n, lambda i, f: visit(i, f, 0, n))
             with rec, torch.enable_grad(), stance(self.compiled):
-                leaves, spec = tree_flatten(_call(self.model, static_inputs))
+                leaves, spec = tree_flatten(call_model(self.model, static_inputs))
             wanted = [isinstance(t, torch.Tensor) and t.requires_grad for t in leaves]
             template = [_TENSOR if isinstance(t, torch.Tensor) else t for t in leaves]
             latest.update(leaves=leaves, spec=spec, wanted=wanted, template=template)
@@ -208,7 +208,7 @@ class HooksCapture:
             modules = parameter_uses.ModuleUses(self.model, layers) if check else contextlib.nullcontext()
             # the caller's autocast, as in a step
             with masks.rows(n0, n1), rec, modules, torch.enable_grad(), stance(self.compiled):
-                output = _call(self.model, chunk)
+                output = call_model(self.model, chunk)
             seed = loss_grad_seed(output, tc, loss_fn, reduction, n1 - n0)
             if check:
                 parameter_uses.check(self.scan, rec, modules, seed.loss, self.fallback)
@@ -231,7 +231,8 @@ def _backward(rec: "_Recorder", roots: list, grads: list, end_chunk, n0: int, n1
             end_chunk(n0, n1)
 
 
-def _call(model, inputs):
+def call_model(model, inputs):
+    """model(inputs), model(*inputs) or model(**inputs), as the batch is given."""
     if isinstance(inputs, dict):
         return model(**inputs)
     if isinstance(inputs, tuple):
