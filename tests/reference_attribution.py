@@ -98,7 +98,7 @@ def influence_ref(model, fit, train, test, per_sample_loss, strategy, fisher, da
 def trak_ref(projections, models_state, model, train, test, output_fn, weight_fn, regularization=0.0):
     """TRAK's formula from explicit projected gradients: for each checkpoint c (its state
     and its exposed projection), ``Φ_c = proj_c(∇ output_fn)``, ``K_c = Φ_c (Φ_cᵀΦ_c + λI)⁻¹
-    φ_c(test)ᵀ``; scores ``mean_c K_c · mean_c Q_c`` with ``Q_c = weight_fn``."""
+    φ_c(test)ᵀ`` (the pseudo-inverse when λ = 0); scores ``mean_c K_c · mean_c Q_c`` with ``Q_c = weight_fn``."""
     ks, qs = [], []
     own = {k: v.clone() for k, v in model.state_dict().items()}
     try:
@@ -111,7 +111,8 @@ def trak_ref(projections, models_state, model, train, test, output_fn, weight_fn
 
             phi, phi_test = feats(*train), feats(*test)
             xtx = phi.t() @ phi + regularization * torch.eye(phi.shape[1], dtype=phi.dtype)
-            ks.append(phi @ torch.linalg.inv(xtx) @ phi_test.t())
+            inv = torch.linalg.pinv(xtx) if regularization == 0 else torch.linalg.inv(xtx)
+            ks.append(phi @ inv @ phi_test.t())
             with torch.no_grad():
                 qs.append(weight_fn(model(train[0]), train[1]).double())
     finally:

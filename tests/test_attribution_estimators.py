@@ -63,7 +63,9 @@ def test_influence_equals_dense_reference(kind, strategy, fisher, damping):
     got = inf.fit(*fit).scores(*train, *test)
     torch.testing.assert_close(got, ref, **F64)
     # blocked equals unblocked: every set in one block, the test set one sample at a time
-    whole = Influence(model, F.cross_entropy, strategy=strategy, fisher=fisher, damping=damping, seed=3, block_size=1000)
+    whole = Influence(
+        model, F.cross_entropy, strategy=strategy, fisher=fisher, damping=damping, seed=3, block_size=1000
+    )
     torch.testing.assert_close(whole.fit(*fit).scores(*train, *test, test_block_size=1), got, **F64)
 
 
@@ -123,7 +125,9 @@ def test_influence_state_saved_and_loaded(tmp_path, strategy):
     with pytest.raises(ValueError, match="another model"):
         Influence(wider, F.cross_entropy, strategy=strategy).load_state_dict(inf.state_dict())
     with pytest.raises(ValueError, match="strategy"):
-        Influence(model, F.cross_entropy, strategy={"kfac": "ekfac", "ekfac": "kfac"}[strategy]).load(tmp_path / "inf.pt")
+        Influence(model, F.cross_entropy, strategy={"kfac": "ekfac", "ekfac": "kfac"}[strategy]).load(
+            tmp_path / "inf.pt"
+        )
 
 
 def test_influence_bad_inputs():
@@ -151,7 +155,9 @@ def test_influence_bad_inputs():
     tied = nn.Sequential(nn.Embedding(5, 5), nn.Linear(5, 5)).double()
     tied[1].weight = tied[0].weight
     with pytest.raises(NotImplementedError, match="tied"):
-        Influence(tied, lambda out, y: F.cross_entropy(out.mean(1), y)).fit(torch.randint(0, 5, (4, 2)), torch.randint(0, 5, (4,)))
+        Influence(tied, lambda out, y: F.cross_entropy(out.mean(1), y)).fit(
+            torch.randint(0, 5, (4, 2)), torch.randint(0, 5, (4,))
+        )
 
 
 # ---------------------------------------------------------------- TRAK
@@ -159,8 +165,9 @@ def test_influence_bad_inputs():
 
 @pytest.mark.parametrize("kind", ["mlp", "seq"])
 @pytest.mark.parametrize("regularization", [0.0, 0.3])
-def test_trak_equals_explicit_formula(kind, regularization):
-    model, _, train, test = setup(kind, n_train=40, seed=6)
+@pytest.mark.parametrize("n_train", [40, 8])  # 8 < D_proj: ΦᵀΦ singular, its pseudo-inverse when λ = 0
+def test_trak_equals_explicit_formula(kind, regularization, n_train):
+    model, _, train, test = setup(kind, n_train=n_train, seed=6)
     states = [{k: v.clone() for k, v in model.state_dict().items()}]
     with torch.no_grad():  # a second "checkpoint": the weights moved
         states.append({k: v + 0.1 * torch.randn_like(v) for k, v in states[0].items()})
@@ -171,7 +178,10 @@ def test_trak_equals_explicit_formula(kind, regularization):
     projections = [engine.projection(12, seed=7 + c) for c in range(2)]
     ref = trak_ref(projections, states, model, train, test, margin, one_minus_p, regularization)
     got = trak.scores(*test)
-    torch.testing.assert_close(got, ref, **F64)
+    # a pseudo-inverse cuts near-zero eigenvalues at its own rounding: 1e-8 of the scores
+    torch.testing.assert_close(
+        got, ref, **(F64 if n_train > 12 else dict(rtol=1e-8, atol=1e-8 * ref.abs().max().item()))
+    )
     # blocked equals unblocked; the model's own state is restored
     whole = TRAK(model, proj_dim=12, seed=7, regularization=regularization, block_size=1000)
     for s in states:
@@ -226,8 +236,6 @@ def test_trak_bad_inputs():
         trak.scores(*test)
     with pytest.raises(ValueError, match="at least one"):
         trak.featurize(train[0][:0], train[1][:0])
-    with pytest.raises(ValueError, match="singular"):
-        TRAK(model, proj_dim=50).featurize(*train)  # D_proj > N_train without regularization
     trak.featurize(*train)
     with pytest.raises(ValueError, match="training samples featurized before"):
         trak.featurize(train[0][:3], train[1][:3])
@@ -249,7 +257,12 @@ def test_lds_equals_scipy_spearman():
     actual[:, 4] = 1.0  # constant: left out
     got = lds(scores, subsets, actual)
     predicted = subsets.double() @ scores
-    want = torch.tensor([stats.spearmanr(predicted[:, m], actual[:, m]).statistic for m in range(4)] + [float("nan")] + [stats.spearmanr(predicted[:, 5], actual[:, 5]).statistic], dtype=torch.float64)
+    want = torch.tensor(
+        [stats.spearmanr(predicted[:, m], actual[:, m]).statistic for m in range(4)]
+        + [float("nan")]
+        + [stats.spearmanr(predicted[:, 5], actual[:, 5]).statistic],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(got.per_test, want, equal_nan=True, **F64)
     ok = want[~want.isnan()]
     assert got.left_out == 1 and got.mean == pytest.approx(ok.mean().item())

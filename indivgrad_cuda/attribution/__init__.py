@@ -16,4 +16,14 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["LDS", "TRAK", "Influence", "lds", "margin", "negative_margin", "one_minus_p", "tracin_scores", "tracin_self_influence"]
+__all__ = [
+    "LDS",
+    "TRAK",
+    "Influence",
+    "lds",
+    "margin",
+    "negative_margin",
+    "one_minus_p",
+    "tracin_scores",
+    "tracin_self_influence",
+]

@@ -1,7 +1,6 @@
 """What the attribution estimators share: their engine, and loading checkpoints in turn."""
 
 import os
-from collections.abc import Iterable, Sequence
 from typing import Union
 
 import torch

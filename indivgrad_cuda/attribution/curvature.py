@@ -27,11 +27,12 @@ from typing import Optional
 
 import torch
 
+from indivgrad_cuda import ops
 from indivgrad_cuda.layers import acc_dtype
 from indivgrad_cuda.layers.linear import LinearRule
 
 HEURISTIC_DAMPING = 0.1  # Kronfluence's HEURISTIC_DAMPING_SCALE
-BLOCK_ELEMENTS = 1 << 24  # the most elements of a scoring temporary (64 MiB in float32)
+BLOCK_ELEMENTS = 1 << 24  # the most elements of a temporary block of per-sample gradients (64 MiB in float32)
 
 
 def is_kronecker(layer) -> bool:
@@ -118,24 +119,22 @@ class Kronecker:
         return self.u_g @ r @ self.u_a.t()
 
     def score(self, layer, f, q: torch.Tensor) -> torch.Tensor:
-        """[B, M]: ``<q_m, W_n>`` for the chunk's samples n against the preconditioned q."""
+        """[B, M]: ``<q_m, W_n>`` for the chunk's samples n against the preconditioned q.
+        Each ``W_n`` is formed (ops.seq_outer), a block of at most BLOCK_ELEMENTS at a time,
+        and multiplied by q in one GEMM: the Gram form ``g_nᵀ Q_m a_n`` costs the same
+        multiply-adds on [N, D_in] inputs and T times more on sequences, and its batched
+        contractions ran slower than the GEMM (bench/NOTES.md)."""
         a, g = augmented_input(layer, f), output_grad(f)
-        m, d_out, d_in = q.shape
-        if a.shape[1] > 1:  # sequences: W_n formed a block at a time costs T times less than the factor form
-            step = max(1, BLOCK_ELEMENTS // (d_out * d_in))
-            qf = q.reshape(m, -1).t()
-            return torch.cat([per_sample_kron(a[i : i + step], g[i : i + step]).flatten(1) @ qf for i in range(0, len(a), step)])
-        a, g = a[:, 0], g[:, 0]  # g_nᵀ Q_m a'_n, contracting first the wider side
-        if d_in >= d_out:
-            left, right, flat = a, g, q.permute(2, 0, 1).reshape(d_in, m * d_out)
-        else:
-            left, right, flat = g, a, q.permute(1, 0, 2).reshape(d_out, m * d_in)
-        step = max(1, BLOCK_ELEMENTS // flat.shape[1])
+        m = q.shape[0]
+        qf = q.reshape(m, -1).t()
+        step = max(1, BLOCK_ELEMENTS // qf.shape[0])
+        w = a.new_empty(min(step, len(a)), *q.shape[1:])
         parts = []
-        for i in range(0, len(left), step):
-            y = (left[i : i + step] @ flat).view(-1, m, right.shape[1])
-            parts.append((y @ right[i : i + step, :, None])[..., 0])
-        return torch.cat(parts) if parts else left.new_zeros(0, m)
+        for i in range(0, len(a), step):
+            wi = w[: len(a[i : i + step])]
+            ops.seq_outer(a[i : i + step], g[i : i + step], layout="out_in", out=wi)
+            parts.append(wi.view(len(wi), -1) @ qf)
+        return torch.cat(parts) if parts else a.new_zeros(0, m)
 
     def state(self) -> dict:
         return {"u_a": self.u_a, "u_g": self.u_g, "lam": self.lam / self.samples}

@@ -69,7 +69,9 @@ class Influence:
             raise ValueError(f"fisher: expected one of {FISHERS}, got {fisher!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
-        if damping is not None and (isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0):
+        if damping is not None and (
+            isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping > 0
+        ):
             raise ValueError(f"damping: expected a number > 0 or None (the heuristic), got {damping!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed: expected an int, got {seed!r}")
@@ -98,7 +100,9 @@ class Influence:
                 return each_block(self.engine, inputs, target, self.loss_fn, self.block_size, "inputs", self.reduction)
             u = torch.rand(n, generator=torch.Generator().manual_seed(self.seed * 2 + k), dtype=torch.float64)
             u = u.to(_device(self.model))
-            return each_block(self.engine, inputs, u, sampled_loss(self.loss_fn), self.block_size, "inputs", self.reduction)
+            return each_block(
+                self.engine, inputs, u, sampled_loss(self.loss_fn), self.block_size, "inputs", self.reduction
+            )
 
         over, layers, *_ = pass_over(0)
         for layer in layers:
@@ -193,7 +197,11 @@ class Influence:
             layer, c = layers[i], self.curvatures[layers[i].path]
             if f is None:
                 return
-            part = c.precondition(layer, f, inv[layer.path]) if c.kind == "kronecker" else _layer_grads(layer, f, n1 - n0) * inv[layer.path]
+            part = (
+                c.precondition(layer, f, inv[layer.path])
+                if c.kind == "kronecker"
+                else _layer_grads(layer, f, n1 - n0) * inv[layer.path]
+            )
             q[layer.path] = part if layer.path not in q else torch.cat([q[layer.path], part])
 
         over(keep)
@@ -233,7 +241,9 @@ class Influence:
         if not isinstance(state, dict) or "layers" not in state:
             raise TypeError(f"state: expected a dict from Influence.state_dict(), got {type(state).__name__}")
         if state["strategy"] != self.strategy:
-            raise ValueError(f"state: fitted with strategy {state['strategy']!r}, this Influence uses {self.strategy!r}")
+            raise ValueError(
+                f"state: fitted with strategy {state['strategy']!r}, this Influence uses {self.strategy!r}"
+            )
         curv = {}
         for layer in self.engine._layers():
             c = _curvature_for(layer)
@@ -282,11 +292,17 @@ def _check_shapes(layer, c) -> None:
     if c.kind == "kronecker":
         w = params["weight"]
         d_out, d_in = (w.shape[1], w.shape[0]) if layer.rule.transposed else w.shape[:2]
-        want = {"u_a": (d_in + ("bias" in params),) * 2, "u_g": (d_out, d_out), "lam": (d_out, d_in + ("bias" in params))}
+        want = {
+            "u_a": (d_in + ("bias" in params),) * 2,
+            "u_g": (d_out, d_out),
+            "lam": (d_out, d_in + ("bias" in params)),
+        }
         got = {"u_a": c.u_a.shape, "u_g": c.u_g.shape, "lam": c.lam.shape}
     else:
         want = {"lam": (sum(p.numel() for p in params.values()),)}
         got = {"lam": c.lam.shape}
     for k, shape in want.items():
         if tuple(got[k]) != tuple(shape):
-            raise ValueError(f"state: fitted on another model: layer {layer.path!r}'s {k} is {list(got[k])}, expected {list(shape)}")
+            raise ValueError(
+                f"state: fitted on another model: layer {layer.path!r}'s {k} is {list(got[k])}, expected {list(shape)}"
+            )

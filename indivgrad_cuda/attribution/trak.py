@@ -23,7 +23,7 @@ class TRAK:
     of ``output_fn`` at training sample n projected by the engine's Kronecker-factored
     projection (:meth:`PerSampleGrads.project`, seed ``seed + c``: independent projections
     per model, as the paper draws them), streamed ``block_size`` samples at a time; then
-    ``Ψ_c = Φ_c (Φ_cᵀ Φ_c + λI)⁻¹`` (float64 solve) and the weights ``Q_c = weight_fn``
+    ``Ψ_c = Φ_c (Φ_cᵀ Φ_c + λI)⁻¹`` (the inverse in float64; the pseudo-inverse when λ = 0) and the weights ``Q_c = weight_fn``
     (``1 - p_y``). Scores, as the paper defines the ensemble::
 
         τ(test m, train n) = (1/C sum_c φ_c(m)ᵀ Ψ_c[n]) · (1/C sum_c Q_c[n])
@@ -35,8 +35,8 @@ class TRAK:
         proj_dim: the projection's dimension (``D_proj`` is at most this; see
             :mod:`indivgrad_cuda.projection`).
         seed: the projection's seed for the first checkpoint.
-        regularization: ``λ ≥ 0`` added to ``ΦᵀΦ`` (0, as traker's default, needs
-            ``D_proj ≤ N_train`` and a full-rank ``Φ``).
+        regularization: ``λ ≥ 0`` added to ``ΦᵀΦ``; 0 (traker's default) takes the
+            pseudo-inverse ``(ΦᵀΦ)⁺``.
         output_fn: ``output_fn(output, target) -> [N]``, the function whose gradient is projected.
         weight_fn: ``weight_fn(output, target) -> [N]``, the output-to-loss weighting.
         block_size: samples per forward and backward.
@@ -77,27 +77,25 @@ class TRAK:
         if n == 0:
             raise ValueError("inputs: expected at least one training sample, got an empty set")
         if self.models and n != len(self.models[0]["weights"]):
-            raise ValueError(f"inputs: expected the {len(self.models[0]['weights'])} training samples featurized before, got {n}")
+            raise ValueError(
+                f"inputs: expected the {len(self.models[0]['weights'])} training samples featurized before, got {n}"
+            )
         seed = self.seed + len(self.models)
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if checkpoint is None else checkpoint
+        state = (
+            {k: v.detach().clone() for k, v in self.model.state_dict().items()} if checkpoint is None else checkpoint
+        )
         for _ in each_checkpoint(self.model, [state], 0.0):
             phi, weights = [], []
             xtx = None
             for _, _, xb, tb in split_batch(inputs, target, n, self.block_size):
                 f = self.engine.project(xb, tb, self.output_fn, dim=self.proj_dim, seed=seed, reduction="sum")
-                xtx = f.double().t() @ f.double() if xtx is None else xtx.addmm_(f.double().t(), f.double())
+                block = (f.t() @ f).double()  # in the features' dtype within a block, summed in float64
+                xtx = block if xtx is None else xtx.add_(block)
                 phi.append(f)
                 with torch.no_grad():
                     weights.append(self.weight_fn(call_model(self.model, xb), tb).detach().to(f.dtype))
             phi = torch.cat(phi)
-        xtx.diagonal().add_(self.regularization)
-        chol, info = torch.linalg.cholesky_ex(xtx)
-        if info.item() != 0:
-            raise ValueError(
-                f"ΦᵀΦ is singular ({phi.shape[1]} projected dims, {n} training samples): pass regularization > 0, "
-                f"or a proj_dim below the training set's size"
-            )
-        features = torch.cholesky_solve(phi.double().t(), chol).t().to(phi.dtype)
+        features = phi @ _inverse(xtx, self.regularization).to(phi.dtype)
         self.models.append({"checkpoint": state, "seed": seed, "features": features, "weights": torch.cat(weights)})
 
     def scores(self, inputs, target) -> torch.Tensor:
@@ -108,12 +106,18 @@ class TRAK:
         total = None
         for entry in self.models:
             for _ in each_checkpoint(self.model, [entry["checkpoint"]], 0.0):
-                phi = torch.cat(
-                    [
-                        self.engine.project(xb, tb, self.output_fn, dim=self.proj_dim, seed=entry["seed"], reduction="sum")
-                        for _, _, xb, tb in split_batch(inputs, target, n, self.block_size)
-                    ]
-                ) if n else entry["features"].new_zeros(0, entry["features"].shape[1])
+                phi = (
+                    torch.cat(
+                        [
+                            self.engine.project(
+                                xb, tb, self.output_fn, dim=self.proj_dim, seed=entry["seed"], reduction="sum"
+                            )
+                            for _, _, xb, tb in split_batch(inputs, target, n, self.block_size)
+                        ]
+                    )
+                    if n
+                    else entry["features"].new_zeros(0, entry["features"].shape[1])
+                )
             k = entry["features"] @ phi.t()
             total = k if total is None else total.add_(k)
         weights = torch.stack([entry["weights"] for entry in self.models]).mean(0)
@@ -140,7 +144,9 @@ class TRAK:
             if isinstance(entry["checkpoint"], dict):
                 missing = set(self.model.state_dict()) ^ set(entry["checkpoint"])
                 if missing:
-                    raise ValueError(f"state: model {i}'s checkpoint is of another model (keys {sorted(missing)[:5]} differ)")
+                    raise ValueError(
+                        f"state: model {i}'s checkpoint is of another model (keys {sorted(missing)[:5]} differ)"
+                    )
         self.models = list(state["models"])
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -150,3 +156,14 @@ class TRAK:
         device = next(iter(self.model.parameters())).device
         self.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         return self
+
+
+def _inverse(xtx: torch.Tensor, regularization: float) -> torch.Tensor:
+    """``(ΦᵀΦ + λI)⁻¹``, or with λ = 0 the pseudo-inverse ``(ΦᵀΦ)⁺``: the Kronecker-factored
+    projection can leave Φ rank-deficient (a softmax layer's output gradients of the margin
+    sum to zero, so its projected bias and weight gradients span one dimension fewer)."""
+    if regularization == 0:
+        return torch.linalg.pinv(xtx, hermitian=True)
+    return torch.cholesky_inverse(
+        torch.linalg.cholesky(xtx + regularization * torch.eye(len(xtx), dtype=xtx.dtype, device=xtx.device))
+    )
