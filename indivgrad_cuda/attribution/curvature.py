@@ -7,8 +7,8 @@ gradient at its output of sample n's own loss (labels sampled from the model for
 Fisher):
 
 - ``A = sum a' a'ᵀ / rows``, ``S = sum g gᵀ / rows`` (rows: samples x positions);
-  ``A = U_a diag(α) U_aᵀ``, ``S = U_g diag(σ) U_gᵀ``;
-- K-FAC: ``Λ_ij = σ_i α_j``, so ``(Λ + λ)⁻¹`` in the eigenbasis is ``(S ⊗ A + λI)⁻¹``;
+  ``A = U_a diag(alpha) U_aᵀ``, ``S = U_g diag(sigma) U_gᵀ``;
+- K-FAC: ``Λ_ij = sigma_i alpha_j``, so ``(Λ + λ)⁻¹`` in the eigenbasis is ``(S ⊗ A + λI)⁻¹``;
 - EK-FAC: ``Λ = mean_n (U_gᵀ W_n U_a)²`` (elementwise), ``W_n = sum_t g_t a'_tᵀ`` being
   sample n's gradient of [weight | bias]; on [N, D_in] inputs ``W_n`` is an outer product, so
   ``Λ = (Ĝ²)ᵀ Â² / N`` with ``Ĝ = G U_g``, ``Â = A' U_a``: no per-sample gradient is formed.

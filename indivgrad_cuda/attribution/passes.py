@@ -37,7 +37,7 @@ def each_block(engine, inputs, target, fn: Callable, block_size: int, name: str,
     run = factor_runner(engine, fn, reduction)
 
     def over(visit):
-        for b0, b1, xb, tb in split_batch(inputs, target, n, block_size):
+        for b0, _, xb, tb in split_batch(inputs, target, n, block_size):
             run(xb, tb, lambda layers, i, f, n0, n1, b0=b0: visit(layers, i, f, b0 + n0, b0 + n1))
 
     return over, layers, device, n

@@ -23,8 +23,8 @@ class TRAK:
     of ``output_fn`` at training sample n projected by the engine's Kronecker-factored
     projection (:meth:`PerSampleGrads.project`, seed ``seed + c``: independent projections
     per model, as the paper draws them), streamed ``block_size`` samples at a time; then
-    ``Ψ_c = Φ_c (Φ_cᵀ Φ_c + λI)⁻¹`` (the inverse in float64; the pseudo-inverse when λ = 0) and the weights ``Q_c = weight_fn``
-    (``1 - p_y``). Scores, as the paper defines the ensemble::
+    ``Ψ_c = Φ_c (Φ_cᵀ Φ_c + λI)⁻¹`` (the inverse in float64; the pseudo-inverse when
+    λ = 0) and the weights ``Q_c = weight_fn`` (``1 - p_y``). Scores, as the paper defines the ensemble::
 
         τ(test m, train n) = (1/C sum_c φ_c(m)ᵀ Ψ_c[n]) · (1/C sum_c Q_c[n])
 
