@@ -47,10 +47,10 @@ def test_dp_sgd_example_runs():
     assert scope["norms"].shape == (len(scope["x"]), layers) and scope["dp"].max_grad_norm != 1.0
 
 
-def test_data_attribution_example_runs():
+def test_data_attribution_example_runs(tmp_path, monkeypatch):
     section = README.read_text().split("### Data attribution", 1)[1].split("\n### ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert len(blocks) == 1
+    assert len(blocks) == 2
     scope = {}
     torch.manual_seed(0)
     exec(blocks[0], scope)  # the documentation's own code
@@ -66,3 +66,8 @@ def test_data_attribution_example_runs():
     torch.testing.assert_close(scope["scores"], 0.1 * scope["K"])
     norms = engine.norms(x, y, loss)
     torch.testing.assert_close(scope["self_influence"], 0.1 * norms.square())
+    monkeypatch.chdir(tmp_path)  # it saves trak.pt
+    exec(blocks[1], scope)  # TRAK and influence on the first block's model and sets
+    assert scope["tau"].shape == (2000, 100) and scope["scores"].shape == (2000, 100)
+    assert scope["scores"].isfinite().all() and scope["tau"].isfinite().all()
+    assert scope["how"] == {n: f"kronecker (Linear '{n.split('.')[0]}')" for n, _ in model.named_parameters()}
