@@ -152,6 +152,11 @@ def test_influence_bad_inputs():
     model[0].weight.requires_grad_(False)
     with pytest.raises(ValueError, match="fit again"):
         inf.scores(*train, *test)
+    per_position = nn.Sequential(nn.Embedding(5, 5)).double()  # logits [N, T, C]
+    with pytest.raises(ValueError, match="fisher='empirical'"):
+        Influence(per_position, lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten())).fit(
+            torch.randint(0, 5, (4, 2)), torch.randint(0, 5, (4, 2))
+        )
     tied = nn.Sequential(nn.Embedding(5, 5), nn.Linear(5, 5)).double()
     tied[1].weight = tied[0].weight
     with pytest.raises(NotImplementedError, match="tied"):

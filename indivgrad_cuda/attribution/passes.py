@@ -49,6 +49,12 @@ def sampled_loss(loss_fn: Callable) -> Callable:
     the whole set up front, so the labels do not depend on the blocks)."""
 
     def loss(output, u):
+        if not isinstance(output, torch.Tensor) or output.dim() != 2:
+            raise ValueError(
+                f"fisher='true' samples labels from a classifier's logits [N, C]; the model's output is "
+                f"{list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}: "
+                f"use fisher='empirical' (the loss at the targets)"
+            )
         probs = torch.softmax(output.detach().float(), -1)
         cdf = probs.cumsum(-1)
         y = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None]).squeeze(-1)
