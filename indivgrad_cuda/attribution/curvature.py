@@ -113,10 +113,15 @@ class Kronecker:
         return 1.0 / (lam + d)
 
     def precondition(self, layer, f, inv: torch.Tensor) -> torch.Tensor:
-        """[M, D_out, D_in']: each test sample's gradient times ``(H + λI)⁻¹``."""
-        w = per_sample_kron(augmented_input(layer, f), output_grad(f))
-        r = (self.u_g.t() @ w @ self.u_a).mul_(inv)
-        return self.u_g @ r @ self.u_a.t()
+        """[M, D_out, D_in']: each test sample's gradient times ``(H + λI)⁻¹``, formed a
+        block of BLOCK_ELEMENTS at a time (its temporaries would be four times the result)."""
+        a, g = augmented_input(layer, f), output_grad(f)
+        out = a.new_empty(len(a), *inv.shape)
+        step = max(1, BLOCK_ELEMENTS // inv.numel())
+        for i in range(0, len(a), step):
+            r = (self.u_g.t() @ per_sample_kron(a[i : i + step], g[i : i + step]) @ self.u_a).mul_(inv)
+            torch.matmul(self.u_g @ r, self.u_a.t(), out=out[i : i + step])
+        return out
 
     def score(self, layer, f, q: torch.Tensor) -> torch.Tensor:
         """[B, M]: ``<q_m, W_n>`` for the chunk's samples n against the preconditioned q.

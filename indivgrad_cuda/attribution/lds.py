@@ -37,7 +37,7 @@ def lds(scores: torch.Tensor, subsets: torch.Tensor, actual: torch.Tensor) -> LD
         )
     if subsets.shape[0] < 3:
         raise ValueError(f"subsets: expected at least 3 subsets for a rank correlation, got {subsets.shape[0]}")
-    predicted = subsets.to(torch.float64) @ scores.to(torch.float64).cpu()
+    predicted = subsets.cpu().to(torch.float64) @ scores.cpu().to(torch.float64)
     per_test = torch.stack([_spearman(predicted[:, m], actual[:, m].cpu().double()) for m in range(n_test)])
     ok = per_test[~per_test.isnan()]
     mean = ok.mean().item() if len(ok) else float("nan")
