@@ -255,6 +255,27 @@ def test_attribution_digits_smoke(tmp_path, device):
     assert found and float(found.group(2)) > 0.4, proc.stdout
 
 
+def test_attribution_lds_smoke(tmp_path, device):
+    """The estimators' bench in a few seconds of training: every estimator's LDS is reported
+    (ours and the peers' on the same model), and every timed result matched its float64
+    reference first (else exit 1): ours, Kronfluence's, dattri's and traker's."""
+    estimators = "ours-tracin,ours-trak,ours-kfac,ours-ekfac,kronfluence-kfac,kronfluence-ekfac,dattri-trak,traker-trak"
+    proc, rows = run_bench(
+        "attribution_lds.py",
+        tmp_path,
+        device,
+        *("--models", "4", "--lds-test", "20", "--kinds", "mlp", "--epochs", "5", "--estimators", estimators),
+        *("--train-sizes", "200", "--test-size", "20", "--repeats", "1", "--quiet"),
+    )
+    labels = [e.replace("-", " ") for e in estimators.split(",")]
+    lds_rows = {r["method"]: r for r in rows if r["bench"] == "attribution_lds"}
+    speed_rows = {r["method"]: r for r in rows if r["bench"] == "attribution_speed"}
+    assert sorted(lds_rows) == sorted(labels) and sorted(speed_rows) == sorted(labels), proc.stdout
+    assert all(float(r["max_rel_err"]) < 1e-3 for r in speed_rows.values()), speed_rows
+    for label in labels:
+        assert re.search(rf"  {label} +-?[\d.]+ +\[", proc.stdout), proc.stdout  # an LDS and its interval
+
+
 HF_TIMED = {"summed", "indivgrad", "indivgrad_norms", "indivgrad_clipped", "torch_func", "opacus", "opacus_ghost"}
 
 
