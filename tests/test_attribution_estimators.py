@@ -4,6 +4,8 @@ dense inverses) on an MLP (native capture) and a sequence model (Linear on [N, T
 Embedding, LayerNorm: hooks capture); blocked equals unblocked; ensembles; saved and loaded
 state; every bad input gets a clear error."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -292,3 +294,109 @@ def test_estimators_on_cuda_equal_cpu():
     t_cpu.featurize(*train)
     t_gpu.featurize(*train_c)
     torch.testing.assert_close(t_gpu.scores(*test_c).cpu(), t_cpu.scores(*test), **F64)
+
+
+# ---------------------------------------------------------------- precision, blocks, edge cases
+
+
+def test_trak_in_float32_matches_float64_with_a_rank_deficient_kernel():
+    """The projection covers the softmax layer whole, so Φ is rank-deficient (the margin's
+    output gradients sum to zero): float32 features must still give float64's scores."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    x, y = torch.randn(300, 8), torch.randint(0, 4, (300,))
+    xt, yt = torch.randn(7, 8), torch.randint(0, 4, (7,))
+    got, want = TRAK(model, proj_dim=200), TRAK(copy.deepcopy(model).double(), proj_dim=200)
+    got.featurize(x, y)
+    want.featurize(x.double(), y)
+    ref = want.scores(xt.double(), yt)
+    torch.testing.assert_close(got.scores(xt, yt).double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+def test_trak_keeps_copies_of_checkpoints_and_paths(tmp_path):
+    model, _, train, test = setup("mlp", n_train=30, seed=12)
+    aliased, copied = TRAK(model, proj_dim=10), TRAK(model, proj_dim=10)
+    aliased.featurize(*train, checkpoint=model.state_dict())  # shares the parameters' storage
+    copied.featurize(*train, checkpoint={k: v.clone() for k, v in model.state_dict().items()})
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    by_path = TRAK(model, proj_dim=10)
+    by_path.featurize(*train, checkpoint=tmp_path / "ckpt.pt")  # a pathlib.Path
+    want = copied.scores(*test)
+    with torch.no_grad():  # training goes on
+        for p in model.parameters():
+            p.add_(1.0)
+    torch.testing.assert_close(aliased.scores(*test), want, rtol=0, atol=0)
+    by_path.save(tmp_path / "trak.pt")
+    torch.testing.assert_close(TRAK(model, proj_dim=10).load(tmp_path / "trak.pt").scores(*test), want, **F64)
+
+
+def test_one_minus_p_does_not_cancel():
+    logits = torch.tensor([[0.0, 20.0, 0.0], [0.0, 14.0, 0.0]], dtype=torch.float64)
+    want = 2 / (2 + torch.exp(torch.tensor([20.0, 14.0], dtype=torch.float64)))  # exp(0) + exp(0) over the sum
+    torch.testing.assert_close(one_minus_p(logits, torch.tensor([1, 1])), want, rtol=1e-14, atol=0)
+
+
+class Branchy(nn.Module):
+    """A layer called only when every sample of the block has a positive first feature."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.extra = nn.Linear(4, 3), nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.extra(h) if bool(x[:, 0].gt(0).all()) else h
+
+
+def test_influence_does_not_depend_on_test_blocks_when_a_layer_is_skipped():
+    torch.manual_seed(13)
+    model = Branchy().double().eval()
+    x, y = torch.randn(40, 4, dtype=torch.float64).abs(), torch.randint(0, 3, (40,))
+    xt, yt = torch.tensor([[-1.0, 0.2, 0.3, 0.4], [1.0, -0.5, 0.1, 0.9]], dtype=torch.float64), torch.tensor([0, 1])
+    inf = Influence(model, F.cross_entropy, fisher="empirical", block_size=1).fit(x, y)
+    one = inf.scores(x[:5], y[:5], xt, yt, test_block_size=1)
+    torch.testing.assert_close(inf.scores(x[:5], y[:5], xt, yt, test_block_size=2), one, **F64)
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
+def test_influence_blocks_of_temporaries_do_not_change_scores(monkeypatch, strategy):
+    """The 64 MiB blocks of precondition, score and the eigenvalue pass, forced to a few elements."""
+    from indivgrad_cuda.attribution import curvature
+
+    for kind in ("mlp", "seq"):
+        model, fit, train, test = setup(kind, seed=14)
+        want = Influence(model, F.cross_entropy, strategy=strategy, fisher="empirical").fit(*fit).scores(*train, *test)
+        monkeypatch.setattr(curvature, "BLOCK_ELEMENTS", 40)
+        got = Influence(model, F.cross_entropy, strategy=strategy, fisher="empirical").fit(*fit).scores(*train, *test)
+        monkeypatch.undo()
+        torch.testing.assert_close(got, want, **F64)
+
+
+def test_states_load_into_the_model_dtype(tmp_path):
+    model, fit, train, test = setup("seq", seed=15)
+    inf = Influence(model, F.cross_entropy).fit(*fit)
+    trak = TRAK(model, proj_dim=10)
+    trak.featurize(*train)
+    single = copy.deepcopy(model).float()
+    loaded = Influence(single, F.cross_entropy)
+    loaded.load_state_dict(inf.state_dict())
+    want = inf.scores(*train, *test)
+    torch.testing.assert_close(loaded.scores(*train, *test).double(), want, rtol=0, atol=1e-4 * want.abs().max().item())
+    t32 = TRAK(single, proj_dim=10)
+    t32.load_state_dict(trak.state_dict())
+    assert t32.scores(*test).dtype == torch.float32
+
+
+def test_errors_name_the_argument():
+    model, fit, train, test = setup("mlp", n_train=6)
+    inf = Influence(model, F.cross_entropy).fit(*fit)
+    with pytest.raises(ValueError, match=r"^test_block_size"):
+        inf.scores(*train, *test, test_block_size=0)
+    with pytest.raises(ValueError, match=r"^checkpoint: does not fit"):
+        TRAK(model, proj_dim=4).featurize(*train, checkpoint={"0.weight": torch.zeros(1)})
+    with pytest.raises(TypeError, match=r"^checkpoint: expected a state dict or a path"):
+        TRAK(model, proj_dim=4).featurize(*train, checkpoint=3)
+    with pytest.raises(ValueError, match="regularization"):
+        TRAK(model, proj_dim=4, regularization=0.5).load_state_dict(TRAK(model, proj_dim=4).state_dict())
+    with pytest.raises(ValueError, match="at least one test sample"):
+        lds(torch.zeros(6, 0), torch.ones(4, 6, dtype=torch.bool), torch.zeros(4, 0))

@@ -18,8 +18,10 @@ def engine_for(model, options) -> PerSampleGrads:
     return PerSampleGrads(model, cuda_graphs=False, **options)
 
 
-def each_checkpoint(model, checkpoints, learning_rates):
-    """Loads each checkpoint into model and yields its learning rate; restores the model."""
+def each_checkpoint(model, checkpoints, learning_rates, name: str = "checkpoints"):
+    """Loads each checkpoint into model and yields its learning rate; restores the model.
+    ``name``: the argument errors name (``checkpoints[i]``, or ``name`` itself when it is
+    not "checkpoints": one checkpoint)."""
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise ValueError("checkpoints: expected at least one state dict or path, got none")
@@ -35,14 +37,15 @@ def each_checkpoint(model, checkpoints, learning_rates):
     own = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         for i, (ckpt, lr) in enumerate(zip(checkpoints, learning_rates)):
+            where = f"{name}[{i}]" if name == "checkpoints" else name
             if isinstance(ckpt, (str, os.PathLike)):
                 ckpt = torch.load(ckpt, map_location=device, weights_only=True)
             if not isinstance(ckpt, dict):
-                raise TypeError(f"checkpoints[{i}]: expected a state dict or a path, got {type(ckpt).__name__}")
+                raise TypeError(f"{where}: expected a state dict or a path, got {type(ckpt).__name__}")
             try:
                 model.load_state_dict(ckpt)
             except RuntimeError as e:
-                raise ValueError(f"checkpoints[{i}]: does not fit the model: {e}") from e
+                raise ValueError(f"{where}: does not fit the model: {e}") from e
             yield float(lr)
     finally:
         model.load_state_dict(own)

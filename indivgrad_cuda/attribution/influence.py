@@ -26,13 +26,13 @@ class Influence:
     default), as Kronfluence reports them.
 
     ``fit`` makes one pass over a fitting set for the covariance factors of each layer's inputs
-    and output gradients (and the diagonal curvatures), a second for EK-FAC's eigenvalues;
+    and output gradients (and the diagonal curvatures), a second for EK-FAC's eigenvalues (on
+    [N, D_in] inputs from the rotated factors in one GEMM, no per-sample gradient formed);
     ``scores`` preconditions each test sample's gradient (one matrix per Linear layer) and
-    takes its inner product with each training sample's gradient from the layer's factors:
-    on [N, D_in] inputs ``g_nᵀ Q_m a_n`` (no per-sample gradient formed), on sequences each
-    sample's ``sum_t g_t a_tᵀ`` a block at a time (T times fewer multiply-adds). Which
-    curvature each layer gets: :mod:`indivgrad_cuda.attribution.curvature` and
-    :meth:`describe`.
+    multiplies it with each training sample's gradient of that layer, formed from the layer's
+    factors a block of 64 MiB at a time (never the whole model's): the same multiply-adds as
+    the Gram form ``g_nᵀ Q_m a_n``, in one GEMM per block. Which curvature each layer gets:
+    :mod:`indivgrad_cuda.attribution.curvature` and :meth:`describe`.
 
     Args:
         model: the model (its parameters that require grad are the ones scored); put it in
@@ -46,8 +46,10 @@ class Influence:
             predictive distribution over the last dim: classification) or ``"empirical"``
             (the loss at the fitting set's targets).
         seed: the sampled labels' seed (``fisher="true"``).
+        reduction: how a scalar ``loss_fn`` reduced the per-sample losses (``"mean"`` or
+            ``"sum"``), as :class:`PerSampleGrads` takes it.
         block_size: samples per forward and backward (memory is bounded by it).
-        engine_options: ``capture``, ``norm_method``, ``fallback`` for the engine.
+        engine_options: ``max_chunk``, ``capture``, ``norm_method``, ``fallback`` for the engine.
     """
 
     def __init__(
@@ -158,7 +160,9 @@ class Influence:
         streamed past each block in blocks of ``block_size``."""
         if not self.curvatures:
             raise RuntimeError("scores: call fit() first (or load_state_dict())")
-        test_block = self.block_size if test_block_size is None else check_block_size(test_block_size)
+        test_block = (
+            self.block_size if test_block_size is None else check_block_size(test_block_size, "test_block_size")
+        )
         measure = self.loss_fn if measurement is None else measurement
         n_test = batch_size(test_inputs)
         over_train, layers, device, n_train = each_block(
@@ -193,7 +197,7 @@ class Influence:
         self._check_layers(layers)
         q = {}
 
-        def keep(layers, i, f, n0, n1):
+        def keep(layers, i, f, n0, n1):  # rows n0..n1 of the block; a layer no gradient reached keeps zeros
             layer, c = layers[i], self.curvatures[layers[i].path]
             if f is None:
                 return
@@ -202,7 +206,9 @@ class Influence:
                 if c.kind == "kronecker"
                 else _layer_grads(layer, f, n1 - n0) * inv[layer.path]
             )
-            q[layer.path] = part if layer.path not in q else torch.cat([q[layer.path], part])
+            if layer.path not in q:
+                q[layer.path] = part.new_zeros(m1 - m0, *part.shape[1:])
+            q[layer.path][n0:n1] = part
 
         over(keep)
         return q
@@ -238,7 +244,7 @@ class Influence:
     def load_state_dict(self, state: dict) -> None:
         """Loads a fitted curvature; a ValueError when it was fitted on another model (its
         layers, parameters or shapes differ) or with another strategy."""
-        if not isinstance(state, dict) or "layers" not in state:
+        if not isinstance(state, dict) or not {"layers", "strategy"} <= set(state):
             raise TypeError(f"state: expected a dict from Influence.state_dict(), got {type(state).__name__}")
         if state["strategy"] != self.strategy:
             raise ValueError(
@@ -250,7 +256,8 @@ class Influence:
             got = state["layers"].get(layer.path)
             if got is None or (got["kind"], got["names"]) != (c.kind, c.names):
                 raise ValueError(f"state: fitted on another model: layer {layer.path!r} ({c.kind} {c.names}) differs")
-            c.load({k: v for k, v in got.items() if k not in ("kind", "names")})
+            p = next(iter(layer.trainable().values()))  # the dtype and device fit would give
+            c.load({k: v.to(p.device, acc_dtype(p.dtype)) for k, v in got.items() if k not in ("kind", "names")})
             _check_shapes(layer, c)
             curv[layer.path] = c
         extra = sorted(set(state["layers"]) - set(curv))

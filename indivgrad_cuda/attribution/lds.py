@@ -35,6 +35,8 @@ def lds(scores: torch.Tensor, subsets: torch.Tensor, actual: torch.Tensor) -> LD
             f"expected subsets [S, {n_train}] and actual [S, {n_test}] for scores [{n_train}, {n_test}], "
             f"got subsets {list(subsets.shape)} and actual {list(actual.shape)}"
         )
+    if n_test == 0:
+        raise ValueError("scores: expected at least one test sample (column), got none")
     if subsets.shape[0] < 3:
         raise ValueError(f"subsets: expected at least 3 subsets for a rank correlation, got {subsets.shape[0]}")
     predicted = subsets.cpu().to(torch.float64) @ scores.cpu().to(torch.float64)

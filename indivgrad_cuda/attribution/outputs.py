@@ -23,5 +23,4 @@ def negative_margin(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def one_minus_p(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """``1 - p_y`` (softmax probability of the target): TRAK's output-to-loss weighting for
     classification, ``d loss / d margin``."""
-    p = torch.softmax(output.detach().float(), -1).gather(1, target.reshape(-1, 1))[:, 0]
-    return 1 - p
+    return torch.sigmoid(-margin(output.detach(), target))  # 1 - p_y, the margin being its log-odds: no cancellation

@@ -8,12 +8,13 @@ import torch
 
 from indivgrad_cuda.capture.layers import tied_names
 from indivgrad_cuda.chunking import batch_size, split_batch
+from indivgrad_cuda.layers import acc_dtype
 from indivgrad_cuda.reducers.inner_products import attribution_setup, factor_runner
 
 
-def check_block_size(block_size) -> int:
+def check_block_size(block_size, name: str = "block_size") -> int:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size: expected a positive int, got {block_size!r}")
+        raise ValueError(f"{name}: expected a positive int, got {block_size!r}")
     return block_size
 
 
@@ -30,7 +31,7 @@ def each_block(engine, inputs, target, fn: Callable, block_size: int, name: str,
     """For each block of at most block_size samples: one forward and backward with ``fn`` as
     the loss (per-sample values [B], or a scalar reduced by ``reduction``), calling
     ``visit(layers, i, factors or None, n0, n1)`` (rows of the whole set) for every layer.
-    Returns a function taking the visitor."""
+    Returns (that function taking the visitor, the capture's layers, the device, N)."""
     layers, device, _ = attribution_setup(engine, inputs, reduction, name)
     check_untied(layers)
     n = batch_size(inputs)
@@ -55,7 +56,7 @@ def sampled_loss(loss_fn: Callable) -> Callable:
                 f"{list(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}: "
                 f"use fisher='empirical' (the loss at the targets)"
             )
-        probs = torch.softmax(output.detach().float(), -1)
+        probs = torch.softmax(output.detach().to(acc_dtype(output.dtype)), -1)
         cdf = probs.cumsum(-1)
         y = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None]).squeeze(-1)
         return loss_fn(output, y.clamp_(max=output.shape[-1] - 1))

@@ -13,6 +13,7 @@ from indivgrad_cuda.attribution.outputs import margin, one_minus_p
 from indivgrad_cuda.attribution.passes import check_block_size
 from indivgrad_cuda.capture.hooks import call_model
 from indivgrad_cuda.chunking import batch_size, split_batch
+from indivgrad_cuda.layers import acc_dtype
 
 
 class TRAK:
@@ -28,7 +29,8 @@ class TRAK:
 
         τ(test m, train n) = (1/C sum_c φ_c(m)ᵀ Ψ_c[n]) · (1/C sum_c Q_c[n])
 
-    Memory: ``Ψ_c`` (N_train x D_proj) and a copy of each checkpoint's state are kept.
+    Memory: ``Ψ_c`` (N_train x D_proj) and a copy of each checkpoint's state are kept (a
+    checkpoint given as a path is kept as its path, read again by :meth:`scores`).
 
     Args:
         model: the model; checkpoints are loaded into it in turn and its state restored.
@@ -81,21 +83,19 @@ class TRAK:
                 f"inputs: expected the {len(self.models[0]['weights'])} training samples featurized before, got {n}"
             )
         seed = self.seed + len(self.models)
-        state = (
-            {k: v.detach().clone() for k, v in self.model.state_dict().items()} if checkpoint is None else checkpoint
-        )
-        for _ in each_checkpoint(self.model, [state], 0.0):
+        state = _kept(self.model.state_dict() if checkpoint is None else checkpoint)
+        for _ in each_checkpoint(self.model, [state], 0.0, name="checkpoint"):
             phi, weights = [], []
             xtx = None
             for _, _, xb, tb in split_batch(inputs, target, n, self.block_size):
                 f = self.engine.project(xb, tb, self.output_fn, dim=self.proj_dim, seed=seed, reduction="sum")
-                block = (f.t() @ f).double()  # in the features' dtype within a block, summed in float64
-                xtx = block if xtx is None else xtx.add_(block)
+                f64 = f.double()  # in float64: ΦᵀΦ's null directions must stay at float64 rounding
+                xtx = f64.t() @ f64 if xtx is None else xtx.addmm_(f64.t(), f64)
                 phi.append(f)
                 with torch.no_grad():
                     weights.append(self.weight_fn(call_model(self.model, xb), tb).detach().to(f.dtype))
             phi = torch.cat(phi)
-        features = phi @ _inverse(xtx, self.regularization).to(phi.dtype)
+        features = (phi.double() @ _inverse(xtx, self.regularization, phi.dtype)).to(phi.dtype)
         self.models.append({"checkpoint": state, "seed": seed, "features": features, "weights": torch.cat(weights)})
 
     def scores(self, inputs, target) -> torch.Tensor:
@@ -105,7 +105,7 @@ class TRAK:
         n = batch_size(inputs)
         total = None
         for entry in self.models:
-            for _ in each_checkpoint(self.model, [entry["checkpoint"]], 0.0):
+            for _ in each_checkpoint(self.model, [entry["checkpoint"]], 0.0, name="checkpoint"):
                 phi = (
                     torch.cat(
                         [
@@ -134,6 +134,10 @@ class TRAK:
             raise TypeError(f"state: expected a dict from TRAK.state_dict(), got {type(state).__name__}")
         if state["proj_dim"] != self.proj_dim:
             raise ValueError(f"state: featurized with proj_dim {state['proj_dim']}, this TRAK has {self.proj_dim}")
+        if state["regularization"] != self.regularization:
+            raise ValueError(
+                f"state: featurized with regularization {state['regularization']}, this TRAK has {self.regularization}"
+            )
         for i, entry in enumerate(state["models"]):
             dim = self.engine.projection(self.proj_dim, seed=entry["seed"]).dim
             if entry["features"].shape[1] != dim:
@@ -147,7 +151,12 @@ class TRAK:
                     raise ValueError(
                         f"state: model {i}'s checkpoint is of another model (keys {sorted(missing)[:5]} differ)"
                     )
-        self.models = list(state["models"])
+        p = next(iter(self.model.parameters()))
+        to = dict(device=p.device, dtype=acc_dtype(p.dtype))  # the dtype and device featurize would give
+        self.models = [
+            {**entry, "features": entry["features"].to(**to), "weights": entry["weights"].to(**to)}
+            for entry in state["models"]
+        ]
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         torch.save(self.state_dict(), path)
@@ -158,12 +167,29 @@ class TRAK:
         return self
 
 
-def _inverse(xtx: torch.Tensor, regularization: float) -> torch.Tensor:
+def _kept(checkpoint):
+    """What featurize keeps of a checkpoint: a copy of a state dict (``model.state_dict()``
+    shares the parameters' storage, which training goes on changing), a path as a string."""
+    if isinstance(checkpoint, dict):
+        return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in checkpoint.items()}
+    return os.fspath(checkpoint) if isinstance(checkpoint, os.PathLike) else checkpoint
+
+
+def _inverse(xtx: torch.Tensor, regularization: float, features: torch.dtype) -> torch.Tensor:
     """``(ΦᵀΦ + λI)⁻¹``, or with λ = 0 the pseudo-inverse ``(ΦᵀΦ)⁺``: the Kronecker-factored
     projection can leave Φ rank-deficient (a softmax layer's output gradients of the margin
-    sum to zero, so its projected bias and weight gradients span one dimension fewer)."""
+    sum to zero, so its projected bias and weight gradients span one dimension fewer). The
+    pseudo-inverse drops eigenvalues below ``max(k eps64, 100 eps²)`` times the largest, eps
+    the features' dtype's: a null direction of the exact features takes an eigenvalue of
+    about ``eps²`` from their rounding, and any other is kept."""
     if regularization == 0:
-        return torch.linalg.pinv(xtx, hermitian=True)
-    return torch.cholesky_inverse(
-        torch.linalg.cholesky(xtx + regularization * torch.eye(len(xtx), dtype=xtx.dtype, device=xtx.device))
-    )
+        rtol = max(len(xtx) * torch.finfo(torch.float64).eps, 100 * torch.finfo(features).eps ** 2)
+        return torch.linalg.pinv(xtx, hermitian=True, rtol=rtol)
+    eye = torch.eye(len(xtx), dtype=xtx.dtype, device=xtx.device)
+    chol, info = torch.linalg.cholesky_ex(xtx + regularization * eye)
+    if info.item() != 0:
+        raise ValueError(
+            f"regularization: {regularization} leaves ΦᵀΦ + λI singular in float64 (its largest eigenvalue is "
+            f"{torch.linalg.eigvalsh(xtx)[-1].item():.3g}); pass a larger value, or 0 for the pseudo-inverse"
+        )
+    return torch.cholesky_inverse(chol)
