@@ -56,7 +56,19 @@ def per_sample_kron(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g.transpose(1, 2) @ a
 
 
-class Kronecker:
+class Eigenvalues:
+    """What both curvatures share: eigenvalues ``Λ`` summed over ``samples``, damped and inverted."""
+
+    lam: Optional[torch.Tensor]
+    samples: int
+
+    def inverse_eigenvalues(self, damping: Optional[float]) -> torch.Tensor:
+        lam = self.lam / self.samples
+        d = HEURISTIC_DAMPING * lam.mean() if damping is None else damping
+        return 1.0 / (lam + d)
+
+
+class Kronecker(Eigenvalues):
     """One Linear-like layer's K-FAC / EK-FAC curvature (see the module's docs)."""
 
     kind = "kronecker"
@@ -107,11 +119,6 @@ class Kronecker:
 
     # scoring
 
-    def inverse_eigenvalues(self, damping: Optional[float]) -> torch.Tensor:
-        lam = self.lam / self.samples
-        d = HEURISTIC_DAMPING * lam.mean() if damping is None else damping
-        return 1.0 / (lam + d)
-
     def precondition(self, layer, f, inv: torch.Tensor) -> torch.Tensor:
         """[M, D_out, D_in']: each test sample's gradient times ``(H + λI)⁻¹``, formed a
         block of BLOCK_ELEMENTS at a time (its temporaries would be four times the result)."""
@@ -148,7 +155,7 @@ class Kronecker:
         self.u_a, self.u_g, self.lam, self.samples = state["u_a"], state["u_g"], state["lam"], 1
 
 
-class Diagonal:
+class Diagonal(Eigenvalues):
     """One parameter's diagonal curvature ``mean_n w_n²`` (see the module's docs)."""
 
     kind = "diagonal"
@@ -162,11 +169,6 @@ class Diagonal:
         sq = grads.square().sum(0)
         self.lam = sq if self.lam is None else self.lam.add_(sq)
         self.samples += grads.shape[0]
-
-    def inverse_eigenvalues(self, damping: Optional[float]) -> torch.Tensor:
-        lam = self.lam / self.samples
-        d = HEURISTIC_DAMPING * lam.mean() if damping is None else damping
-        return 1.0 / (lam + d)
 
     def state(self) -> dict:
         return {"lam": self.lam / self.samples}
