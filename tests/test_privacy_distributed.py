@@ -113,7 +113,17 @@ def worker(rank, world, init_file, out_dir):
         results["poisson"] = list(sampler)
     except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
         results["error"] = traceback.format_exc()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    save_and_leave(results, out_dir, f"rank{rank}.pt")
+
+
+def save_and_leave(results: dict, out_dir: str, name: str) -> None:
+    """Saves a rank's results, then leaves the process group after every rank has saved (a
+    barrier, unless this rank failed: the others may be stuck in another collective), so no
+    rank tears gloo down while another is still in a collective (which aborted a rank at
+    exit once: "terminate called without an active exception")."""
+    torch.save(results, os.path.join(out_dir, name))
+    if "error" not in results:
+        dist.barrier()
     dist.destroy_process_group()
 
 
@@ -213,8 +223,7 @@ def nccl_worker(rank, world, init_file, out_dir):
         result = {n: p.detach().cpu() for n, p in model.named_parameters()}
     except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
         result = {"error": traceback.format_exc()}
-    torch.save(result, os.path.join(out_dir, "nccl.pt"))
-    dist.destroy_process_group()
+    save_and_leave(result, out_dir, "nccl.pt")
 
 
 @pytest.mark.cuda
@@ -251,6 +260,7 @@ for x, y in loader:
     dp.step(x, y, F.cross_entropy)
 torch.save({"params": model.module.state_dict(), "sizes": sizes, "eps": dp.epsilon(1e-5)},
            f"{sys.argv[1]}/rank{dist.get_rank()}.pt")
+dist.barrier()  # no rank tears gloo down while another still works
 dist.destroy_process_group()
 """
 

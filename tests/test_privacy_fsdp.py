@@ -7,7 +7,6 @@ refusals (a DDP wrapper, max_chunk, the engine's own clipped sum on a sharded mo
 weight used outside its layer's call). With a GPU, FSDP2 over NCCL on it."""
 
 import datetime
-import os
 import traceback
 
 import pytest
@@ -17,7 +16,7 @@ from torch import nn
 
 from indivgrad_cuda.privacy import DPSGD, AdaptiveClipping
 from tests.models import TinyEncoder
-from tests.test_privacy_distributed import SHARDS, STEPS, global_batches, shard, spawn_ranks
+from tests.test_privacy_distributed import SHARDS, STEPS, global_batches, save_and_leave, shard, spawn_ranks
 
 LR, SEED = 0.1, 77
 SETTINGS = dict(noise_multiplier=0.8, expected_batch_size=7.0, seed=SEED)
@@ -130,8 +129,7 @@ def worker(rank, world, init_file, out_dir):
         results["refusals"] = refusals
     except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
         results["error"] = traceback.format_exc()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    save_and_leave(results, out_dir, f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2_processes", "3_processes"])
@@ -190,8 +188,7 @@ def nccl_worker(rank, world, init_file, out_dir):
             results[name] = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters()}
     except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
         results["error"] = traceback.format_exc()
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    save_and_leave(results, out_dir, f"rank{rank}.pt")
 
 
 @pytest.mark.cuda
