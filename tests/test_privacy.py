@@ -140,6 +140,25 @@ def test_frozen_parameters_get_nothing(device):
     assert torch.equal(model[0].weight, frozen) and model[0].weight.grad is None
 
 
+@pytest.mark.parametrize("clip_groups", [None, "layer"], ids=str)
+@pytest.mark.parametrize("clip_fn", ["abadi", "automatic"])
+def test_a_nan_sample_is_named_by_its_norm(device, clip_fn, clip_groups):
+    """As documented: a sample whose gradient is NaN has NaN norms and makes the sums NaN (as
+    in Opacus); the other samples' norms are those of a batch without it."""
+    (x,), y = mlp_batch(5, device)
+    x[2, 1] = math.nan
+    model = mlp(device)
+    dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), **SETTINGS, clip_fn=clip_fn, clip_groups=clip_groups)
+    norms = dp.accumulate(x, y, nn.CrossEntropyLoss()).norms
+    keep = [0, 1, 3, 4]
+    clean = DPSGD(model, torch.optim.SGD(model.parameters(), lr=LR), **SETTINGS, clip_groups=clip_groups)
+    want = clean.accumulate(x[keep], y[keep], nn.CrossEntropyLoss()).norms
+    assert norms[2].isnan().all()
+    torch.testing.assert_close(norms[keep], want, rtol=1e-12, atol=1e-14)
+    dp.step()
+    assert all(p.isnan().all() for p in model.parameters())
+
+
 def test_checkpoint_resumes_the_same_noise(device):
     (x,), y = mlp_batch(5, device)
     model = mlp(device)
@@ -154,6 +173,11 @@ def test_checkpoint_resumes_the_same_noise(device):
     for a, b in zip(model.parameters(), copy.parameters()):
         assert torch.equal(a, b)
     assert resumed.history == dp.history == [(SETTINGS["noise_multiplier"], 0.1, 2)]
+    dp.accumulate(x, y, nn.CrossEntropyLoss())  # mid-step, a checkpoint would leave these sums out
+    with pytest.raises(RuntimeError, match=r"state_dict: a logical step is under way"):
+        dp.state_dict()
+    dp.step()
+    assert dp.state_dict()["steps"] == 3
 
 
 # ---------------------------------------------------------------- the accountant

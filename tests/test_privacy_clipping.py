@@ -487,3 +487,9 @@ def test_adaptive_clipping_refusals():
     # the paper's default sigma_b = 8 / 20 = 0.4: 2 sigma_b = 0.8 <= 1.0 leaves the gradient no budget
     with pytest.raises(ValueError, match=r"count_noise_std: adaptive clipping needs 2 \* count_noise_std > noise_mult"):
         DPSGD(model, opt, **settings, adaptive_clipping=AdaptiveClipping(0.5))
+    bounded = AdaptiveClipping(0.5, count_noise_std=4.0, min_norm=0.5, max_norm=2.0)
+    for start in (0.25, 3.0):  # the first threshold outside the bounds the updates keep
+        with pytest.raises(ValueError, match=r"max_grad_norm: with adaptive clipping .* \[0\.5, 2\.0\], got"):
+            DPSGD(model, opt, **{**settings, "max_grad_norm": start}, adaptive_clipping=bounded)
+    for start in (0.5, 2.0):  # at the bounds: accepted
+        DPSGD(model, opt, **{**settings, "max_grad_norm": start}, adaptive_clipping=bounded)

@@ -1,9 +1,10 @@
 """The DP-SGD step across processes: 2 and 3 CPU processes with gloo, spawned from the test,
 each with a shard of the same batches. Every rank must end bit-identical to the others and
 equal to the single-process run on the whole batches (to float64 rounding), with uneven
-shards (a rank with no samples), a DistributedDataParallel-wrapped model, no seed given,
-and replicas or settings that differ refused on every rank. Also the README's recipe
-launched by torchrun, and (with a GPU) an NCCL group."""
+shards (a rank with no samples), clip groups with automatic and adaptive clipping, a
+DistributedDataParallel-wrapped model, no seed given, and replicas or settings that differ
+refused on every rank. Also the README's recipe launched by torchrun, and (with a GPU) an
+NCCL group."""
 
 import os
 import subprocess
@@ -16,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from indivgrad_cuda.privacy import DPSGD, PoissonBatchSampler
+from indivgrad_cuda.privacy import DPSGD, AdaptiveClipping, PoissonBatchSampler
 from tests.models import TinyEncoder, token_batch
 
 SETTINGS = dict(noise_multiplier=0.8, expected_batch_size=7.0)
@@ -53,6 +54,15 @@ def shard(batch, rows):
     return (inputs[0] if len(inputs) == 1 else inputs), target[rows]
 
 
+# the clipping variants across replicas: name -> (model, DPSGD's options)
+VARIANTS = {
+    "encoder automatic, per layer": ("encoder", dict(clip_fn="automatic", clip_groups="layer")),
+    "mlp adaptive, per parameter": (
+        "mlp",
+        dict(clip_groups="param", adaptive_clipping=AdaptiveClipping(0.5, learning_rate=0.3, count_noise_std=1.0)),
+    ),
+}
+
 # rows of each rank, by world size: interleaved, and uneven with an empty rank
 SHARDS = {
     "interleaved": lambda rank, world: list(range(rank, 7, world)),
@@ -60,12 +70,17 @@ SHARDS = {
 }
 
 
-def train(model, batches, rows, group_model=None, seed=SEED, max_grad_norm=CLIP["mlp"], norms=None):
-    """STEPS DP-SGD steps on this process's rows of each batch; the final parameters (and
-    each step's per-sample norms appended to `norms`)."""
+def train(model, batches, rows, group_model=None, seed=SEED, max_grad_norm=CLIP["mlp"], norms=None, **options):
+    """STEPS DP-SGD steps on this process's rows of each batch (``options``: DPSGD's clipping
+    ones); the final parameters (and each step's per-sample norms appended to `norms`)."""
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     dp = DPSGD(
-        group_model if group_model is not None else model, opt, **SETTINGS, max_grad_norm=max_grad_norm, seed=seed
+        group_model if group_model is not None else model,
+        opt,
+        **SETTINGS,
+        max_grad_norm=max_grad_norm,
+        seed=seed,
+        **options,
     )
     for batch in batches:
         stats = dp.step(*shard(batch, rows), nn.CrossEntropyLoss())
@@ -83,6 +98,9 @@ def worker(rank, world, init_file, out_dir):
             batches = global_batches(kind)
             for name, rows_of in SHARDS.items():
                 results[(kind, name)] = train(make_model(kind), batches, rows_of(rank, world), max_grad_norm=CLIP[kind])
+        for name, (kind, options) in VARIANTS.items():
+            rows = SHARDS["uneven"](rank, world)
+            results[name] = train(make_model(kind), global_batches(kind), rows, max_grad_norm=CLIP[kind], **options)
         rows = SHARDS["interleaved"](rank, world)
         batches = global_batches("mlp")
         # rank 0's seed is used everywhere when none is given: the replicas still agree
@@ -170,6 +188,19 @@ def test_ranks_bit_identical_and_equal_to_one_process(runs, kind, shards):
         torch.testing.assert_close(p, want[name], rtol=1e-12, atol=1e-14, msg=name)
     moved = make_model(kind).state_dict()
     assert any(not torch.allclose(first[n], moved[n]) for n in first)  # the steps did something
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_clipping_variants_equal_one_process(runs, variant):
+    """Groups, automatic and adaptive clipping across replicas, one of them without samples:
+    the group norms, the coefficients and the unclipped count are per process, summed once."""
+    _, results = runs
+    kind, options = VARIANTS[variant]
+    want = train(make_model(kind), global_batches(kind), list(range(7)), max_grad_norm=CLIP[kind], **options)
+    for rank, res in enumerate(results):
+        for name, p in res[variant].items():
+            assert torch.equal(p, results[0][variant][name]), f"rank {rank}'s {name} differs from rank 0's"
+            torch.testing.assert_close(p, want[name], rtol=1e-12, atol=1e-14, msg=name)
 
 
 def test_no_seed_and_ddp_agree(runs):

@@ -1,7 +1,8 @@
 """DP-SGD on models sharded with FSDP2 (``fully_shard`` per layer or block, then the root):
 2 and 3 CPU processes with gloo, spawned from the test, each with its rows of the same
 batches. After a few steps (noise on) the parameters, gathered, must equal the single
-process's run on the whole batches (float64 rounding): flat and per-layer clipping, uneven
+process's run on the whole batches (float64 rounding): flat, per-layer, per-parameter and
+automatic clipping, groups cutting across FSDP units, uneven
 parameter shards with an empty one, a process with no samples, adaptive clipping, and the
 refusals (a DDP wrapper, max_chunk, the engine's own clipped sum on a sharded model, a
 weight used outside its layer's call). With a GPU, FSDP2 over NCCL on it."""
@@ -22,13 +23,20 @@ LR, SEED = 0.1, 77
 SETTINGS = dict(noise_multiplier=0.8, expected_batch_size=7.0, seed=SEED)
 CLIP = {"mlp": 1.6, "encoder": 2.3}
 ADAPTIVE = dict(target_quantile=0.5, learning_rate=0.3, count_noise_std=1.0)
-# name -> (model, clip_groups, adaptive, rows of each process's share of every batch)
+# name -> (model, DPSGD's clipping options (adaptive: with AdaptiveClipping(**ADAPTIVE)), rows
+# of each process's share of every batch)
 SCENARIOS = {
-    "mlp flat": ("mlp", None, False, "interleaved"),
-    "mlp layer, a process without samples": ("mlp", "layer", False, "uneven"),
-    "mlp adaptive": ("mlp", None, True, "interleaved"),
-    "encoder flat, a process without samples": ("encoder", None, False, "uneven"),
-    "encoder layer": ("encoder", "layer", False, "interleaved"),
+    "mlp flat": ("mlp", {}, "interleaved"),
+    "mlp layer, a process without samples": ("mlp", dict(clip_groups="layer"), "uneven"),
+    "mlp adaptive": ("mlp", dict(adaptive=True), "interleaved"),
+    "mlp automatic, groups across units": (
+        "mlp",
+        dict(clip_fn="automatic", clip_groups=[["0.weight", "2.bias"], ["0.bias", "2.weight"]]),
+        "uneven",
+    ),
+    "encoder flat, a process without samples": ("encoder", {}, "uneven"),
+    "encoder layer": ("encoder", dict(clip_groups="layer"), "interleaved"),
+    "encoder automatic, per parameter": ("encoder", dict(clip_fn="automatic", clip_groups="param"), "interleaved"),
 }
 
 
@@ -66,10 +74,12 @@ def batches(kind):
     return global_batches(kind, mlp_classes=2)  # the MLP's 2 outputs: 2 rows to shard over 3 processes
 
 
-def train(model, kind, clip_groups, adaptive, rows, device="cpu"):
+def train(model, kind, options, rows, device="cpu"):
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    extra = dict(adaptive_clipping=AdaptiveClipping(**ADAPTIVE)) if adaptive else {}
-    dp = DPSGD(model, opt, **SETTINGS, max_grad_norm=CLIP[kind], clip_groups=clip_groups, **extra)
+    options = dict(options)
+    if options.pop("adaptive", False):
+        options["adaptive_clipping"] = AdaptiveClipping(**ADAPTIVE)
+    dp = DPSGD(model, opt, **SETTINGS, max_grad_norm=CLIP[kind], **options)
     norms, thresholds = [], []
     for inputs, target in batches(kind):
         thresholds.append(dp.max_grad_norm)
@@ -85,9 +95,9 @@ def worker(rank, world, init_file, out_dir):
     )
     results = {}
     try:
-        for name, (kind, clip_groups, adaptive, shards) in SCENARIOS.items():
+        for name, (kind, options, shards) in SCENARIOS.items():
             model = shard_model(make_model(kind), kind, world)
-            _, norms, thresholds = train(model, kind, clip_groups, adaptive, SHARDS[shards](rank, world))
+            _, norms, thresholds = train(model, kind, options, SHARDS[shards](rank, world))
             params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}  # gathered
             local = {n: p.to_local().shape[0] for n, p in model.named_parameters()}
             results[name] = dict(params=params, norms=norms, thresholds=thresholds, local_rows=local)
@@ -141,9 +151,9 @@ def runs(request, tmp_path_factory):
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_sharded_equals_one_process(runs, scenario):
     world, results = runs
-    kind, clip_groups, adaptive, shards = SCENARIOS[scenario]
+    kind, options, shards = SCENARIOS[scenario]
     model = make_model(kind)
-    _, want_norms, want_thresholds = train(model, kind, clip_groups, adaptive, list(range(7)))
+    _, want_norms, want_thresholds = train(model, kind, options, list(range(7)))
     for rank, res in enumerate(results):
         got = res[scenario]
         for name, p in model.named_parameters():
@@ -152,7 +162,7 @@ def test_sharded_equals_one_process(runs, scenario):
         for step, norms in enumerate(got["norms"]):  # each process's norms are its samples' rows
             torch.testing.assert_close(norms, want_norms[step][rows], rtol=1e-12, atol=1e-14)
         assert got["thresholds"] == pytest.approx(want_thresholds, rel=1e-12)
-    if adaptive:
+    if options.get("adaptive"):
         assert len(set(want_thresholds)) == STEPS  # the threshold moved
     assert any(
         not torch.allclose(p, make_model(kind).state_dict()[n]) for n, p in results[0][scenario]["params"].items()
@@ -182,9 +192,9 @@ def nccl_worker(rank, world, init_file, out_dir):
     results = {}
     try:
         for name in ("encoder layer", "mlp adaptive"):
-            kind, clip_groups, adaptive, _ = SCENARIOS[name]
+            kind, options, _ = SCENARIOS[name]
             model = shard_model(make_model(kind).cuda(), kind, world, "cuda")
-            train(model, kind, clip_groups, adaptive, list(range(7)), "cuda")
+            train(model, kind, options, list(range(7)), "cuda")
             results[name] = {n: p.full_tensor().detach().cpu() for n, p in model.named_parameters()}
     except Exception:  # noqa: BLE001 - reported to the test, which fails naming it
         results["error"] = traceback.format_exc()
@@ -198,8 +208,8 @@ def test_nccl_on_one_gpu(tmp_path):
     noise of the shard (the whole parameter here) on CUDA give the unsharded CUDA run."""
     (results,) = spawn_ranks(nccl_worker, 1, tmp_path)
     for name in ("encoder layer", "mlp adaptive"):
-        kind, clip_groups, adaptive, _ = SCENARIOS[name]
+        kind, options, _ = SCENARIOS[name]
         model = make_model(kind).cuda()
-        train(model, kind, clip_groups, adaptive, list(range(7)), "cuda")
+        train(model, kind, options, list(range(7)), "cuda")
         for n, p in model.named_parameters():
             torch.testing.assert_close(results[name][n], p.detach().cpu(), rtol=1e-12, atol=1e-14, msg=f"{name}: {n}")

@@ -88,6 +88,10 @@ class DPSGD:
     ``secure_mode``). Dropout masks draw from torch's default generator. At the first step
     across processes every rank's parameters (a hash of their bytes) and settings are
     compared once, and a difference raises on every rank.
+
+    NaN: a sample whose loss or gradient is not finite gets NaN norms in :class:`StepStats`
+    and makes the step's sums (so ``p.grad`` and the parameters after :meth:`step`) NaN, as
+    in Opacus; check ``torch.isfinite(stats.norms)`` after :meth:`accumulate` to catch it.
     """
 
     def __init__(
@@ -140,6 +144,7 @@ class DPSGD:
         self.adaptive_clipping = adaptive_clipping
         if adaptive_clipping is not None:  # 2 sigma_b > noise_multiplier, checked now
             adaptive_clipping.gradient_noise_multiplier(self.noise_multiplier, self.expected_batch_size)
+            adaptive_clipping.check_start(self.max_grad_norm)
         # a CUDA graph is keyed by the threshold, which adaptive clipping changes at every step
         engine_options.setdefault("cuda_graphs", adaptive_clipping is None)
         self.engine = PerSampleGrads(model, **engine_options)
@@ -280,7 +285,14 @@ class DPSGD:
 
     def state_dict(self) -> dict:
         """What a checkpoint needs to resume: steps, the accountant's history, the noise seed
-        and the (adaptive) threshold (the optimiser and model have their own)."""
+        and the (adaptive) threshold (the optimiser and model have their own). Taken between
+        logical steps: not after :meth:`accumulate` before its :meth:`step`, whose clipped
+        sums so far it would leave out."""
+        if self._sum is not None:
+            raise RuntimeError(
+                "state_dict: a logical step is under way (accumulate() was called since the last step()); its "
+                "clipped sums so far are not part of a checkpoint: call step() first, then state_dict()"
+            )
         return {
             "steps": self.steps,
             "history": list(self.history),
