@@ -55,7 +55,11 @@ def run_context(device):
                 ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
             ).stdout.strip()
             if subprocess.run(
-                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+                # the results a bench appends to are not what it measured
+                ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
             ).stdout.strip():
                 commit += "+dirty"
     except (OSError, subprocess.CalledProcessError):
