@@ -22,12 +22,14 @@ law (Opacus draws one torch.normal per parameter from its seeded generator, DPSG
 seeded blocks: not the same numbers). Variants: "per-layer" (clip_groups="layer"),
 "automatic" (clip_fn="automatic", Bu et al.'s AUTO-S), "adaptive" (AdaptiveClipping with
 target quantile 0.5, the paper's learning rate 0.2 and count noise B / 20, the threshold at
-most 2; the accounted noise multiplier is the same). Prints each run's median time per step,
-the memory its first step allocates (peak, beyond the model and data), the final test
-accuracy and epsilon, and appends them to --results-dir's results.csv (one row per run,
-bench "dp_sgd"); first checks that Opacus and indivgrad give the same per-sample gradients
-on the first batch. Exits 1 if they differ, or if a gloo run's weights differ
-from the single process's by more than float32 rounding.
+most twice the start; the accounted noise multiplier is the same). First checks that Opacus
+and indivgrad give the same per-sample gradients on the first batch. Prints each run's median
+time per step, the memory its first step allocates (peak, beyond the model and data), the
+final test accuracy and epsilon, and appends them to --results-dir's results.csv (one row per
+run, bench "dp_sgd"); then times one step of each variant on the same batch, in turns (the
+trainings run one after another, so their ratios also hold the machine's drift between
+them; bench "dp_sgd_step" rows). Exits 1 if the per-sample gradients differ, or if a gloo
+run's weights differ from the single process's by more than float32 rounding.
 """
 
 import argparse
@@ -173,14 +175,19 @@ def train_opacus(model, train_data, test_data, mode, args, device):
 
 
 # DPSGD's clipping variants: label -> its options (the flat, Abadi clipping of Opacus is "")
-VARIANTS = {
-    "": {},
-    "per-layer": dict(clip_groups="layer"),
-    "automatic": dict(clip_fn="automatic"),
-    # bounded at twice the default start: unbounded, at the sequence model's lr 0.5 the threshold
-    # follows the median norm up, each step grows with it and the training diverges (bench/NOTES.md)
-    "adaptive": dict(adaptive_clipping=AdaptiveClipping(target_quantile=0.5, max_norm=2.0)),
-}
+VARIANTS = ("", "per-layer", "automatic", "adaptive")
+
+
+def variant_options(variant, max_grad_norm):
+    """DPSGD's options for a variant ("" is flat clipping)."""
+    return {
+        "": {},
+        "per-layer": dict(clip_groups="layer"),
+        "automatic": dict(clip_fn="automatic"),
+        # bounded at twice the start: unbounded, at the sequence model's lr 0.5 the threshold
+        # follows the median norm up, each step grows with it and the training diverges (bench/NOTES.md)
+        "adaptive": dict(adaptive_clipping=AdaptiveClipping(target_quantile=0.5, max_norm=2 * max_grad_norm)),
+    }[variant]
 
 
 def train_dpsgd(model, train_data, test_data, args, device, variant="", fsdp=False):
@@ -200,11 +207,35 @@ def train_dpsgd(model, train_data, test_data, args, device, variant="", fsdp=Fal
         sample_rate=1 / args.steps_per_epoch,
         expected_batch_size=len(train_data[0]) // args.steps_per_epoch,  # as Opacus's make_private rounds it
         seed=args.seed,
-        **VARIANTS[variant],
+        **variant_options(variant, args.max_grad_norm),
     )
     loss_fn = nn.CrossEntropyLoss()
     step_ms, peak_mb = _timed_steps(loader, lambda xb, yb: dp.step(xb, yb, loss_fn), args, device)
     return Result(step_ms, peak_mb, _accuracy(model, test_data), dp.epsilon(args.delta, args.accountant), model)
+
+
+def variants_side_by_side(model, train_data, args, device):
+    """{label: median ms of one DPSGD.step} of every variant on one batch (the first expected
+    batch of training samples), timed in turns (common.time_interleaved): the trainings run one
+    after another, so their ratios also hold the machine's drift between them; these do not.
+    lr 0, so every call steps from the same weights."""
+    n = len(train_data[0]) // args.steps_per_epoch
+    xb, yb = train_data[0][:n], train_data[1][:n]
+    loss_fn = nn.CrossEntropyLoss()
+    steps = {}
+    for variant in VARIANTS:
+        m = copy.deepcopy(model).to(device)
+        dp = DPSGD(
+            m,
+            torch.optim.SGD(m.parameters(), lr=0.0),
+            noise_multiplier=args.noise_multiplier,
+            max_grad_norm=args.max_grad_norm,
+            expected_batch_size=n,
+            seed=args.seed,
+            **variant_options(variant, args.max_grad_norm),
+        )
+        steps[_dpsgd_label(variant)] = lambda dp=dp: dp.step(xb, yb, loss_fn)
+    return common.time_interleaved(steps, device, budget_s=args.side_by_side_s, max_repeats=1000)
 
 
 def _fully_shard(model, args):
@@ -278,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--accountant", default="prv", help="Opacus's accountant (its make_private default: prv)")
     parser.add_argument("--processes", type=int, default=2, help="the gloo run's CPU processes (0: no such run)")
+    parser.add_argument(
+        "--side-by-side-s", type=float, default=3.0, help="seconds per variant of the steps timed in turns"
+    )
     parser.add_argument("--results-dir", default=str(common.RESULTS_DIR), help="where results.csv gets one row per run")
     console.add_quiet_flag(parser)
     args = parser.parse_args(argv)
@@ -346,6 +380,27 @@ def main(argv=None):
         f"  time per step against DPSGD's: opacus hooks {ms['opacus hooks'] / ms['indivgrad DPSGD']:.2f}x, ghost "
         f"{ms['opacus ghost clipping'] / ms['indivgrad DPSGD']:.2f}x, indivgrad backend "
         f"{ms['opacus + indivgrad backend'] / ms['indivgrad DPSGD']:.2f}x"
+    )
+    side = variants_side_by_side(model, train_data, args, device)
+    flat = side[_dpsgd_label("")]
+    print(
+        f"  DPSGD's variants side by side, one step on {len(train_data[0]) // args.steps_per_epoch} samples timed in "
+        f"turns: flat {flat:.3f} ms; "
+        + ", ".join(
+            f"{label[len('indivgrad DPSGD, ') :]} {ms / flat:.2f}x"
+            for label, ms in side.items()
+            if label != _dpsgd_label("")
+        )
+    )
+    step_setup = (
+        f"{args.model} digits, one DPSGD step on {len(train_data[0]) // args.steps_per_epoch} samples, in turns"
+    )
+    common.append_rows(
+        [
+            dict(context, bench="dp_sgd_step", setup=step_setup, method=label, median_ms=ms)
+            for label, ms in side.items()
+        ],
+        args.results_dir,
     )
     ok = max(diff, diff_engine) < 1e-4
     if args.processes > 1:

@@ -176,7 +176,9 @@ def test_dp_sgd_digits_one_epoch(tmp_path):
     epsilon; the per-sample gradients agree (else exit 1), and the 2-process gloo runs,
     replicated and FSDP2-sharded, end where the single process does; one results.csv row per
     run."""
-    proc, csv_rows = run_bench("dp_sgd_digits.py", tmp_path, "cpu", "--epochs", "1", "--quiet")
+    proc, csv_rows = run_bench(
+        "dp_sgd_digits.py", tmp_path, "cpu", "--epochs", "1", "--side-by-side-s", "0.1", "--quiet"
+    )
     gloo = ("indivgrad DPSGD, 2 gloo processes", "indivgrad DPSGD, 2 gloo processes, FSDP2")
     _check_dp_sgd_digits(proc, csv_rows, (*DP_METHODS, *gloo))
     for run in gloo:
@@ -192,7 +194,10 @@ def test_dp_sgd_digits_cnn_one_epoch(tmp_path):
     """The DP-SGD example's CNN (convolutions and GroupNorm): the same checks, without the
     gloo runs (kept fast)."""
     proc, csv_rows = run_bench(
-        "dp_sgd_digits.py", tmp_path, "cpu", "--model", "cnn", "--epochs", "1", "--processes", "0", "--quiet"
+        "dp_sgd_digits.py",
+        tmp_path,
+        "cpu",
+        *("--model", "cnn", "--epochs", "1", "--processes", "0", "--side-by-side-s", "0.1", "--quiet"),
     )
     assert "DP-SGD on digits, cnn model" in proc.stdout, proc.stdout
     _check_dp_sgd_digits(proc, csv_rows, DP_METHODS)
@@ -221,8 +226,19 @@ def _check_dp_sgd_digits(proc, csv_rows, methods):
     assert len({row[4] for row in table.values()}) == 1, proc.stdout  # one epsilon: same rate, steps and noise level
     accuracy = [table[m][3] for m in OPACUS_METHODS]
     assert max(accuracy) - min(accuracy) <= 0.01, proc.stdout  # the same training up to float rounding
-    rows = {row["method"]: row for row in csv_rows}
-    assert sorted(rows) == sorted(methods) and {row["bench"] for row in rows.values()} == {"dp_sgd"}
+    rows = {row["method"]: row for row in csv_rows if row["bench"] == "dp_sgd"}
+    assert sorted(rows) == sorted(methods)
+    # then each variant's step on one batch, timed in turns: a row and a ratio to flat's each
+    steps = {row["method"]: float(row["median_ms"]) for row in csv_rows if row["bench"] == "dp_sgd_step"}
+    variants = [m for m in DP_METHODS if m.startswith("indivgrad DPSGD")]
+    assert sorted(steps) == sorted(variants) and len(csv_rows) == len(rows) + len(steps), csv_rows
+    line = re.search(
+        r"DPSGD's variants side by side, one step on 122 samples timed in turns: flat (\S+) ms; (.*)", proc.stdout
+    )
+    assert line and float(line.group(1)) == pytest.approx(steps["indivgrad DPSGD"], rel=1e-3), proc.stdout
+    for variant in variants[1:]:
+        ratio = steps[variant] / steps["indivgrad DPSGD"]
+        assert f"{variant[len('indivgrad DPSGD, ') :]} {ratio:.2f}x" in line.group(2), (line.group(2), steps)
     for name, row in rows.items():
         assert float(row["median_ms"]) == pytest.approx(table[name][0], rel=1e-3, abs=1e-3), (name, row)
         assert f"test acc {table[name][3]:.3f}; epsilon {table[name][4]:.2f}" in row["note"], row
