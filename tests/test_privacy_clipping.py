@@ -492,4 +492,8 @@ def test_adaptive_clipping_refusals():
         with pytest.raises(ValueError, match=r"max_grad_norm: with adaptive clipping .* \[0\.5, 2\.0\], got"):
             DPSGD(model, opt, **{**settings, "max_grad_norm": start}, adaptive_clipping=bounded)
     for start in (0.5, 2.0):  # at the bounds: accepted
-        DPSGD(model, opt, **{**settings, "max_grad_norm": start}, adaptive_clipping=bounded)
+        dp = DPSGD(model, opt, **{**settings, "max_grad_norm": start}, adaptive_clipping=bounded)
+    state = {**dp.state_dict(), "max_grad_norm": 2.5, "steps": 7}  # a checkpoint of other bounds
+    with pytest.raises(ValueError, match=r"state\['max_grad_norm'\]: with adaptive clipping .* got 2\.5"):
+        dp.load_state_dict(state)
+    assert dp.steps == 0 and dp.max_grad_norm == 2.0  # nothing loaded

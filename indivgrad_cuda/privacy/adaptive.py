@@ -68,13 +68,14 @@ class AdaptiveClipping:
             )
         return (noise_multiplier**-2 - count**-2) ** -0.5
 
-    def check_start(self, max_grad_norm: float) -> None:
-        """The first threshold (DPSGD's ``max_grad_norm``) lies within [min_norm, max_norm]:
-        the updates clamp every later one there, so one outside would hold for a step alone."""
-        if not self.min_norm <= max_grad_norm <= self.max_norm:
+    def check_start(self, threshold: float, name: str = "max_grad_norm") -> None:
+        """A threshold to start from (DPSGD's ``max_grad_norm``, or a checkpoint's) lies within
+        [min_norm, max_norm]: the updates clamp every later one there, so one outside would
+        hold for a step alone."""
+        if not self.min_norm <= threshold <= self.max_norm:
             raise ValueError(
-                f"max_grad_norm: with adaptive clipping it is the first threshold and must lie within "
-                f"[min_norm, max_norm] = [{self.min_norm!r}, {self.max_norm!r}], got {max_grad_norm!r}"
+                f"{name}: with adaptive clipping the threshold to start from must lie within "
+                f"[min_norm, max_norm] = [{self.min_norm!r}, {self.max_norm!r}], got {threshold!r}"
             )
 
     def updated(self, threshold: float, noised_centred_count: float, expected_batch_size: float) -> float:

@@ -91,7 +91,8 @@ class DPSGD:
 
     NaN: a sample whose loss or gradient is not finite gets NaN norms in :class:`StepStats`
     and makes the step's sums (so ``p.grad`` and the parameters after :meth:`step`) NaN, as
-    in Opacus; check ``torch.isfinite(stats.norms)`` after :meth:`accumulate` to catch it.
+    in Opacus; one whose gradient is finite but whose norm overflows (inf) is clipped to
+    zero. Check ``torch.isfinite(stats.norms)`` after :meth:`accumulate` to catch both.
     """
 
     def __init__(
@@ -248,7 +249,7 @@ class DPSGD:
         tally = self._tally
         if self.adaptive_clipping is not None and tally is None:
             tally = torch.zeros(2, dtype=torch.float64, device=self.device)
-        self._sum = self._tally = None
+        self._sum = self._tally = None  # taken: a failure below loses this step's sums, as it must
         if self.group is not None:  # a sharded model's sums are summed already: by the reduce-scatters
             replicated = list(grads.values()) if self.shards is None else []
             distributed.all_reduce_sum(replicated + ([tally] if tally is not None else []), self.group)
@@ -301,9 +302,11 @@ class DPSGD:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps, self.history, self.seed = state["steps"], list(state["history"]), state["seed"]
+        threshold = float(state.get("max_grad_norm", self.max_grad_norm))
         if self.adaptive_clipping is not None:  # else the constructor's threshold stands
-            self.max_grad_norm = float(state.get("max_grad_norm", self.max_grad_norm))
+            self.adaptive_clipping.check_start(threshold, "state['max_grad_norm']")
+            self.max_grad_norm = threshold
+        self.steps, self.history, self.seed = state["steps"], list(state["history"]), state["seed"]
         self._seed_given = True
 
     # ---------------------------------------------------------------- internals
