@@ -214,12 +214,11 @@ def train_dpsgd(model, train_data, test_data, args, device, variant="", fsdp=Fal
     return Result(step_ms, peak_mb, _accuracy(model, test_data), dp.epsilon(args.delta, args.accountant), model)
 
 
-def variants_side_by_side(model, train_data, args, device):
-    """{label: median ms of one DPSGD.step} of every variant on one batch (the first expected
-    batch of training samples), timed in turns (common.time_interleaved): the trainings run one
+def variants_side_by_side(model, train_data, n, args, device):
+    """{label: median ms of one DPSGD.step} of every variant on one batch (the first ``n``
+    training samples, an expected batch), timed in turns (common.time_interleaved): the trainings run one
     after another, so their ratios also hold the machine's drift between them; these do not.
     lr 0, so every call steps from the same weights."""
-    n = len(train_data[0]) // args.steps_per_epoch
     xb, yb = train_data[0][:n], train_data[1][:n]
     loss_fn = nn.CrossEntropyLoss()
     steps = {}
@@ -381,20 +380,18 @@ def main(argv=None):
         f"{ms['opacus ghost clipping'] / ms['indivgrad DPSGD']:.2f}x, indivgrad backend "
         f"{ms['opacus + indivgrad backend'] / ms['indivgrad DPSGD']:.2f}x"
     )
-    side = variants_side_by_side(model, train_data, args, device)
+    batch = n_train // args.steps_per_epoch
+    side = variants_side_by_side(model, train_data, batch, args, device)
     flat = side[_dpsgd_label("")]
     print(
-        f"  DPSGD's variants side by side, one step on {len(train_data[0]) // args.steps_per_epoch} samples timed in "
-        f"turns: flat {flat:.3f} ms; "
+        f"  DPSGD's variants side by side, one step on {batch} samples timed in turns: flat {flat:.3f} ms; "
         + ", ".join(
             f"{label[len('indivgrad DPSGD, ') :]} {ms / flat:.2f}x"
             for label, ms in side.items()
             if label != _dpsgd_label("")
         )
     )
-    step_setup = (
-        f"{args.model} digits, one DPSGD step on {len(train_data[0]) // args.steps_per_epoch} samples, in turns"
-    )
+    step_setup = f"{args.model} digits, one DPSGD step on {batch} samples, in turns"
     common.append_rows(
         [
             dict(context, bench="dp_sgd_step", setup=step_setup, method=label, median_ms=ms)
